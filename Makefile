@@ -1,0 +1,35 @@
+# Set-up and test commands. `make demo` and `make test` create .venv with the pinned torch stack first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# timm imports torchvision; this pair installs from the local wheel cache and runs on the CPU.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+PINS := timm==1.0.31 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 safetensors==0.8.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	# torch is named again so that no dependency can swap it for another build
+	$(PY) -m pip install --quiet $(TORCH_PINS) $(PINS) -e '.[test,demo]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m dpp_surgery.demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m dpp_surgery.bench layer
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,318 @@
+"""Functional Detail-Preserving Pooling: argument checks, the pure-PyTorch path and the fused-kernel op.
+
+See :class:`dpp_surgery.DPP2d` for the definition. Two implementations compute the same thing:
+
+* the fused CPU kernel (``csrc/dpp2d.cpp``), registered as the custom op ``torch.ops.dpp_surgery.dpp2d``
+  with its own backward that recomputes from the input (used on CPU for float32/float64 when it builds);
+* a pure-PyTorch composite of unfold and element-wise ops (any device, the fallback, the tested reference
+  for the kernel, and what ONNX export and ``torch.fx`` see).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._ext import load_kernel
+from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry
+
+__all__ = [
+    'dpp2d', 'full_guide', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS',
+]
+
+DEFAULT_EPS = 1e-3  # added to the squared deviation, as in every path of the authors' code
+THETA_ALPHA_MAX = 10.0  # the authors' graphs clamp theta_alpha <= 10
+GUIDES = ('lite', 'full')
+REWARDS = ('sym', 'asym')
+NORMS = ('mean', 'none', 'sum')
+IMPLEMENTATIONS = ('auto', 'kernel', 'torch')
+_NORM_CODE = {'none': 0, 'mean': 1, 'sum': 2}  # must match enum Norm in csrc/dpp2d.cpp
+
+
+def _check_choice(value: str, name: str, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, but got {value!r}")
+    return value.lower()
+
+
+def _check_input(x: Tensor, channels: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f'DPP2d expects a torch.Tensor input, but got {type(x).__name__}')
+    if x.dim() != 4:
+        hint = ' For one unbatched image, use x.unsqueeze(0).' if x.dim() == 3 else ''
+        raise ValueError(f'DPP2d expects a 4-D input (N, C, H, W), but got shape {tuple(x.shape)}.{hint}')
+    if x.shape[1] != channels:
+        raise ValueError(
+            f'DPP2d was built for {channels} channels, but the input has {x.shape[1]} (shape {tuple(x.shape)}). '
+            f'Create the layer with channels={x.shape[1]}.')
+    if not x.is_floating_point():
+        raise TypeError(f'DPP2d expects a floating-point input, but got dtype {x.dtype}; use x.float().')
+
+
+def _check_parameters(theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor]) -> None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return  # data-dependent checks would break graphs; they run in eager mode
+    for name, t in (('theta_alpha', theta_alpha), ('theta_lambda', theta_lambda), ('guide_weight', guide_weight)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t)).sum().item()
+            raise ValueError(
+                f'DPP2d parameter {name} has {bad} non-finite value(s) (NaN or inf). Training has probably '
+                'diverged: lower the learning rate or reload a checkpoint.')
+
+
+def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: ResolvedGeometry) -> Tensor:
+    """The Full-DPP guide: a depthwise (per-channel) filter, one value per output position.
+
+    The filter has size :meth:`PoolGeometry.full_guide_kernel` (``k + 1`` for even ``k``, else ``k``) and the
+    stride of the window; it starts ``kg - k`` positions before the window. For the 2x2/stride-2 window this is
+    the authors' 3x3, stride-2, padding-1 depthwise convolution; other geometries follow the same rule, with
+    zero padding as needed and the result cropped to the pooling output size.
+    """
+    kgh, kgw = weight.shape[-2:]
+    kh, kw = geometry.kernel
+    sh, sw = geometry.stride
+    oh, ow = resolved.out_size
+    h, w = x.shape[-2:]
+    top = resolved.pad_top + (kgh - kh)
+    left = resolved.pad_left + (kgw - kw)
+    bottom = max(0, (oh - 1) * sh + kgh - h - top)
+    right = max(0, (ow - 1) * sw + kgw - w - left)
+    xp = F.pad(x, (left, right, top, bottom))
+    with torch.autocast(x.device.type, enabled=False):  # the guide keeps the dtype DPP computes in
+        g = F.conv2d(xp, weight.to(x.dtype), stride=(sh, sw), groups=x.shape[1])
+    return g[:, :, :oh, :ow]
+
+
+def _reference(
+        x: Tensor,
+        guide: Optional[Tensor],
+        alpha: Tensor,
+        lam: Tensor,
+        r: ResolvedGeometry,
+        asym: bool,
+        norm: str,
+        eps: float,
+) -> Tensor:
+    """Pure-PyTorch DPP over unfolded windows (any device, autograd by PyTorch)."""
+    n, c, h, w = x.shape
+    (kh, kw), (oh, ow) = r.kernel, r.out_size
+    k = kh * kw
+    pads = (r.pad_left, r.pad_right, r.pad_top, r.pad_bottom)
+
+    def windows(t: Tensor) -> Tensor:
+        cols = F.unfold(F.pad(t, pads), r.kernel, stride=r.stride)
+        hh = (h + r.pad_top + r.pad_bottom - kh) // r.stride[0] + 1
+        ww = (w + r.pad_left + r.pad_right - kw) // r.stride[1] + 1
+        return cols.view(t.shape[0], t.shape[1], k, hh, ww)[..., :oh, :ow]
+
+    cols = windows(x)  # (N, C, K, OH, OW)
+    valid = windows(x.new_ones(1, 1, h, w)) > 0  # (1, 1, K, OH, OW)
+    count = valid.sum(2, dtype=x.dtype)
+    if guide is None:
+        guide = (cols * valid).sum(2) / count
+    d = cols - guide.unsqueeze(2)
+    if asym:
+        d = d.clamp_min(0)
+    y = d * d + eps
+    lu = torch.log(y)
+    if norm != 'none':
+        m = (y * valid).sum(2)
+        if norm == 'mean':
+            m = m / count
+        lu = lu - torch.log(m).unsqueeze(2)
+    hl = (lam * 0.5).view(1, c, 1, 1, 1)
+    lr = torch.where(valid, hl * lu, torch.full_like(lu, float('-inf')))
+    # All weights share the factor exp(-shift); the output does not depend on it, and it keeps them finite.
+    shift = lr.amax(2).clamp_min(0).detach()
+    wts = (alpha.view(1, c, 1, 1) * torch.exp(-shift)).unsqueeze(2) * valid + torch.exp(lr - shift.unsqueeze(2))
+    return (wts * cols).sum(2) / wts.sum(2)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _kernel_args(x: Tensor, geometry: Sequence[int], asym: bool, norm: int) -> Tuple[Tensor, Tensor, bool]:
+    n, c, h, w = x.shape
+    channels_last = _memory_format(x) == torch.channels_last
+    kh, kw, sh, sw, pt, pl, oh, ow = geometry
+    dims = torch.tensor([n, c, h, w, oh, ow], dtype=torch.int64)
+    params = torch.tensor([kh, kw, sh, sw, pt, pl, int(asym), norm, int(channels_last), torch.get_num_threads()],
+                          dtype=torch.int32)
+    return dims, params, channels_last
+
+
+def _check_kernel_dtypes(x: Tensor, *others: Optional[Tensor]) -> None:
+    # the kernel reads raw pointers: every tensor must be a CPU tensor of x's dtype
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != 'cpu':
+        raise TypeError(f'the DPP kernel takes CPU float32/float64 tensors, but got {x.dtype} on {x.device}')
+    for t in others:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f'the DPP kernel needs all tensors in {x.dtype} on {x.device}, but got {t.dtype} on '
+                            f'{t.device}')
+
+
+def _kernel_fn(dtype: torch.dtype, kind: str):
+    lib = load_kernel()
+    if lib is None:
+        raise RuntimeError('the fused DPP kernel is not available; use impl="torch"')
+    return getattr(lib, f'dpp2d_{kind}_{"f64" if dtype == torch.float64 else "f32"}')
+
+
+@torch.library.custom_op('dpp_surgery::dpp2d', mutates_args=())
+def _dpp2d_op(
+        x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: List[int], asym: bool, norm: int,
+        eps: float,
+) -> Tensor:
+    _check_kernel_dtypes(x, guide, alpha, lam)
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    guide = None if guide is None else guide.contiguous(memory_format=fmt)
+    alpha, lam = alpha.contiguous(), lam.contiguous()
+    dims, params, _ = _kernel_args(x, geometry, asym, norm)
+    out = torch.empty(x.shape[0], x.shape[1], geometry[6], geometry[7], dtype=x.dtype, memory_format=fmt)
+    rc = _kernel_fn(x.dtype, 'forward')(
+        x.data_ptr(), _ptr(guide), alpha.data_ptr(), lam.data_ptr(), out.data_ptr(), dims.data_ptr(),
+        params.data_ptr(), eps)
+    if rc != 0:
+        raise RuntimeError(f'DPP kernel rejected geometry {geometry} (code {rc})')
+    return out
+
+
+@_dpp2d_op.register_fake
+def _(x, guide, alpha, lam, geometry, asym, norm, eps):
+    out = x.new_empty(x.shape[0], x.shape[1], geometry[6], geometry[7])
+    return out.contiguous(memory_format=_memory_format(x))
+
+
+@torch.library.custom_op('dpp_surgery::dpp2d_backward', mutates_args=())
+def _dpp2d_backward_op(
+        grad: Tensor, x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: List[int],
+        asym: bool, norm: int, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_kernel_dtypes(x, guide, alpha, lam, grad)
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    grad = grad.contiguous(memory_format=fmt)
+    guide = None if guide is None else guide.contiguous(memory_format=fmt)
+    alpha, lam = alpha.contiguous(), lam.contiguous()
+    dims, params, _ = _kernel_args(x, geometry, asym, norm)
+    n, c = x.shape[:2]
+    grad_x = torch.zeros_like(x, memory_format=fmt)
+    grad_guide = torch.empty_like(guide, memory_format=fmt) if guide is not None else x.new_empty(0)
+    ga = x.new_empty(n, c)
+    gl = x.new_empty(n, c)
+    rc = _kernel_fn(x.dtype, 'backward')(
+        x.data_ptr(), _ptr(guide), alpha.data_ptr(), lam.data_ptr(), grad.data_ptr(), grad_x.data_ptr(),
+        _ptr(grad_guide) if guide is not None else None, ga.data_ptr(), gl.data_ptr(), dims.data_ptr(),
+        params.data_ptr(), eps)
+    if rc != 0:
+        raise RuntimeError(f'DPP kernel rejected geometry {geometry} (code {rc})')
+    return grad_x, grad_guide, ga.sum(0), gl.sum(0)
+
+
+@_dpp2d_backward_op.register_fake
+def _(grad, x, guide, alpha, lam, geometry, asym, norm, eps):
+    fmt = _memory_format(x)
+    grad_guide = torch.empty_like(guide, memory_format=fmt) if guide is not None else x.new_empty(0)
+    return torch.empty_like(x, memory_format=fmt), grad_guide, alpha.new_empty(alpha.shape), lam.new_empty(lam.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, guide, alpha, lam, geometry, asym, norm, eps = inputs
+    ctx.save_for_backward(x, guide, alpha, lam)
+    ctx.args = (geometry, asym, norm, eps)
+    ctx.has_guide = guide is not None
+
+
+def _backward(ctx, grad):
+    x, guide, alpha, lam = ctx.saved_tensors
+    gx, gg, ga, gl = _dpp2d_backward_op(grad, x, guide, alpha, lam, *ctx.args)
+    return gx, (gg if ctx.has_guide else None), ga, gl, None, None, None, None
+
+
+_dpp2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_usable(x: Tensor, r: ResolvedGeometry, impl: str) -> bool:
+    if impl == 'torch':
+        return False
+    ok = (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
+          and r.kernel[0] * r.kernel[1] <= 64 and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing())
+    if ok:
+        ok = load_kernel() is not None
+    if impl == 'kernel' and not ok:
+        raise RuntimeError(
+            'impl="kernel" needs a CPU float32/float64 input, a window of at most 64 positions and a built kernel '
+            '(see dpp_surgery.kernel_status()); use impl="auto" to fall back to the PyTorch path.')
+    return ok
+
+
+def dpp2d(
+        input: Tensor,
+        theta_alpha: Tensor,
+        theta_lambda: Tensor,
+        kernel_size: Union[int, Tuple[int, int]] = 2,
+        stride: Union[int, Tuple[int, int], None] = None,
+        padding: PaddingArg = 0,
+        ceil_mode: bool = False,
+        guide_weight: Optional[Tensor] = None,
+        reward: str = 'sym',
+        norm: str = 'mean',
+        eps: float = DEFAULT_EPS,
+        impl: str = 'auto',
+        geometry: Optional[PoolGeometry] = None,
+) -> Tensor:
+    """Detail-Preserving Pooling. See :class:`~dpp_surgery.DPP2d` for details.
+
+    Args:
+        input: (N, C, H, W) tensor.
+        theta_alpha: (C,) log of alpha (clamped at ``THETA_ALPHA_MAX``).
+        theta_lambda: (C,) log of lambda.
+        kernel_size, stride, padding, ceil_mode: window geometry as in ``F.max_pool2d``; ``padding='same'``
+            for timm's dynamic 'same' padding. Ignored when ``geometry`` is given.
+        guide_weight: (C, 1, kg, kg) Full-guide filter, or None for the Lite guide (window mean).
+        reward: 'sym' or 'asym'.
+        norm: window normalisation of the squared deviation: 'mean' (default), 'none' or 'sum'.
+        eps: added to the squared deviation.
+        impl: 'auto' (fused kernel where it applies), 'kernel' (require it) or 'torch' (pure PyTorch).
+        geometry: a prebuilt :class:`PoolGeometry` (what DPP2d passes).
+    """
+    reward = _check_choice(reward, 'reward', REWARDS)
+    norm = _check_choice(norm, 'norm', NORMS)
+    impl = _check_choice(impl, 'impl', IMPLEMENTATIONS)
+    _check_input(input, theta_alpha.shape[0])
+    if theta_lambda.shape != theta_alpha.shape:
+        raise ValueError(f'theta_lambda must have shape {tuple(theta_alpha.shape)}, but got {tuple(theta_lambda.shape)}')
+    if geometry is None:
+        geometry = PoolGeometry.create(kernel_size, stride, padding, ceil_mode)
+    if guide_weight is not None:
+        expected = (input.shape[1], 1, *geometry.full_guide_kernel())
+        if tuple(guide_weight.shape) != expected:
+            raise ValueError(f'guide_weight must have shape {expected}, but got {tuple(guide_weight.shape)}')
+    _check_parameters(theta_alpha, theta_lambda, guide_weight)
+    r = geometry.resolve(input.shape[-2], input.shape[-1])
+
+    out_dtype = input.dtype
+    x = input if input.dtype in (torch.float32, torch.float64) else input.float()
+    alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(x.dtype)
+    lam = torch.exp(theta_lambda).to(x.dtype)
+    guide = None if guide_weight is None else full_guide(x, guide_weight, geometry, r)
+    asym = reward == 'asym'
+    if _kernel_usable(x, r, impl):
+        geo = [r.kernel[0], r.kernel[1], r.stride[0], r.stride[1], r.pad_top, r.pad_left, r.out_size[0],
+               r.out_size[1]]
+        out = torch.ops.dpp_surgery.dpp2d(x, guide, alpha, lam, geo, asym, _NORM_CODE[norm], float(eps))
+    else:
+        out = _reference(x, guide, alpha, lam, r, asym, norm, eps)
+    return out.to(out_dtype)

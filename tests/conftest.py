@@ -1,0 +1,23 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Two threads, as on the project's machines, and reproducible seeds.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def kernel_available() -> bool:
+    from dpp_surgery import kernel_status
+    return kernel_status()['loaded']
+
+
+IMPLS = [pytest.param('kernel', id='kernel'), pytest.param('torch', id='torch')]

@@ -1,0 +1,229 @@
+"""DPP2d as a module: dtypes, layouts, torch.compile, state_dict, repr, init presets, parameter groups, errors."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpp_surgery import DPP2d, INIT_PRESETS, dpp2d, dpp_parameters, kernel_status, param_groups
+
+
+def test_kernel_builds_here():
+    status = kernel_status()
+    assert status['loaded'], status['error']
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('guide', ['lite', 'full'])
+def test_autocast_low_precision_close_to_float32(dtype, guide):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), DPP2d(8, 3, 2, 1, guide=guide))
+    x = torch.randn(2, 3, 17, 16)
+    ref = model(x)
+    with torch.autocast('cpu', dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_low_precision_input_keeps_dtype(dtype):
+    x = torch.randn(2, 4, 8, 8)
+    layer = DPP2d(4)
+    out = layer(x.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'torch'])
+def test_channels_last_equals_contiguous(impl):
+    layer = DPP2d(16, 3, 2, 1, guide='full', reward='asym', impl=impl)
+    x = torch.randn(2, 16, 13, 12)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    xn = x.clone().requires_grad_(True)
+    out_c, out_n = layer(xc), layer(xn)
+    torch.testing.assert_close(out_c, out_n, rtol=1e-6, atol=1e-6)
+    if impl == 'kernel':
+        assert out_c.is_contiguous(memory_format=torch.channels_last)
+    out_c.sum().backward()
+    out_n.sum().backward()
+    torch.testing.assert_close(xc.grad, xn.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 8, 10, 12).transpose(2, 3)
+    layer = DPP2d(8)
+    torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+def test_torch_compile_model_with_dpp():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), DPP2d(8, guide='full'),
+                                torch.nn.Conv2d(8, 4, 1), DPP2d(4, 3, 2, 1, reward='asym'))
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref.sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings('ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning')  # opcheck internals
+def test_torch_library_opcheck():
+    from dpp_surgery.layers import functional as fn
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    alpha = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
+    lam = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
+    torch.library.opcheck(torch.ops.dpp_surgery.dpp2d.default, (x, None, alpha, lam, [2, 2, 2, 2, 0, 0, 3, 3],
+                                                               False, 1, 1e-3))
+
+
+def test_state_dict_round_trip():
+    layer = DPP2d(6, 3, 2, 1, guide='full', reward='asym', norm='sum')
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    other = DPP2d(6, 3, 2, 1, guide='full', reward='asym', norm='sum')
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+    assert set(layer.state_dict()) == {'theta_alpha', 'theta_lambda', 'guide_weight'}
+    assert set(DPP2d(3).state_dict()) == {'theta_alpha', 'theta_lambda'}
+
+
+def test_parameters_shapes_and_init_presets():
+    layer = DPP2d(7)
+    assert layer.theta_alpha.shape == layer.theta_lambda.shape == (7,)
+    torch.testing.assert_close(layer.alpha, torch.ones(7))
+    torch.testing.assert_close(layer.lam, torch.ones(7))
+    for name, (ta, tl) in INIT_PRESETS.items():
+        layer = DPP2d(3, init=name, reward='asym')
+        assert torch.all(layer.theta_alpha == ta) and torch.all(layer.theta_lambda == tl)
+    layer = DPP2d(3, init=(0.5, 2.0))
+    torch.testing.assert_close(layer.alpha, torch.full((3,), 0.5))
+    torch.testing.assert_close(layer.lam, torch.full((3,), 2.0))
+
+
+def test_init_presets_are_close_to_their_pooling():
+    x = torch.randn(4, 8, 16, 16)
+    scale = x.abs().max()
+    avg_err = (DPP2d(8, init='avg')(x) - F.avg_pool2d(x, 2)).abs().max() / scale
+    max_err = (DPP2d(8, init='max', reward='asym')(x) - F.max_pool2d(x, 2)).abs().max() / scale
+    paper_avg = (DPP2d(8)(x) - F.avg_pool2d(x, 2)).abs().max() / scale
+    assert avg_err < 0.01 < paper_avg
+    assert max_err < 0.05
+
+
+def test_repr_shows_variant_norm_and_geometry():
+    assert repr(DPP2d(64)) == 'DPP2d(64, kernel_size=2, stride=2, guide=lite, reward=sym, norm=mean)'
+    text = repr(DPP2d(32, 3, 2, 1, ceil_mode=True, guide='full', reward='asym', norm='sum'))
+    assert text == 'DPP2d(32, kernel_size=3, stride=2, padding=1, ceil_mode=True, guide=full, reward=asym, norm=sum)'
+    assert "padding='same'" in repr(DPP2d(8, 3, 2, 'same'))
+    assert 'kernel_size=3x2' in repr(DPP2d(8, (3, 2), (2, 1)))
+
+
+def test_param_groups_keep_dpp_free_of_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), DPP2d(8, guide='full'))
+    groups = param_groups(model, weight_decay=0.05, dpp_lr_scale=0.5)
+    dpp_ids = {id(p) for _, p in dpp_parameters(model)}
+    assert len(dpp_ids) == 2
+    for g in groups:
+        ids = {id(p) for p in g['params']}
+        if ids & dpp_ids:
+            assert ids == dpp_ids and g['weight_decay'] == 0.0 and g['lr_scale'] == 0.5
+    decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
+    assert decayed == {id(model[0].weight), id(model[2].guide_weight)}
+    n_params = sum(len(g['params']) for g in groups)
+    assert n_params == len(list(model.parameters()))
+    opt = torch.optim.SGD(groups, lr=0.1)
+    assert len(opt.param_groups) == 3
+
+
+def test_timm_optimizer_factory_skips_dpp_weight_decay():
+    from timm.optim import create_optimizer_v2
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DPP2d(8))
+    opt = create_optimizer_v2(param_groups(model, weight_decay=1e-4), 'sgd', lr=0.1, momentum=0.9)
+    for g in opt.param_groups:
+        if any(p is model[1].theta_alpha for p in g['params']):
+            assert g['weight_decay'] == 0.0
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+def test_error_not_4d():
+    with pytest.raises(ValueError, match=r'4-D input.*unsqueeze'):
+        DPP2d(3)(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match='4-D input'):
+        DPP2d(3)(torch.randn(1, 1, 3, 8, 8))
+
+
+def test_error_channel_mismatch():
+    with pytest.raises(ValueError, match=r'built for 3 channels, but the input has 5'):
+        DPP2d(3)(torch.randn(1, 5, 8, 8))
+
+
+def test_error_window_larger_than_padded_input():
+    with pytest.raises(ValueError, match='larger than the padded input'):
+        DPP2d(2, 3, 2)(torch.randn(1, 2, 2, 8))
+    with pytest.raises(ValueError, match='larger than the padded input'):
+        DPP2d(2, 5, 2, 1)(torch.randn(1, 2, 8, 2))
+
+
+@pytest.mark.parametrize('name', ['theta_alpha', 'theta_lambda', 'guide_weight'])
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_error_non_finite_parameters(name, bad):
+    layer = DPP2d(3, guide='full')
+    with torch.no_grad():
+        getattr(layer, name).view(-1)[0] = bad
+    with pytest.raises(ValueError, match=rf'{name} has 1 non-finite'):
+        layer(torch.randn(1, 3, 8, 8))
+
+
+def test_error_integer_input():
+    with pytest.raises(TypeError, match='floating-point'):
+        DPP2d(3)(torch.ones(1, 3, 8, 8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(guide='fast'), "guide must be one of 'lite', 'full'"),
+    (dict(reward='both'), "reward must be one of 'sym', 'asym'"),
+    (dict(norm='max'), "norm must be one of 'mean', 'none', 'sum'"),
+    (dict(init='uniform'), "init must be one of 'paper', 'avg', 'max'"),
+    (dict(init='max'), "init='max' needs reward='asym'"),
+    (dict(init=(0.0, 1.0)), 'pair \\(alpha, lambda\\) of positive numbers'),
+    (dict(kernel_size=0), 'kernel_size must be >= 1'),
+    (dict(stride=0), 'stride must be >= 1'),
+    (dict(kernel_size=2, padding=2), 'padding must be at most half the kernel size'),
+    (dict(padding='valid'), "padding must be an int, a pair of ints or 'same'"),
+    (dict(eps=0.0), 'eps must be > 0'),
+])
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DPP2d(4, **kwargs)
+
+
+def test_constructor_type_errors():
+    with pytest.raises(TypeError, match='kernel_size must be an int or a pair'):
+        DPP2d(4, kernel_size=(2, 2, 2))
+    with pytest.raises(ValueError, match='channels must be a positive int'):
+        DPP2d(0)
+
+
+def test_functional_errors():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match='theta_lambda must have shape'):
+        dpp2d(x, torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match=r'guide_weight must have shape \(3, 1, 3, 3\)'):
+        dpp2d(x, torch.zeros(3), torch.zeros(3), guide_weight=torch.zeros(3, 1, 2, 2))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dpp2d(x, torch.zeros(3), torch.zeros(3), impl='cuda')

@@ -1,0 +1,143 @@
+"""Property tests: finite outputs and gradients, output within the window's range, limiting cases."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpp_surgery import DPP2d, dpp2d
+from reference import window_bounds
+
+GEOMS = [((2, 2), None, 0, False), ((3, 3), (2, 2), 1, False), ((3, 3), (2, 2), 0, True),
+         ((3, 3), (2, 2), 'same', False)]
+
+
+@st.composite
+def inputs(draw):
+    """Small 4-D arrays mixing magnitudes 1e-6..1e4, both signs, exact zeros and constant blocks."""
+    h = draw(st.integers(2, 7))
+    w = draw(st.integers(2, 7))
+    c = draw(st.integers(1, 3))
+    shape = (1, c, h, w)
+    mode = draw(st.sampled_from(['mixed', 'constant', 'zeros', 'single_scale']))
+    if mode == 'zeros':
+        return np.zeros(shape, np.float32)
+    if mode == 'constant':
+        return np.full(shape, draw(st.sampled_from([1e-6, -3.0, 7e3, 1e4])), np.float32)
+    if mode == 'single_scale':
+        scale = draw(st.sampled_from([1e-6, 1e-3, 1.0, 1e2, 1e4]))
+        vals = draw(st.lists(st.floats(-1, 1, width=32), min_size=h * w * c, max_size=h * w * c))
+        return (np.array(vals, np.float32) * scale).reshape(shape)
+    mags = draw(st.lists(st.floats(-6, 4), min_size=h * w * c, max_size=h * w * c))
+    signs = draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0]), min_size=h * w * c, max_size=h * w * c))
+    return (np.array(signs) * 10.0 ** np.array(mags)).astype(np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'torch'])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arr=inputs(), geom=st.sampled_from(GEOMS), guide=st.sampled_from(['lite', 'full']),
+       reward=st.sampled_from(['sym', 'asym']), norm=st.sampled_from(['mean', 'none', 'sum']),
+       theta=st.tuples(st.floats(-3, 3), st.floats(-3, 3)))
+def test_finite_and_within_window(impl, arr, geom, guide, reward, norm, theta):
+    kernel, stride, padding, ceil_mode = geom
+    if arr.shape[2] + 2 * (0 if padding == 'same' else padding) < kernel[0] or \
+            arr.shape[3] + 2 * (0 if padding == 'same' else padding) < kernel[1]:
+        return  # window larger than the padded input: an error case, tested elsewhere
+    c = arr.shape[1]
+    layer = DPP2d(c, kernel, stride, padding, ceil_mode, guide=guide, reward=reward, norm=norm, impl=impl)
+    with torch.no_grad():
+        layer.theta_alpha.fill_(theta[0])
+        layer.theta_lambda.fill_(theta[1])
+    x = torch.from_numpy(arr).requires_grad_(True)
+    out = layer(x)
+    assert torch.isfinite(out).all()
+    lo, hi = window_bounds(x.detach().double(), kernel, stride, padding, ceil_mode)
+    tol = 1e-6 * torch.maximum(lo.abs(), hi.abs()) + 1e-30
+    assert (out.double() >= lo - tol).all() and (out.double() <= hi + tol).all()
+    out.sum().backward()
+    for g in [x.grad] + [p.grad for p in layer.parameters()]:
+        assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'torch'])
+@pytest.mark.parametrize('norm', ['mean', 'none', 'sum'])
+def test_lambda_to_zero_is_average_pooling(impl, norm):
+    x = torch.randn(2, 4, 9, 8)
+    for reward in ('sym', 'asym'):
+        out = dpp2d(x, torch.zeros(4), torch.full((4,), -30.0), 3, 2, 1, reward=reward, norm=norm, impl=impl)
+        ref = F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'torch'])
+def test_alpha_to_infinity_is_average_pooling(impl):
+    """The deviation from average pooling shrinks like 1/alpha; at the clamp (theta_alpha = 10) it is < 1e-4."""
+    x = torch.randn(2, 4, 8, 8)
+    ref = F.avg_pool2d(x, 2)
+    errs = []
+    for ta in (0.0, 4.0, 10.0):
+        out = dpp2d(x, torch.full((4,), ta), torch.zeros(4), impl=impl)
+        errs.append(((out - ref).abs().max() / x.abs().max()).item())
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-4
+    # theta_alpha beyond the clamp changes nothing
+    torch.testing.assert_close(dpp2d(x, torch.full((4,), 50.0), torch.zeros(4), impl=impl),
+                               dpp2d(x, torch.full((4,), 10.0), torch.zeros(4), impl=impl))
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'torch'])
+def test_asym_small_alpha_large_lambda_approaches_max_pooling(impl):
+    x = torch.randn(2, 4, 8, 8)
+    ref = F.max_pool2d(x, 2)
+    errs = []
+    for tl in (0.0, 2.0, 4.0):
+        out = dpp2d(x, torch.full((4,), -10.0), torch.full((4,), tl), reward='asym', impl=impl)
+        errs.append((out - ref).abs().max().item())
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-2
+
+
+@pytest.mark.parametrize('impl', ['kernel', 'torch'])
+def test_huge_lambda_stays_finite(impl):
+    """The common weight scale is factored out, so even lambda = e^6 does not overflow."""
+    x = (torch.randn(1, 2, 6, 6) * 1e3).requires_grad_(True)
+    for norm in ('mean', 'none', 'sum'):
+        out = dpp2d(x, torch.zeros(2), torch.full((2,), 6.0), norm=norm, impl=impl)
+        assert torch.isfinite(out).all()
+        (g,) = torch.autograd.grad(out.sum(), x)
+        assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize('pool,kw', [(torch.nn.MaxPool2d, dict(kernel_size=3, stride=2, padding=1)),
+                                     (torch.nn.MaxPool2d, dict(kernel_size=2, stride=2)),
+                                     (torch.nn.AvgPool2d, dict(kernel_size=3, stride=2, ceil_mode=True)),
+                                     (torch.nn.AvgPool2d, dict(kernel_size=2, stride=2, ceil_mode=True))])
+@pytest.mark.parametrize('size', [7, 8, 9, 15, 16])
+def test_output_shape_matches_torch_pooling(pool, kw, size):
+    x = torch.randn(1, 3, size, size + 1)
+    layer = DPP2d(3, kw['kernel_size'], kw['stride'], kw.get('padding', 0), kw.get('ceil_mode', False))
+    assert layer(x).shape == pool(**kw)(x).shape
+
+
+@pytest.mark.parametrize('size', [5, 6, 7, 8, 9])
+def test_same_padding_shape_matches_timm(size):
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+    x = torch.randn(1, 3, size, size + 2)
+    for k, s in ((3, 2), (2, 2), (3, 1)):
+        layer = DPP2d(3, k, s, padding='same')
+        assert layer(x).shape == MaxPool2dSame(k, s)(x).shape == AvgPool2dSame(k, s)(x).shape
+
+
+def test_same_padding_with_zero_lambda_equals_timm_avg_pool_same_without_pad():
+    """With lambda -> 0, 'same' DPP is an average over valid positions only (padding never takes part)."""
+    x = torch.randn(2, 3, 7, 6)
+    out = dpp2d(x, torch.zeros(3), torch.full((3,), -30.0), 3, 2, 'same')
+    # timm pads at the bottom/right for odd totals: pad (1, 1) rows... computed explicitly here
+    ones = torch.ones(1, 1, 7, 6)
+    from dpp_surgery import PoolGeometry
+    r = PoolGeometry.create(3, 2, 'same').resolve(7, 6)
+    pads = (r.pad_left, r.pad_right, r.pad_top, r.pad_bottom)
+    num = F.avg_pool2d(F.pad(x, pads), 3, 2)
+    den = F.avg_pool2d(F.pad(ones, pads), 3, 2)
+    torch.testing.assert_close(out, num / den, rtol=1e-6, atol=1e-6)
