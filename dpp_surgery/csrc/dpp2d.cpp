@@ -277,6 +277,29 @@ void block_backward(Scratch<T>& s, int K, int L, bool full_guide, int asym, int 
     }
 }
 
+// Strided copies between an image row and a lane buffer; strides 1 and 2 get loops the compiler vectorises.
+template <typename T>
+inline void gather(T* __restrict dst, const T* __restrict src, int n, int stride) {
+    if (stride == 1) {
+        for (int l = 0; l < n; ++l) dst[l] = src[l];
+    } else if (stride == 2) {
+        for (int l = 0; l < n; ++l) dst[l] = src[2 * l];
+    } else {
+        for (int l = 0; l < n; ++l) dst[l] = src[l * stride];
+    }
+}
+
+template <typename T>
+inline void scatter_add(T* __restrict dst, const T* __restrict src, int n, int stride) {
+    if (stride == 1) {
+        for (int l = 0; l < n; ++l) dst[l] += src[l];
+    } else if (stride == 2) {
+        for (int l = 0; l < n; ++l) dst[2 * l] += src[l];
+    } else {
+        for (int l = 0; l < n; ++l) dst[l * stride] += src[l];
+    }
+}
+
 // Runs forward (gout == nullptr) or backward over the whole tensor.
 template <typename T>
 void run(const Geometry& g, const T* x, const T* guide, const T* alpha, const T* lam, const T* gout, T* out,
@@ -302,10 +325,13 @@ void run(const Geometry& g, const T* x, const T* guide, const T* alpha, const T*
         // are the same for every plane, so they are laid out once. Positions whose windows are complete go
         // in blocks of kLanes across rows; each row's partial windows share a block, and windows clipped
         // on the left or right go one at a time.
+        // A block's lanes form runs: consecutive outputs of one row, whose windows start sw apart.
         struct Block {
             int L, K;
             size_t koff;  // index of the first of K window offsets in koffs
-            int64_t in_base[kLanes], out_idx[kLanes];
+            int nruns;
+            int run_lane[kLanes], run_len[kLanes];
+            int64_t run_in[kLanes], run_out[kLanes];
         };
         std::vector<Block> blocks;
         std::vector<int64_t> koffs;
@@ -322,37 +348,58 @@ void run(const Geometry& g, const T* x, const T* guide, const T* alpha, const T*
             return first;
         };
         auto push = [&](Block& b, int64_t in_base, int64_t out_idx) {
-            b.in_base[b.L] = in_base;
-            b.out_idx[b.L] = out_idx;
+            const int r = b.nruns - 1;
+            if (r >= 0 && in_base == b.run_in[r] + b.run_len[r] * g.sw && out_idx == b.run_out[r] + b.run_len[r]) {
+                ++b.run_len[r];
+            } else {
+                b.run_lane[b.nruns] = b.L;
+                b.run_len[b.nruns] = 1;
+                b.run_in[b.nruns] = in_base;
+                b.run_out[b.nruns] = out_idx;
+                ++b.nruns;
+            }
             if (++b.L == kLanes) {
                 blocks.push_back(b);
                 b.L = 0;
+                b.nruns = 0;
             }
         };
         {
-            Block b{0, static_cast<int>(g.kh * g.kw), add_offsets(g.kh, g.kw), {}, {}};
+            Block b{0, static_cast<int>(g.kh * g.kw), add_offsets(g.kh, g.kw), 0, {}, {}, {}, {}};
             for (int64_t oh = oh_lo; oh < oh_hi; ++oh)
                 for (int64_t ow = ow_lo; ow < ow_hi; ++ow)
                     push(b, (oh * g.sh - g.pt) * W + ow * g.sw - g.pl, oh * OW + ow);
             if (b.L) blocks.push_back(b);
         }
+        auto edge_col = [&](int64_t ow) { return ow < ow_lo || ow >= ow_hi; };
+        // Rows whose windows are clipped at the top or bottom: one block for the complete columns, one
+        // block per window clipped on the left or right.
         for (int64_t oh = 0; oh < OH; ++oh) {
+            if (oh >= oh_lo && oh < oh_hi) continue;
             int64_t r0, r1;
             rows_of(oh, r0, r1);
-            if ((oh < oh_lo || oh >= oh_hi) && ow_hi > ow_lo) {
-                Block b{0, static_cast<int>((r1 - r0) * g.kw), add_offsets(r1 - r0, g.kw), {}, {}};
+            if (ow_hi > ow_lo) {
+                Block b{0, static_cast<int>((r1 - r0) * g.kw), add_offsets(r1 - r0, g.kw), 0, {}, {}, {}, {}};
                 for (int64_t ow = ow_lo; ow < ow_hi; ++ow) push(b, r0 * W + ow * g.sw - g.pl, oh * OW + ow);
                 if (b.L) blocks.push_back(b);
             }
             for (int64_t ow = 0; ow < OW; ++ow) {
-                if (ow == ow_lo && ow_hi > ow_lo) ow = ow_hi;
-                if (ow >= OW) break;
+                if (!edge_col(ow)) continue;
                 int64_t c0, c1;
                 cols_of(ow, c0, c1);
-                Block b{0, static_cast<int>((r1 - r0) * (c1 - c0)), add_offsets(r1 - r0, c1 - c0), {}, {}};
+                Block b{0, static_cast<int>((r1 - r0) * (c1 - c0)), add_offsets(r1 - r0, c1 - c0), 0, {}, {}, {}, {}};
                 push(b, r0 * W + c0, oh * OW + ow);
                 blocks.push_back(b);
             }
+        }
+        // Columns whose windows are clipped on the left or right, over the rows with complete windows.
+        for (int64_t ow = 0; ow < OW; ++ow) {
+            if (!edge_col(ow) || oh_hi <= oh_lo) continue;
+            int64_t c0, c1;
+            cols_of(ow, c0, c1);
+            Block b{0, static_cast<int>(g.kh * (c1 - c0)), add_offsets(g.kh, c1 - c0), 0, {}, {}, {}, {}};
+            for (int64_t oh = oh_lo; oh < oh_hi; ++oh) push(b, (oh * g.sh - g.pt) * W + c0, oh * OW + ow);
+            if (b.L) blocks.push_back(b);
         }
         const int64_t planes = g.N * C;
         const int64_t plane_out = OH * OW;
@@ -371,32 +418,34 @@ void run(const Geometry& g, const T* x, const T* guide, const T* alpha, const T*
                     s.acc_a[l] = 0;
                     s.acc_l[l] = 0;
                 }
+                T* op = backward ? nullptr : out + p * plane_out;
+                const T* gop = backward ? gout + p * plane_out : nullptr;
+                const T* gp = full ? guide + p * plane_out : nullptr;
+                T* ggp = full && backward ? gguide + p * plane_out : nullptr;
                 for (const Block& b : blocks) {
-                    const int L = b.L, K = b.K;
+                    const int L = b.L, K = b.K, R = b.nruns;
                     const int64_t* ko = koffs.data() + b.koff;
-                    for (int k = 0; k < K; ++k) {
-                        T* __restrict dst = s.x + k * kLanes;
-                        const T* src = xp + ko[k];
-                        for (int l = 0; l < L; ++l) dst[l] = src[b.in_base[l]];
-                    }
+                    for (int k = 0; k < K; ++k)
+                        for (int r = 0; r < R; ++r)
+                            gather(s.x + k * kLanes + b.run_lane[r], xp + ko[k] + b.run_in[r], b.run_len[r], g.sw);
                     if (full)
-                        for (int l = 0; l < L; ++l) s.G[l] = guide[p * plane_out + b.out_idx[l]];
+                        for (int r = 0; r < R; ++r)
+                            std::memcpy(s.G + b.run_lane[r], gp + b.run_out[r], sizeof(T) * b.run_len[r]);
                     block_forward(s, K, L, full, g.asym, g.norm);
                     if (!backward) {
-                        T* op = out + p * plane_out;
-                        for (int l = 0; l < L; ++l) op[b.out_idx[l]] = s.D[l];
+                        for (int r = 0; r < R; ++r)
+                            std::memcpy(op + b.run_out[r], s.D + b.run_lane[r], sizeof(T) * b.run_len[r]);
                         continue;
                     }
-                    const T* gop = gout + p * plane_out;
-                    for (int l = 0; l < L; ++l) s.go[l] = gop[b.out_idx[l]];
+                    for (int r = 0; r < R; ++r)
+                        std::memcpy(s.go + b.run_lane[r], gop + b.run_out[r], sizeof(T) * b.run_len[r]);
                     block_backward(s, K, L, full, g.asym, g.norm);
-                    for (int k = 0; k < K; ++k) {
-                        const T* __restrict srcg = s.gx + k * kLanes;
-                        T* dst = gxp + ko[k];
-                        for (int l = 0; l < L; ++l) dst[b.in_base[l]] += srcg[l];
-                    }
+                    for (int k = 0; k < K; ++k)
+                        for (int r = 0; r < R; ++r)
+                            scatter_add(gxp + ko[k] + b.run_in[r], s.gx + k * kLanes + b.run_lane[r], b.run_len[r], g.sw);
                     if (full)
-                        for (int l = 0; l < L; ++l) gguide[p * plane_out + b.out_idx[l]] = s.gG[l];
+                        for (int r = 0; r < R; ++r)
+                            std::memcpy(ggp + b.run_out[r], s.gG + b.run_lane[r], sizeof(T) * b.run_len[r]);
                 }
                 if (backward) {
                     T sa = 0, sl = 0;

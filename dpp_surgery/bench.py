@@ -1,0 +1,231 @@
+"""Benchmarks: ``python -m dpp_surgery.bench {layer,init} [options]``.
+
+Every ratio is measured within one run on one machine; the machine is printed with the table. Targets are
+reported as PASS/MISS lines, never asserted: timing on shared machines is noisy, so benchmarks are not tests.
+
+* ``layer``: median forward and forward+backward times of DPP2d variants against AvgPool2d(2,2),
+  MaxPool2d(2,2) and MaxPool2d(3,2,1), in NCHW and channels_last, and the peak extra memory of a
+  training step as a multiple of the input's bytes.
+* ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop chatter out of the tables
+
+import torch
+import torch.nn.functional as F
+
+from .layers import DPP2d, INIT_PRESETS, kernel_status
+
+__all__ = ['main', 'machine_description', 'median_ms', 'peak_training_memory']
+
+
+def machine_description() -> str:
+    """One line naming the CPU, core count, thread count and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, '
+            f'Python {platform.python_version()}, fused kernel {"on" if kernel_status()["loaded"] else "off"}')
+
+
+def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_training_memory(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """Peak memory allocated by ``module(x).sum().backward()`` beyond ``x``, as a multiple of ``x``'s bytes.
+
+    Measured with PyTorch's memory profiler (every CPU tensor created and destroyed during the step).
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    x = x.detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        out = module(x)
+        out.sum().backward()
+        del out
+    current = peak = 0
+    for _, action, (key, _), size in prof._memory_profile().timeline:
+        if key.device.type != x.device.type:
+            continue
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak / (x.numel() * x.element_size())
+
+
+def _time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, repeat: int) -> Dict[str, float]:
+    xg = x.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        xg.grad = None
+        module.zero_grad(set_to_none=True)
+        module(xg).sum().backward()
+
+    return {'fwd_ms': median_ms(fwd, repeat), 'fwd_bwd_ms': median_ms(fwd_bwd, repeat)}
+
+
+def _layer_cases(channels: int) -> Dict[str, torch.nn.Module]:
+    cases: Dict[str, torch.nn.Module] = {
+        'AvgPool2d(2,2)': torch.nn.AvgPool2d(2, 2),
+        'MaxPool2d(2,2)': torch.nn.MaxPool2d(2, 2),
+        'MaxPool2d(3,2,1)': torch.nn.MaxPool2d(3, 2, 1),
+    }
+    for guide in ('lite', 'full'):
+        for reward in ('sym', 'asym'):
+            cases[f'DPP {guide}-{reward} 2x2'] = DPP2d(channels, guide=guide, reward=reward)
+    cases['DPP lite-sym 3x3/s2/p1'] = DPP2d(channels, 3, 2, 1)
+    cases['DPP lite-sym 2x2 (PyTorch path)'] = DPP2d(channels, impl='torch')
+    return cases
+
+
+def bench_layer(args) -> dict:
+    torch.manual_seed(0)
+    shape = tuple(args.shape)
+    base = torch.randn(*shape)
+    cases = _layer_cases(shape[1])
+    rows: List[dict] = []
+    for layout in ('NCHW', 'channels_last'):
+        x = base if layout == 'NCHW' else base.contiguous(memory_format=torch.channels_last)
+        for name, module in cases.items():
+            if 'PyTorch path' in name and layout == 'channels_last':
+                continue
+            row = {'op': name, 'layout': layout, **_time_fwd_bwd(module, x, args.repeat)}
+            row['memory_x'] = peak_training_memory(module, x) if not args.no_memory else float('nan')
+            rows.append(row)
+            print(f'  measured {name} [{layout}]', file=sys.stderr)
+
+    def get(op, layout):
+        return next(r for r in rows if r['op'] == op and r['layout'] == layout)
+
+    print(f'\nDPP2d layer benchmark: input {shape} float32, median of {args.repeat} runs')
+    print(f'machine: {machine_description()}\n')
+    header = (f'| op | layout | forward ms | fwd+bwd ms | fwd / AvgPool fwd | fwd+bwd / AvgPool fwd+bwd '
+              f'| train-step peak memory / input |')
+    print(header)
+    print('|' + '---|' * 7)
+    for r in rows:
+        avg = get('AvgPool2d(2,2)', r['layout'])
+        print(f"| {r['op']} | {r['layout']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+              f"{r['fwd_ms'] / avg['fwd_ms']:.2f}x | {r['fwd_bwd_ms'] / avg['fwd_bwd_ms']:.2f}x | "
+              f"{r['memory_x']:.2f}x |")
+    print('\nTargets (per layout, against AvgPool2d(2,2) in the same layout):')
+    targets = []
+    for layout in ('NCHW', 'channels_last'):
+        avg, dpp = get('AvgPool2d(2,2)', layout), get('DPP lite-sym 2x2', layout)
+        dpp3 = get('DPP lite-sym 3x3/s2/p1', layout)
+        targets += [
+            (f'{layout}: Lite-sym 2x2 forward <= 2x AvgPool2d forward', dpp['fwd_ms'] / avg['fwd_ms'], 2.0),
+            (f'{layout}: Lite-sym 2x2 fwd+bwd <= 3x AvgPool2d fwd+bwd', dpp['fwd_bwd_ms'] / avg['fwd_bwd_ms'], 3.0),
+            (f'{layout}: training memory <= 3x input', dpp['memory_x'], 3.0),
+            (f'{layout}: 3x3/s2/p1 forward within 2x of 2x2', dpp3['fwd_ms'] / dpp['fwd_ms'], 2.0),
+            (f'{layout}: 3x3/s2/p1 fwd+bwd within 2x of 2x2', dpp3['fwd_bwd_ms'] / dpp['fwd_bwd_ms'], 2.0),
+        ]
+    for text, value, limit in targets:
+        print(f"  {'PASS' if value <= limit else 'MISS'}  {text}: {value:.2f}")
+    return {'machine': machine_description(), 'shape': shape, 'rows': rows,
+            'targets': [{'target': t, 'value': v, 'limit': lim} for t, v, lim in targets]}
+
+
+def bench_init(args) -> dict:
+    """Distance of each init preset to average and max pooling, relative to the input's range."""
+    from .photos import load_photo
+
+    torch.manual_seed(0)
+    inputs = {'random N(0,1) (8,64,56,56)': torch.randn(8, 64, 56, 56)}
+    try:
+        photo = load_photo('china.jpg')
+        inputs['photo china.jpg (1,3,427,640)'] = (photo - photo.mean()) / photo.std()
+    except RuntimeError as e:
+        print(f'skipping the photo: {e}', file=sys.stderr)
+    rows = []
+    for in_name, x in inputs.items():
+        scale = (x.max() - x.min()).item()
+        ref = {'avg': F.avg_pool2d(x, 2), 'max': F.max_pool2d(x, 2)}
+        for preset in INIT_PRESETS:
+            for reward in ('sym', 'asym'):
+                if preset == 'max' and reward == 'sym':
+                    continue
+                with torch.no_grad():
+                    out = DPP2d(x.shape[1], init=preset, reward=reward)(x)
+                row = {'input': in_name, 'init': preset, 'reward': reward}
+                for k, r in ref.items():
+                    diff = (out - r).abs()
+                    row[f'{k}_max'] = diff.max().item() / scale
+                    row[f'{k}_mean'] = diff.mean().item() / scale
+                rows.append(row)
+    print('\nDPP2d init presets (2x2/s2, Lite guide, norm=mean): distance to average and max pooling,')
+    print('as a fraction of the input range (max - min)')
+    print(f'machine: {machine_description()}\n')
+    print('| input | init | reward | vs AvgPool max | vs AvgPool mean | vs MaxPool max | vs MaxPool mean |')
+    print('|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['input']} | {r['init']} | {r['reward']} | {r['avg_max']:.2e} | {r['avg_mean']:.2e} | "
+              f"{r['max_max']:.2e} | {r['max_mean']:.2e} |")
+    return {'machine': machine_description(), 'rows': rows}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m dpp_surgery.bench', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--threads', type=int, default=2, help='torch intra-op threads (default 2)')
+    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON to PATH')
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('layer', help='speed and memory of DPP2d against max/average pooling')
+    p.add_argument('--shape', type=int, nargs=4, default=[32, 64, 56, 56], metavar=('N', 'C', 'H', 'W'),
+                   help='input shape (default 32 64 56 56)')
+    p.add_argument('--repeat', type=int, default=20, help='timed runs per measurement (default 20)')
+    p.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
+    p.set_defaults(func=bench_layer)
+    p = sub.add_parser('init', help='closeness of the init presets to average and max pooling')
+    p.set_defaults(func=bench_init)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        print(f'error: --threads must be >= 1, but got {args.threads}', file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    result = args.func(args)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
