@@ -9,6 +9,7 @@ See :class:`dpp_surgery.DPP2d` for the definition. Two implementations compute t
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,8 +52,14 @@ def _check_input(x: Tensor, channels: int) -> None:
         raise TypeError(f'DPP2d expects a floating-point input, but got dtype {x.dtype}; use x.float().')
 
 
+def _in_onnx_export() -> bool:
+    # torch.onnx is heavy to import; if nothing imported it, nothing is exporting
+    mod = sys.modules.get('torch.onnx')
+    return mod is not None and mod.is_in_onnx_export()
+
+
 def _check_parameters(theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor]) -> None:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_onnx_export():
         return  # data-dependent checks would break graphs; they run in eager mode
     for name, t in (('theta_alpha', theta_alpha), ('theta_lambda', theta_lambda), ('guide_weight', guide_weight)):
         if t is not None and not bool(torch.isfinite(t).all()):
@@ -79,9 +86,13 @@ def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: Reso
     left = resolved.pad_left + (kgw - kw)
     bottom = max(0, (oh - 1) * sh + kgh - h - top)
     right = max(0, (ow - 1) * sw + kgw - w - left)
-    xp = F.pad(x, (left, right, top, bottom))
     with torch.autocast(x.device.type, enabled=False):  # the guide keeps the dtype DPP computes in
-        g = F.conv2d(xp, weight.to(x.dtype), stride=(sh, sw), groups=x.shape[1])
+        if bottom <= top and right <= left:
+            # conv2d's own symmetric padding covers it (no padded copy of x); extra outputs are cropped
+            g = F.conv2d(x, weight.to(x.dtype), stride=(sh, sw), padding=(top, left), groups=x.shape[1])
+        else:
+            g = F.conv2d(F.pad(x, (left, right, top, bottom)), weight.to(x.dtype), stride=(sh, sw),
+                         groups=x.shape[1])
     return g[:, :, :oh, :ow]
 
 
@@ -138,13 +149,24 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_MIN_CHANNELS_LAST = 16  # below this many channels, the kernel's channels_last lanes are too few to pay off
+
+
+def _kernel_layout(x: Tensor) -> torch.memory_format:
+    """The layout the kernel computes in: channels_last only for channels_last inputs with enough channels."""
+    fmt = _memory_format(x)
+    if fmt == torch.channels_last and x.shape[1] < _MIN_CHANNELS_LAST:
+        return torch.contiguous_format
+    return fmt
+
+
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
 def _kernel_args(x: Tensor, geometry: Sequence[int], asym: bool, norm: int) -> Tuple[Tensor, Tensor, bool]:
     n, c, h, w = x.shape
-    channels_last = _memory_format(x) == torch.channels_last
+    channels_last = _memory_format(x) == torch.channels_last and not x.is_contiguous()
     kh, kw, sh, sw, pt, pl, oh, ow = geometry
     dims = torch.tensor([n, c, h, w, oh, ow], dtype=torch.int64)
     params = torch.tensor([kh, kw, sh, sw, pt, pl, int(asym), norm, int(channels_last), torch.get_num_threads()],
@@ -175,7 +197,7 @@ def _dpp2d_op(
         eps: float,
 ) -> Tensor:
     _check_kernel_dtypes(x, guide, alpha, lam)
-    fmt = _memory_format(x)
+    out_fmt, fmt = _memory_format(x), _kernel_layout(x)
     x = x.contiguous(memory_format=fmt)
     guide = None if guide is None else guide.contiguous(memory_format=fmt)
     alpha, lam = alpha.contiguous(), lam.contiguous()
@@ -186,7 +208,7 @@ def _dpp2d_op(
         params.data_ptr(), eps)
     if rc != 0:
         raise RuntimeError(f'DPP kernel rejected geometry {geometry} (code {rc})')
-    return out
+    return out.contiguous(memory_format=out_fmt)
 
 
 @_dpp2d_op.register_fake
@@ -201,7 +223,7 @@ def _dpp2d_backward_op(
         asym: bool, norm: int, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_kernel_dtypes(x, guide, alpha, lam, grad)
-    fmt = _memory_format(x)
+    out_fmt, fmt = _memory_format(x), _kernel_layout(x)
     x = x.contiguous(memory_format=fmt)
     grad = grad.contiguous(memory_format=fmt)
     guide = None if guide is None else guide.contiguous(memory_format=fmt)
@@ -218,7 +240,9 @@ def _dpp2d_backward_op(
         params.data_ptr(), eps)
     if rc != 0:
         raise RuntimeError(f'DPP kernel rejected geometry {geometry} (code {rc})')
-    return grad_x, grad_guide, ga.sum(0), gl.sum(0)
+    if guide is not None:
+        grad_guide = grad_guide.contiguous(memory_format=out_fmt)
+    return grad_x.contiguous(memory_format=out_fmt), grad_guide, ga.sum(0), gl.sum(0)
 
 
 @_dpp2d_backward_op.register_fake
@@ -248,7 +272,7 @@ def _kernel_usable(x: Tensor, r: ResolvedGeometry, impl: str) -> bool:
     if impl == 'torch':
         return False
     ok = (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-          and r.kernel[0] * r.kernel[1] <= 64 and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing())
+          and r.kernel[0] * r.kernel[1] <= 64 and not _in_onnx_export() and not torch.jit.is_tracing())
     if ok:
         ok = load_kernel() is not None
     if impl == 'kernel' and not ok:

@@ -1,0 +1,43 @@
+"""The demo and the benchmarks run end to end (tiny sizes) and print what they promise."""
+import json
+import os
+
+from dpp_surgery import bench, demo
+
+
+def test_bench_layer_small(tmp_path, capsys):
+    out = tmp_path / 'layer.json'
+    assert bench.main(['--json', str(out), 'layer', '--shape', '2', '16', '12', '12', '--repeat', '2']) == 0
+    text = capsys.readouterr().out
+    assert '| DPP lite-sym 2x2 | NCHW |' in text and '| DPP lite-sym 2x2 | channels_last |' in text
+    assert 'MaxPool2d(3,2,1)' in text and 'AvgPool2d(2,2)' in text
+    assert text.count('PASS') + text.count('MISS') == 10
+    result = json.loads(out.read_text())
+    dpp = next(r for r in result['rows'] if r['op'] == 'DPP lite-sym 2x2' and r['layout'] == 'NCHW')
+    assert dpp['fwd_ms'] > 0 and dpp['fwd_bwd_ms'] > 0
+    # a training step needs at least the input gradient and the output
+    assert 1.0 < dpp['memory_x'] < 10.0
+
+
+def test_peak_training_memory_counts_saved_tensors():
+    import torch
+    x = torch.randn(2, 8, 16, 16)
+    kernel = bench.peak_training_memory(bench.DPP2d(8), x)
+    reference = bench.peak_training_memory(bench.DPP2d(8, impl='torch'), x)
+    assert 1.25 <= kernel < reference
+
+
+def test_bench_init(capsys):
+    assert bench.main(['init']) == 0
+    text = capsys.readouterr().out
+    assert '| photo china.jpg' in text
+    assert text.count('| random') == 5
+
+
+def test_demo_writes_figure(tmp_path, capsys):
+    assert demo.main(['--out', str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    for name in demo.pooling_methods():
+        assert f'| {name} |' in text
+    assert '| NO |' not in text
+    assert os.path.getsize(tmp_path / 'pooling.png') > 10_000
