@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .layers import DPP2d, INIT_PRESETS, kernel_status
 
-__all__ = ['main', 'machine_description', 'median_ms', 'peak_training_memory']
+__all__ = ['main', 'machine_description', 'interleaved_medians', 'peak_training_memory']
 
 
 def machine_description() -> str:
@@ -42,18 +42,6 @@ def machine_description() -> str:
         pass
     return (f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, '
             f'Python {platform.python_version()}, fused kernel {"on" if kernel_status()["loaded"] else "off"}')
-
-
-def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def peak_training_memory(module: torch.nn.Module, x: torch.Tensor) -> float:
@@ -82,7 +70,7 @@ def peak_training_memory(module: torch.nn.Module, x: torch.Tensor) -> float:
     return peak / (x.numel() * x.element_size())
 
 
-def _time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, repeat: int) -> Dict[str, float]:
+def _fwd_bwd_fns(module: torch.nn.Module, x: torch.Tensor):
     xg = x.detach().clone().requires_grad_(True)
 
     def fwd():
@@ -94,7 +82,30 @@ def _time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, repeat: int) -> Dict
         module.zero_grad(set_to_none=True)
         module(xg).sum().backward()
 
-    return {'fwd_ms': median_ms(fwd, repeat), 'fwd_bwd_ms': median_ms(fwd_bwd, repeat)}
+    return fwd, fwd_bwd
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int = 3) -> Dict[str, float]:
+    """Median milliseconds of each function, timed in round-robin order so that drifts in machine load hit
+    every function alike and ratios between them stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+class _LogExp(torch.nn.Module):
+    """For scale: PyTorch's element-wise log and exp over the input. Exact DPP needs at least one log and one
+    exp per input element (each weight is a power), which a pure pooling op does not."""
+
+    def forward(self, x):
+        return torch.exp(torch.log(x.abs() + 1e-3) * 0.5)
 
 
 def _layer_cases(channels: int) -> Dict[str, torch.nn.Module]:
@@ -108,6 +119,7 @@ def _layer_cases(channels: int) -> Dict[str, torch.nn.Module]:
             cases[f'DPP {guide}-{reward} 2x2'] = DPP2d(channels, guide=guide, reward=reward)
     cases['DPP lite-sym 3x3/s2/p1'] = DPP2d(channels, 3, 2, 1)
     cases['DPP lite-sym 2x2 (PyTorch path)'] = DPP2d(channels, impl='torch')
+    cases['for scale: torch exp(0.5 log(abs(x)+eps))'] = _LogExp()
     return cases
 
 
@@ -119,18 +131,21 @@ def bench_layer(args) -> dict:
     rows: List[dict] = []
     for layout in ('NCHW', 'channels_last'):
         x = base if layout == 'NCHW' else base.contiguous(memory_format=torch.channels_last)
-        for name, module in cases.items():
-            if 'PyTorch path' in name and layout == 'channels_last':
-                continue
-            row = {'op': name, 'layout': layout, **_time_fwd_bwd(module, x, args.repeat)}
-            row['memory_x'] = peak_training_memory(module, x) if not args.no_memory else float('nan')
+        names = [n for n in cases if not ('PyTorch path' in n and layout == 'channels_last')]
+        fns = {}
+        for name in names:
+            fns[(name, 'fwd')], fns[(name, 'fwd_bwd')] = _fwd_bwd_fns(cases[name], x)
+        print(f'  timing {len(names)} ops [{layout}]', file=sys.stderr)
+        times = interleaved_medians(fns, args.repeat)
+        for name in names:
+            row = {'op': name, 'layout': layout, 'fwd_ms': times[(name, 'fwd')], 'fwd_bwd_ms': times[(name, 'fwd_bwd')]}
+            row['memory_x'] = peak_training_memory(cases[name], x) if not args.no_memory else float('nan')
             rows.append(row)
-            print(f'  measured {name} [{layout}]', file=sys.stderr)
 
     def get(op, layout):
         return next(r for r in rows if r['op'] == op and r['layout'] == layout)
 
-    print(f'\nDPP2d layer benchmark: input {shape} float32, median of {args.repeat} runs')
+    print(f'\nDPP2d layer benchmark: input {shape} float32, medians of {args.repeat} interleaved runs')
     print(f'machine: {machine_description()}\n')
     header = (f'| op | layout | forward ms | fwd+bwd ms | fwd / AvgPool fwd | fwd+bwd / AvgPool fwd+bwd '
               f'| train-step peak memory / input |')
