@@ -1,17 +1,22 @@
 """dpp_surgery: Detail-Preserving Pooling for timm models.
 
 Public API (flat, like ``timm.layers``): the DPP layer :class:`DPP2d`, its functional form :func:`dpp2d`,
-optimizer parameter groups that keep DPP parameters free of weight decay (:func:`param_groups`), and
-:func:`kernel_status` for the fused CPU kernel.
+optimizer parameter groups that keep DPP parameters free of weight decay (:func:`param_groups`),
+:func:`kernel_status` for the fused CPU kernel, and the surgery of timm models: :func:`plan` (read-only) and
+:func:`convert` (in place).
 """
 from .layers import (
     DEFAULT_EPS, DPP2d, INIT_PRESETS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, KernelBuildWarning, PoolGeometry,
     dpp2d, dpp_parameters, full_guide, kernel_status, param_groups,
+)
+from .surgery import (
+    ConversionError, ConversionPolicy, DPPVariant, NoEffectWarning, Plan, Site, TraceError, convert, dpp_layers, plan,
 )
 from .version import __version__
 
 __all__ = [
     'DPP2d', 'dpp2d', 'full_guide', 'PoolGeometry', 'INIT_PRESETS', 'param_groups', 'dpp_parameters',
     'kernel_status', 'KernelBuildWarning', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS',
-    '__version__',
+    'plan', 'convert', 'Plan', 'Site', 'ConversionPolicy', 'DPPVariant', 'NoEffectWarning', 'ConversionError',
+    'TraceError', 'dpp_layers', '__version__',
 ]

@@ -1,0 +1,635 @@
+"""Discovery of downsampling sites and the conversion plan (read-only).
+
+:func:`plan` traces a model with torch.fx (timm's leaves and autowrap functions), propagates the shapes of one
+example input, and lists every downsampling site: module pools, functional pools (``F.max_pool2d`` in a
+``forward``), strided convolutions and global pools, with what :func:`dpp_surgery.convert` would do to each.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..layers import DPP2d
+from .policy import ConversionPolicy, resolve_policy
+from .tracer import trace
+
+__all__ = ['Site', 'Plan', 'plan', 'DPP_FLOPS_PER_ELEMENT', 'default_input_size']
+
+_logger = logging.getLogger(__name__)
+
+DPP_FLOPS_PER_ELEMENT = 10  # guide share, deviation, square, eps, log, normalise, scale, exp, weight, weighted sum
+
+_FUNCTIONAL_POOLS = {F.max_pool2d: 'max_pool', torch.max_pool2d: 'max_pool', F.avg_pool2d: 'avg_pool'}
+_FUNCTIONAL_GLOBAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+_KIND_LABEL = {
+    'max_pool': 'max pool', 'avg_pool': 'avg pool', 'strided_conv': 'strided conv', 'global_pool': 'global pool',
+    'dpp': 'DPP (converted)',
+}
+
+
+def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """The model's ``pretrained_cfg['input_size']`` (timm), else (3, 224, 224)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
+    size = cfg.get('input_size') if isinstance(cfg, dict) else None
+    return tuple(size) if size else (3, 224, 224)
+
+
+@dataclass
+class Site:
+    """One downsampling site and what conversion does to it.
+
+    ``name`` is the module's qualified name as ``named_modules()`` prints it; a functional site is named by its
+    owner module's name and the fx node name (``Mixed_6a.max_pool2d``).
+    """
+    name: str
+    kind: str  # max_pool | avg_pool | strided_conv | global_pool | dpp
+    module_type: str
+    functional: bool
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Any
+    ceil_mode: bool
+    in_channels: int
+    out_channels: int
+    in_size: Tuple[int, int]
+    out_size: Tuple[int, int]
+    action: str = 'skip'  # replace | skip
+    reason: str = ''
+    placement: str = ''  # pool | post | pre | block | functional | global
+    block: str = ''  # the enclosing block (placement 'block')
+    block_channels: int = 0  # its output channels
+    flops_before: int = 0
+    flops_after: int = 0
+    # internal
+    node: Optional[str] = field(default=None, repr=False)
+    owner: str = field(default='', repr=False)
+    ordinal: int = field(default=0, repr=False)  # functional sites: index among the owner's calls of the function
+    fn: Any = field(default=None, repr=False)  # functional sites: the function
+
+    @property
+    def geometry(self) -> str:
+        k, s = self.kernel, self.stride
+        text = f'k{k[0]}' + (f'x{k[1]}' if k[1] != k[0] else '') + f' s{s[0]}' + (f'x{s[1]}' if s[1] != s[0] else '')
+        if self.padding == 'same':
+            text += ' same'
+        elif isinstance(self.padding, tuple) and any(self.padding):
+            p = self.padding
+            text += f' p{p[0]}' + (f'x{p[1]}' if p[1] != p[0] else '')
+        if self.ceil_mode:
+            text += ' ceil'
+        return text
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ('node', 'owner', 'ordinal', 'fn')}
+
+
+@dataclass
+class Plan:
+    """The sites of a model and the action for each; ``print(plan)`` shows a table."""
+    model_name: str
+    input_size: Tuple[int, int, int]
+    policy: ConversionPolicy
+    sites: List[Site]
+
+    @property
+    def to_replace(self) -> List[Site]:
+        return [s for s in self.sites if s.action == 'replace']
+
+    def counts(self) -> Dict[str, int]:
+        return {'sites': len(self.sites), 'replace': len(self.to_replace),
+                'skip': len(self.sites) - len(self.to_replace)}
+
+    def flops(self) -> Tuple[int, int]:
+        """Total FLOPs of the sites before and after conversion (replaced sites only change)."""
+        before = sum(s.flops_before for s in self.sites)
+        after = sum(s.flops_after if s.action == 'replace' else s.flops_before for s in self.sites)
+        return before, after
+
+    def to_dict(self) -> dict:
+        return {'model': self.model_name, 'input_size': list(self.input_size), 'policy': self.policy.to_dict(),
+                'sites': [s.to_dict() for s in self.sites], 'counts': self.counts()}
+
+    def __str__(self) -> str:
+        rows = [('site', 'kind', 'type', 'geometry', 'channels', 'size', 'action', 'detail', 'MFLOPs')]
+        for s in self.sites:
+            detail = s.reason if s.action == 'skip' else s.placement + (f' ({s.block})' if s.block else '')
+            mflops = f'{s.flops_before / 1e6:.1f}'
+            if s.action == 'replace':
+                mflops += f' -> {s.flops_after / 1e6:.1f}'
+            rows.append((s.name, _KIND_LABEL.get(s.kind, s.kind), s.module_type, s.geometry,
+                         f'{s.in_channels}->{s.out_channels}' if s.in_channels != s.out_channels else str(s.in_channels),
+                         f'{s.in_size[0]}x{s.in_size[1]}->{s.out_size[0]}x{s.out_size[1]}', s.action, detail, mflops))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f'Plan for {self.model_name} at input {self.input_size}: {self.policy.describe()}']
+        for i, r in enumerate(rows):
+            lines.append('  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if i == 0:
+                lines.append('  '.join('-' * w for w in widths))
+        before, after = self.flops()
+        c = self.counts()
+        lines.append(f'{c["sites"]} sites: {c["replace"]} to replace, {c["skip"]} to skip; '
+                     f'site MFLOPs {before / 1e6:.1f} -> {after / 1e6:.1f}')
+        return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _shape(node) -> Optional[torch.Size]:
+    meta = node.meta.get('tensor_meta') if isinstance(node, fx.Node) else None
+    return getattr(meta, 'shape', None)
+
+
+def _is_same_padding(m: nn.Module) -> bool:
+    return type(m).__name__.endswith('Same') or bool(getattr(m, 'same_pad', False))
+
+
+def _conv_flops(cin: int, cout: int, groups: int, k: Tuple[int, int], out: Tuple[int, int]) -> int:
+    return 2 * (cin // groups) * k[0] * k[1] * cout * out[0] * out[1]
+
+
+def dpp_flops(channels: int, out: Tuple[int, int], window: int, full_guide: bool = False) -> int:
+    """Estimated FLOPs of a DPP2d layer: :data:`DPP_FLOPS_PER_ELEMENT` per window element (plus the Full guide)."""
+    flops = channels * out[0] * out[1] * window * DPP_FLOPS_PER_ELEMENT
+    if full_guide:
+        flops += 2 * channels * (window + 5) * out[0] * out[1]
+    return flops
+
+
+def _post_size(size: Tuple[int, int], s: Tuple[int, int]) -> Tuple[int, int]:
+    return tuple(math.ceil(n / st) for n, st in zip(size, s))  # type: ignore[return-value]
+
+
+def _dpp_placement_of(m: nn.Module) -> Optional[str]:
+    return getattr(type(m), '_dpp_placement', None)
+
+
+class _Graph:
+    """The traced model with shapes and module regions."""
+
+    def __init__(self, model: nn.Module, input_size, leaf_modules):
+        self.gm = trace(model, leaf_modules)
+        self.nodes = list(self.gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        device = param.device if param is not None else torch.device('cpu')
+        dtype = param.dtype if param is not None else torch.float32
+        example = torch.randn(1, *input_size, device=device, dtype=dtype)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(example)
+        finally:
+            model.train(was_training)
+        # module regions: qualified name -> nodes (in graph order) executed inside it
+        self.regions: Dict[str, List[fx.Node]] = {}
+        for n in self.nodes:
+            for path in n.meta.get('nn_module_stack', {}):
+                self.regions.setdefault(path, []).append(n)
+        self.call_counts: Dict[str, int] = {}
+        for n in self.nodes:
+            if n.op == 'call_module':
+                self.call_counts[n.target] = self.call_counts.get(n.target, 0) + 1
+        self.model = model
+        self._owner_names: Dict[tuple, List[str]] = {}
+
+    def owner_node_names(self, owner: str, target) -> List[str]:
+        """Names of the calls of ``target`` in a trace of module ``owner`` alone, in order ([] if it fails)."""
+        key = (owner, target)
+        if key not in self._owner_names:
+            names: List[str] = []
+            if owner:
+                try:
+                    gm = trace(self.model.get_submodule(owner), leaf_all_children=True, name=owner)
+                    names = [n.name for n in gm.graph.nodes if n.op == 'call_function' and n.target is target]
+                except Exception:  # noqa: BLE001 - reported when the site is decided
+                    names = []
+            self._owner_names[key] = names
+        return self._owner_names[key]
+
+    def stack(self, node) -> List[str]:
+        return list(node.meta.get('nn_module_stack', {}))
+
+    def reads_image(self, node: fx.Node) -> bool:
+        """Whether ``node``'s input comes from the model input without passing through a conv or linear."""
+        todo, seen = list(node.all_input_nodes), set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == 'placeholder':
+                return True
+            if n.op == 'call_module':
+                m = self.gm.get_submodule(n.target)
+                if isinstance(m, (nn.Conv2d, nn.Linear)) or (isinstance(m, DPP2d)):
+                    continue
+            todo.extend(n.all_input_nodes)
+        return False
+
+    def region_io(self, path: str) -> Tuple[List[fx.Node], Optional[fx.Node]]:
+        """External tensor inputs of a module's region and its last node."""
+        region = self.regions.get(path, [])
+        inside = set(region)
+        inputs = []
+        for n in region:
+            for a in n.all_input_nodes:
+                if a not in inside and a not in inputs and _shape(a) is not None:
+                    inputs.append(a)
+        return inputs, (region[-1] if region else None)
+
+    def descendants(self, node: fx.Node, limit: int = 400) -> set:
+        out, todo = set(), [node]
+        while todo and len(out) < limit:
+            n = todo.pop()
+            for u in n.users:
+                if u not in out:
+                    out.add(u)
+                    todo.append(u)
+        return out
+
+
+def _site_for_module(g: _Graph, node: fx.Node, m: nn.Module) -> Optional[Site]:
+    in_shape, out_shape = _shape(node.args[0]) if node.args else None, _shape(node)
+    if in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4:
+        return None
+    common = dict(name=node.target, module_type=type(m).__name__, functional=False, in_channels=int(in_shape[1]),
+                  out_channels=int(out_shape[1]), in_size=(int(in_shape[2]), int(in_shape[3])),
+                  out_size=(int(out_shape[2]), int(out_shape[3])), node=node.name)
+    if isinstance(m, DPP2d) or _dpp_placement_of(m):
+        k = m.kernel_size if isinstance(m, DPP2d) else _pair(m.kernel_size)
+        return Site(kind='dpp', kernel=_pair(k), stride=_pair(m.stride), padding=(0, 0), ceil_mode=False,
+                    reason='already converted', **common)
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        kind = 'max_pool' if isinstance(m, nn.MaxPool2d) else 'avg_pool'
+        padding = 'same' if _is_same_padding(m) else _pair(m.padding)
+        site = Site(kind=kind, kernel=_pair(m.kernel_size), stride=_pair(m.stride or m.kernel_size), padding=padding,
+                    ceil_mode=bool(m.ceil_mode), **common)
+        if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != (1, 1):
+            site.reason = 'dilated pooling is not supported'
+        return site
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return Site(kind='global_pool', kernel=common['in_size'], stride=(1, 1), padding=(0, 0), ceil_mode=False,
+                    **common)
+    if isinstance(m, nn.Conv2d) and _pair(m.stride) != (1, 1):
+        padding = 'same' if _is_same_padding(m) else (m.padding if isinstance(m.padding, str) else _pair(m.padding))
+        site = Site(kind='strided_conv', kernel=_pair(m.kernel_size), stride=_pair(m.stride), padding=padding,
+                    ceil_mode=False, **common)
+        if _pair(m.dilation) != (1, 1):
+            site.reason = 'dilated strided conv is not supported'
+        return site
+    return None
+
+
+def _site_for_function(g: _Graph, node: fx.Node) -> Optional[Site]:
+    in_shape, out_shape = _shape(node.args[0]) if node.args else None, _shape(node)
+    if in_shape is None or out_shape is None or len(in_shape) != 4:
+        return None
+    stack = g.stack(node)
+    owner = stack[-1] if stack else ''
+    # the node's name in a trace of its owner alone (the owner's forward is what conversion rewrites)
+    same = [n for n in (g.regions.get(owner, []) if owner else g.nodes) if n.op == 'call_function'
+            and n.target is node.target and g.stack(n)[-1:] == stack[-1:]]
+    ordinal = same.index(node)
+    local = g.owner_node_names(owner, node.target)
+    node_name = local[ordinal] if ordinal < len(local) else node.name
+    name = f'{owner}.{node_name}' if owner else node_name
+    common = dict(name=name, module_type=f'F.{getattr(node.target, "__name__", str(node.target))}', functional=True,
+                  in_channels=int(in_shape[1]), out_channels=int(out_shape[1]),
+                  in_size=(int(in_shape[2]), int(in_shape[3])), out_size=(int(out_shape[2]), int(out_shape[3])),
+                  node=node_name, owner=owner, ordinal=ordinal, fn=node.target)
+    if node.target in _FUNCTIONAL_GLOBAL:
+        return Site(kind='global_pool', kernel=common['in_size'], stride=(1, 1), padding=(0, 0), ceil_mode=False,
+                    **common)
+    kind = _FUNCTIONAL_POOLS[node.target]
+    names = ['kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode'] if kind == 'max_pool' else \
+        ['kernel_size', 'stride', 'padding', 'ceil_mode']
+    values = dict(zip(names, node.args[1:]))
+    values.update({k: v for k, v in node.kwargs.items() if k in names})
+    kernel = _pair(values['kernel_size'])
+    stride = values.get('stride') or kernel
+    site = Site(kind=kind, kernel=kernel, stride=_pair(stride), padding=_pair(values.get('padding', 0)),
+                ceil_mode=bool(values.get('ceil_mode', False)), **common)
+    if kind == 'max_pool' and _pair(values.get('dilation', 1)) != (1, 1):
+        site.reason = 'dilated pooling is not supported'
+    return site
+
+
+def _matches(name: str, patterns: Sequence[str]) -> Optional[str]:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def _type_matches(type_name: str, module: Optional[nn.Module], types) -> Optional[str]:
+    for t in types:
+        if isinstance(t, str) and t == type_name:
+            return t
+        if isinstance(t, type) and module is not None and isinstance(module, t):
+            return t.__name__
+    return None
+
+
+def _size_preserving_at_stride1(m: nn.Conv2d) -> bool:
+    if _is_same_padding(m) or m.padding == 'same':
+        return True
+    if isinstance(m.padding, str):
+        return False
+    k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
+    return all(2 * pi == di * (ki - 1) for ki, pi, di in zip(k, p, d))
+
+
+def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], str]:
+    """The enclosing block for the 'block' placement: (qualified name or None, how it was found / why not)."""
+    conv_stack = g.stack(node)
+    ancestors = conv_stack[:-1]  # modules that contain the conv, outermost first
+    if not ancestors:
+        return None, 'the conv is not inside a block module'
+    # data flow: the first add downstream of the conv that also takes a path not through the conv
+    desc = g.descendants(node)
+    ordered = sorted(desc, key=g.index.__getitem__)
+    for n in ordered[:200]:
+        is_add = (n.op == 'call_function' and n.target in _ADD_TARGETS) or (n.op == 'call_method' and n.target in
+                                                                              ('add', 'add_'))
+        if not is_add:
+            continue
+        others = [a for a in n.all_input_nodes if a not in desc and a is not node]
+        if not others:
+            continue
+        end = n
+        users = list(n.users)
+        if len(users) == 1:
+            u = users[0]
+            if u.op in ('call_module', 'call_function', 'call_method') and _shape(u) == _shape(n):
+                end = u
+        end_stack = g.stack(end)
+        common = [p for p in ancestors if p in end_stack]
+        if common:
+            block = common[-1]
+            _, last = g.region_io(block)
+            if last is not None and _shape(last) == _shape(end):
+                return block, f'residual add {n.name}'
+        break
+    # no residual add: the innermost ancestor whose input and output sizes are the conv's
+    for path in reversed(ancestors):
+        inputs, last = g.region_io(path)
+        if len(inputs) != 1 or last is None:
+            continue
+        ins, outs = _shape(inputs[0]), _shape(last)
+        if ins is not None and outs is not None and len(ins) == 4 and len(outs) == 4 and \
+                tuple(ins[2:]) == site.in_size and tuple(outs[2:]) == site.out_size:
+            return path, 'block without residual'
+    return None, 'no enclosing block with the same input and output sizes'
+
+
+def _owner_traces_consistently(model: nn.Module, owner: str) -> Optional[str]:
+    """None if the owner's forward traces to the same graph in train and eval mode, else why not."""
+    mod = model.get_submodule(owner)
+    graphs = []
+    was_training = mod.training
+    try:
+        for mode in (True, False):
+            mod.train(mode)
+            gm = trace(mod, leaf_all_children=True, name=owner)
+            graphs.append([(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes])
+    except Exception as e:  # noqa: BLE001 - reported as the reason for skipping
+        return f'its owner cannot be traced on its own ({type(e).__name__})'
+    finally:
+        mod.train(was_training)
+    if graphs[0] != graphs[1]:
+        return "its owner's forward differs between train and eval mode"
+    return None
+
+
+def _flops_of(module: nn.Module, input_shape, dtype, device) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros(*input_shape, dtype=dtype, device=device)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _block_stride1(block: nn.Module) -> List[Tuple[nn.Module, str, Any]]:
+    """Set every downsampling conv and pool inside ``block`` to stride 1 (in place). Returns undo records
+    (parent, attribute, old module-or-stride), or raises ValueError if a pool cannot keep its size at stride 1."""
+    undo = []
+    for name, m in list(block.named_modules()):
+        if m is block:
+            continue
+        if isinstance(m, nn.Conv2d) and _pair(m.stride) != (1, 1):
+            if not _size_preserving_at_stride1(m) and not (_pair(m.kernel_size) == (1, 1)):
+                raise ValueError(f'conv {name} does not keep its size at stride 1')
+            undo.append((m, 'stride', m.stride))
+            m.stride = (1, 1)
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and _pair(m.stride or m.kernel_size) != (1, 1):
+            parent_name, _, child = name.rpartition('.')
+            parent = block.get_submodule(parent_name) if parent_name else block
+            k, p = _pair(m.kernel_size), _pair(m.padding)
+            if _pair(m.stride) == k:
+                undo.append((parent, child, m))
+                setattr(parent, child, nn.Identity())
+            elif _is_same_padding(m) or all(2 * pi == ki - 1 for ki, pi in zip(k, p)):
+                undo.append((m, 'stride', m.stride))
+                m.stride = (1, 1)
+            else:
+                raise ValueError(f'pool {name} does not keep its size at stride 1')
+    return undo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Optional[nn.Module],
+            policy: ConversionPolicy, param_dtype, device) -> None:
+    def skip(reason):
+        site.action, site.reason = 'skip', reason
+
+    if site.kind == 'dpp':
+        return skip('already converted')
+    if site.reason:  # set during discovery (unsupported geometry)
+        return skip(site.reason)
+    if site.kind == 'global_pool':
+        if policy.skip_global:
+            return skip('global/adaptive pool (skip_global=True)')
+        if site.out_size != (1, 1) or site.functional:
+            return skip('adaptive pool with output larger than 1x1 or functional: not supported')
+        site.placement = 'global'
+    elif site.kind in ('max_pool', 'avg_pool'):
+        if site.kind not in policy.targets:
+            return skip(f'{site.kind} not in targets')
+        if site.stride == (1, 1) and policy.skip_stride1:
+            return skip('stride-1 pool, does not downsample (skip_stride1=True)')
+        site.placement = 'functional' if site.functional else 'pool'
+    else:  # strided conv
+        if 'strided_conv' not in policy.targets:
+            return skip('strided_conv not in targets')
+        if policy.skip_stem and g.reads_image(node):
+            return skip('stem conv reads the image (skip_stem=True)')
+        if policy.skip_patchify and site.kernel == site.stride and site.padding in ((0, 0), 'valid'):
+            return skip('patch-embedding conv, kernel == stride (skip_patchify=True)')
+        site.placement = policy.placement
+    if not site.functional and g.call_counts.get(site.name, 1) > 1:
+        return skip(f'module is called {g.call_counts[site.name]} times in forward; cannot give each call its own DPP')
+    pattern = _matches(site.name, policy.exclude)
+    if pattern:
+        return skip(f'excluded by pattern {pattern!r}')
+    t = _type_matches(site.module_type, module, policy.exclude_types)
+    if t:
+        return skip(f'excluded by type {t}')
+    if policy.include and not _matches(site.name, policy.include):
+        return skip('not matched by include')
+    if policy.include_types and not _type_matches(site.module_type, module, policy.include_types):
+        return skip('not matched by include_types')
+    if site.functional:
+        if not site.owner:
+            return skip("functional pool in the model's own forward: forward_features/forward_head would disagree")
+        why = _owner_traces_consistently(model, site.owner)
+        if why:
+            return skip(f'functional pool: {why}')
+    if site.placement == 'pre' and not _size_preserving_at_stride1(module):
+        return skip("placement 'pre' needs a conv that keeps its size at stride 1 (padding (k-1)/2 or 'same')")
+    if site.placement == 'block':
+        block, how = _find_block(g, node, site)
+        if block is None:
+            return skip(f"placement 'block': {how}")
+        try:
+            _block_stride1(copy.deepcopy(model.get_submodule(block)))
+        except ValueError as e:
+            return skip(f"placement 'block' in {block}: {e}")
+        _, last = g.region_io(block)
+        site.block, site.block_channels = block, int(_shape(last)[1])
+    site.action, site.reason = 'replace', ''
+
+
+def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, dtype, device, block_cache) -> None:
+    c_in, c_out, out = site.in_channels, site.out_channels, site.out_size
+    window = site.kernel[0] * site.kernel[1]
+    if site.kind in ('max_pool', 'avg_pool', 'global_pool', 'dpp'):
+        site.flops_before = c_in * out[0] * out[1] * window
+    else:
+        groups = getattr(module, 'groups', 1)
+        site.flops_before = _conv_flops(c_in, c_out, groups, site.kernel, out)
+    if site.action != 'replace':
+        site.flops_after = site.flops_before
+        return
+    variant = policy.variant(site.kind if site.kind != 'global_pool' else 'avg_pool')
+    full = variant.guide == 'full'
+    if site.placement in ('pool', 'functional', 'global'):
+        site.flops_after = dpp_flops(c_in, out, window, full)
+    elif site.placement == 'post':
+        groups = module.groups
+        h1 = tuple(n * s for n, s in zip(out, site.stride))  # conv at stride 1 (about s times the outputs per side)
+        site.flops_after = _conv_flops(c_in, c_out, groups, site.kernel, h1) + dpp_flops(
+            c_out, out, site.stride[0] * site.stride[1], full)
+    elif site.placement == 'pre':
+        site.flops_after = site.flops_before + dpp_flops(c_in, out, site.stride[0] * site.stride[1], full)
+    elif site.placement == 'block':
+        # the whole block is measured before and after with torch's FLOP counter; the first site of a block
+        # carries the block's numbers, the others none
+        if site.block in block_cache:
+            site.flops_before = site.flops_after = 0
+            return
+        block = model.get_submodule(site.block)
+        inputs, last = g.region_io(site.block)
+        shape = tuple(_shape(inputs[0]))
+        before = _flops_of(block, shape, dtype, device)
+        clone = copy.deepcopy(block)
+        _block_stride1(clone)
+        after = _flops_of(clone, shape, dtype, device)
+        last_shape = _shape(last)
+        after += dpp_flops(int(last_shape[1]), tuple(last_shape[2:]), site.stride[0] * site.stride[1], full)
+        block_cache[site.block] = True
+        site.flops_before, site.flops_after = before, after
+
+
+def _unwrap_check(model: nn.Module) -> None:
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f'{type(model).__name__} wraps the model: convert the underlying model '
+                        f'(model.module) before wrapping it, then wrap the converted model.')
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'expected a torch.nn.Module, but got {type(model).__name__}')
+
+
+def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: Optional[ConversionPolicy] = None,
+         **policy_kwargs) -> Plan:
+    """List the downsampling sites of ``model`` and what :func:`convert` would do to each. Changes nothing.
+
+    Args:
+        model: a timm (or any fx-traceable) model.
+        input_size: (C, H, W) of the example input used to find feature-map sizes; defaults to the model's
+            ``pretrained_cfg['input_size']``.
+        policy: a :class:`ConversionPolicy`; keyword arguments override its fields.
+
+    Returns:
+        A :class:`Plan`; ``print(plan)`` shows the table.
+    """
+    _unwrap_check(model)
+    policy = resolve_policy(policy, **policy_kwargs)
+    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
+    if len(input_size) != 3:
+        raise ValueError(f'input_size must be (C, H, W), but got {input_size}')
+    g = _Graph(model, input_size, policy.leaf_modules)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device('cpu')
+    sites: List[Site] = []
+    modules: Dict[str, Optional[nn.Module]] = {}
+    nodes: Dict[str, fx.Node] = {}
+    seen_modules = set()
+    for n in g.nodes:
+        site = None
+        module = None
+        if n.op == 'call_module':
+            if n.target in seen_modules:
+                continue
+            module = g.gm.get_submodule(n.target)
+            site = _site_for_module(g, n, module)
+            if site is not None:
+                seen_modules.add(n.target)
+        elif n.op == 'call_function' and (n.target in _FUNCTIONAL_POOLS or n.target in _FUNCTIONAL_GLOBAL):
+            site = _site_for_function(g, n)
+        if site is None:
+            continue
+        if site.kind in ('max_pool', 'avg_pool', 'strided_conv', 'dpp', 'global_pool'):
+            sites.append(site)
+            modules[site.name] = module
+            nodes[site.name] = n
+    for pattern in policy.include:
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sites):
+            names = ', '.join(s.name for s in sites[:12]) + (' ...' if len(sites) > 12 else '')
+            raise ValueError(f'include pattern {pattern!r} matches no downsampling site; sites are: {names}')
+    block_cache: Dict[str, bool] = {}
+    for site in sites:
+        _decide(model, g, site, nodes[site.name], modules[site.name], policy, dtype, device)
+    # with the block placement, every downsampling site inside a converted block runs at stride 1 too
+    blocks = {s.block: s for s in sites if s.action == 'replace' and s.placement == 'block'}
+    for site in sites:
+        for block, owner in blocks.items():
+            if site.placement != 'block' and site.name.startswith(block + '.') and site.stride != (1, 1) \
+                    and site.kind in ('max_pool', 'avg_pool', 'strided_conv'):
+                site.action, site.reason, site.placement = 'replace', '', 'block'
+                site.block, site.block_channels = block, owner.block_channels
+    for site in sites:
+        _flops(model, g, site, modules[site.name], policy, dtype, device, block_cache)
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') if isinstance(
+        getattr(model, 'pretrained_cfg', None), dict) else None
+    return Plan(model_name=name or type(model).__name__, input_size=input_size, policy=policy, sites=sites)
