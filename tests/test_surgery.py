@@ -1,0 +1,309 @@
+"""plan/convert on real timm models (pretrained=False, small inputs): exact types, weights, shapes, API, errors."""
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpp_surgery
+from dpp_surgery import (
+    DPP2d, ConversionPolicy, ConversionError, NoEffectWarning, TraceError, convert, dpp_layers, plan,
+)
+
+# model, input size, what the family exercises
+FAMILIES = [
+    ('resnet18', 64, 'resnet: max pool + strided convs'),
+    ('resnet26d', 64, 'resnet-d: ceil_mode avg pool shortcut'),
+    ('resnetv2_50x1_bit', 64, 'resnetv2 (BiT): StdConv2d'),
+    ('efficientnet_b0', 64, 'efficientnet'),
+    ('tf_efficientnet_b0', 65, 'tf_efficientnet: Conv2dSame, odd size'),
+    ('mobilenetv3_small_050', 64, 'mobilenetv3'),
+    ('regnetx_002', 64, 'regnet'),
+    ('densenet121', 64, 'densenet: avg pool transitions'),
+    ('vgg11', 64, 'vgg: max pools, ConvMlp head'),
+    ('inception_v3', 107, 'inception_v3: functional pools'),
+    ('convnext_atto', 64, 'convnext: patchify skipped'),
+    ('cs3darknet_s', 64, 'cspnet'),
+    ('ghostnet_050', 64, 'ghostnet'),
+]
+DPP_SUFFIXES = ('.theta_alpha', '.theta_lambda', '.guide_weight')
+
+
+def _make(name, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kw)
+
+
+def _check_converted(name, size, placement='post'):
+    model = _make(name)
+    cls = type(model)
+    x = torch.randn(2, 3, size, size)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        ref_features = model.forward_features(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    feature_info = copy.deepcopy(model.feature_info)
+    p = plan(model, input_size=(3, size, size), placement=placement)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', NoEffectWarning)
+        out_model = convert(model, input_size=(3, size, size), placement=placement)
+    assert out_model is model and type(model) is cls
+    after = model.state_dict()
+    # every original parameter and buffer keeps its name and value; only DPP parameters are new
+    for k, v in before.items():
+        assert k in after, k
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    new = set(after) - set(before)
+    assert all(k.endswith(DPP_SUFFIXES) for k in new), new
+    assert len(dpp_layers(model)) == len({k.rsplit('.', 1)[0] for k in new})
+    # shapes and the timm API
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+    assert out.shape == ref.shape and feats.shape == ref_features.shape
+    assert torch.isfinite(out).all()
+    assert model.feature_info == feature_info
+    assert model.pretrained_cfg['architecture'] == name
+    assert model.get_classifier() is not None
+    model.train()
+    model(x).sum().backward()
+    for _, layer in dpp_layers(model):
+        assert layer.theta_alpha.grad is not None and torch.isfinite(layer.theta_alpha.grad).all()
+    return model, p
+
+
+@pytest.mark.parametrize('name,size,what', FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_family_converts_and_trains(name, size, what):
+    model, p = _check_converted(name, size)
+    expected_dpp = len(p.to_replace)
+    if name == 'convnext_atto':
+        assert expected_dpp == 0  # stem and downsample convs are patchify (kernel == stride)
+        assert all(any(w in s.reason for w in ('patch', 'global', 'stem')) for s in p.sites)
+        assert sum('patch-embedding' in s.reason for s in p.sites) == 3
+    else:
+        assert expected_dpp > 0 and len(dpp_layers(model)) == expected_dpp
+
+
+@pytest.mark.parametrize('placement', ['post', 'pre', 'block'])
+@pytest.mark.parametrize('name,size', [('resnet26d', 64), ('efficientnet_b0', 64), ('resnetv2_50x1_bit', 64)])
+def test_placements(name, size, placement):
+    model, p = _check_converted(name, size, placement)
+    replaced = [s for s in p.to_replace if s.kind == 'strided_conv']
+    assert replaced and all(s.placement == placement for s in replaced)
+    if placement == 'block':
+        blocks = {s.block for s in replaced}
+        for b in blocks:
+            assert isinstance(model.get_submodule(b).dpp, DPP2d)
+
+
+def test_resnet_d_shortcut_pool_keeps_ceil_mode_geometry():
+    model = _make('resnet26d')
+    convert(model, input_size=(3, 65, 65))
+    pool = model.layer2[0].downsample[0]
+    assert type(pool) is DPP2d and pool.ceil_mode and pool.kernel_size == (2, 2)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 65)).shape == (1, 1000)
+
+
+def test_conv_subclass_semantics_are_kept():
+    """StdConv2d stays a StdConv2d (weight standardisation) and Conv2dSame keeps its dynamic padding."""
+    from timm.layers import Conv2dSame, StdConv2d
+    model = _make('resnetv2_50x1_bit')
+    conv = model.stages[1].blocks[0].conv2
+    ref_conv = copy.deepcopy(conv)
+    convert(model, input_size=(3, 64, 64), strided_conv={'init': (1.0, 1e-12)})  # lambda ~ 0: DPP = average
+    assert isinstance(conv, StdConv2d) and conv.stride == (1, 1)
+    x = torch.randn(2, conv.in_channels, 16, 16)
+    ref_conv.stride = (1, 1)
+    expected = F.avg_pool2d(ref_conv(x), 2, ceil_mode=True)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-5)
+
+    model = _make('tf_efficientnet_b0')
+    convert(model, input_size=(3, 65, 65))
+    same = [m for m in model.modules() if isinstance(m, Conv2dSame) and hasattr(m, 'dpp')]
+    assert same, 'Conv2dSame sites were converted'
+    with torch.no_grad():
+        for size in (63, 64, 65):  # dynamic 'same' padding keeps working at any size
+            out = model(torch.randn(1, 3, size, size))
+            assert out.shape == (1, 1000)
+
+
+def test_functional_pools_in_inception():
+    model = _make('inception_v3')
+    p = plan(model, input_size=(3, 107, 107))
+    functional = [s for s in p.sites if s.functional and s.kind == 'max_pool']
+    assert {s.name for s in functional} == {'Mixed_6a.max_pool2d', 'Mixed_7a.max_pool2d'}
+    assert all(s.action == 'replace' for s in functional)
+    cls = type(model.Mixed_6a)
+    convert(model, input_size=(3, 107, 107))
+    assert isinstance(model.Mixed_6a, cls) and isinstance(model.Mixed_6a.dpp_max_pool2d, DPP2d)
+    assert model.Mixed_6a.dpp_max_pool2d.kernel_size == (3, 3)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 107, 107)).shape == (1, 1000)
+
+
+def test_plan_changes_nothing_and_prints_a_table():
+    model = _make('resnet18')
+    before = copy.deepcopy(model.state_dict())
+    modules_before = [(n, type(m)) for n, m in model.named_modules()]
+    model.train()
+    p = plan(model, input_size=(3, 64, 64))
+    assert model.training
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules_before
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)  # BN running stats untouched
+    text = str(p)
+    for column in ('site', 'kind', 'geometry', 'channels', 'size', 'action', 'MFLOPs'):
+        assert column in text
+    names = {s.name: s for s in p.sites}
+    assert names['conv1'].action == 'skip' and 'stem' in names['conv1'].reason
+    assert names['maxpool'].kind == 'max_pool' and names['maxpool'].action == 'replace'
+    assert names['maxpool'].in_channels == 64 and names['maxpool'].out_size == (16, 16)
+    assert names['layer2.0.conv1'].kind == 'strided_conv' and names['layer2.0.conv1'].flops_after > \
+        names['layer2.0.conv1'].flops_before
+    assert names['global_pool.pool'].action == 'skip' and 'global' in names['global_pool.pool'].reason
+    assert p.counts() == {'sites': 9, 'replace': 7, 'skip': 2}
+    assert p.to_dict()['counts']['replace'] == 7
+
+
+def test_defaults_are_overridable():
+    model = _make('resnet18')
+    p = plan(model, input_size=(3, 64, 64), skip_stem=False, skip_global=False)
+    names = {s.name: s for s in p.sites}
+    assert names['conv1'].action == 'replace' and names['global_pool.pool'].action == 'replace'
+    convert(model, input_size=(3, 64, 64), skip_stem=False, skip_global=False)
+    assert isinstance(model.global_pool.pool, DPP2d) and hasattr(model.conv1, 'dpp')
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+    model = _make('inception_v3')
+    p = plan(model, input_size=(3, 107, 107), skip_stride1=False)
+    assert all(s.action == 'replace' for s in p.sites if s.kind == 'avg_pool')
+    model = _make('convnext_atto')
+    p = plan(model, input_size=(3, 64, 64), skip_patchify=False)
+    assert any(s.action == 'replace' for s in p.sites if s.kind == 'strided_conv')
+
+
+def test_targets_include_exclude_and_types():
+    model = _make('resnet26d')
+    p = plan(model, input_size=(3, 64, 64), targets=['max_pool'])
+    assert {s.name for s in p.to_replace} == {'maxpool'}
+    p = plan(model, input_size=(3, 64, 64), include=['layer3.*'])
+    assert p.to_replace and all(s.name.startswith('layer3.') for s in p.to_replace)
+    p = plan(model, input_size=(3, 64, 64), exclude=['*.downsample.*'])
+    assert not any('downsample' in s.name for s in p.to_replace)
+    p = plan(model, input_size=(3, 64, 64), exclude_types=[nn.AvgPool2d])
+    assert not any(s.kind == 'avg_pool' for s in p.to_replace)
+    p = plan(model, input_size=(3, 64, 64), include_types=['MaxPool2d'])
+    assert {s.name for s in p.to_replace} == {'maxpool'}
+    p = plan(model, input_size=(3, 64, 64), policy=ConversionPolicy(max_pool={'guide': 'full', 'reward': 'asym'}))
+    assert p.policy.max_pool.guide == 'full'
+
+
+def test_variants_per_target_kind():
+    model = _make('resnet26d')
+    convert(model, input_size=(3, 64, 64), max_pool={'guide': 'full', 'reward': 'asym', 'init': 'max'},
+            avg_pool={'init': 'avg', 'norm': 'sum'}, strided_conv={'reward': 'asym', 'init': 'paper'})
+    assert model.maxpool.guide == 'full' and model.maxpool.reward == 'asym'
+    assert model.layer2[0].downsample[0].norm == 'sum'
+    assert model.layer2[0].conv2.dpp.reward == 'asym'
+
+
+def test_policy_errors_name_the_valid_values():
+    model = _make('resnet18')
+    with pytest.raises(TypeError, match=r"unknown policy option 'placment' \(did you mean 'placement'\?\); valid"):
+        plan(model, placment='post')
+    with pytest.raises(ValueError, match=r"unknown target 'max_pools' \(did you mean 'max_pool'\?\); valid targets"):
+        plan(model, targets=['max_pools'])
+    with pytest.raises(ValueError, match=r"unknown placement 'after'; valid placements: post, pre, block"):
+        plan(model, placement='after')
+    with pytest.raises(ValueError, match=r"unknown DPP variant option 'gide'"):
+        plan(model, max_pool={'gide': 'full'})
+    with pytest.raises(ValueError, match="reward must be one of"):
+        plan(model, avg_pool={'reward': 'up'})
+    with pytest.raises(ValueError, match=r"include pattern 'layer9\.\*' matches no downsampling site; sites are: conv1"):
+        plan(model, input_size=(3, 64, 64), include=['layer9.*'])
+
+
+def test_already_converted_and_nothing_to_convert_warn():
+    model = _make('resnet18')
+    convert(model, input_size=(3, 64, 64))
+    keys = set(model.state_dict())
+    with pytest.warns(NoEffectWarning, match='already converted'):
+        assert convert(model, input_size=(3, 64, 64)) is model
+    assert set(model.state_dict()) == keys
+    assert all(s.kind == 'dpp' or s.action == 'skip' for s in plan(model, input_size=(3, 64, 64)).sites)
+    model = _make('convnext_atto')
+    with pytest.warns(NoEffectWarning, match='no site to convert'):
+        convert(model, input_size=(3, 64, 64))
+
+
+def test_wrapped_models_are_refused():
+    model = _make('resnet18')
+    with pytest.raises(TypeError, match=r'DataParallel wraps the model: convert the underlying model \(model.module\)'):
+        convert(nn.DataParallel(model))
+
+
+class _Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return x
+        return -x
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.branchy = _Branchy()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.branchy(self.conv(x)))
+
+
+def test_trace_failure_names_module_and_fix():
+    with pytest.raises(TraceError, match=r"module 'branchy' \(_Branchy\).*register_notrace_module\(_Branchy\).*"
+                                         r"leaf_modules=\[_Branchy\]"):
+        plan(_Toy(), input_size=(3, 16, 16))
+    model = convert(_Toy(), input_size=(3, 16, 16), leaf_modules=[_Branchy])
+    assert isinstance(model.pool, DPP2d) and model.pool.channels == 8
+
+
+def test_strict_load_of_original_weights_misses_only_dpp_keys():
+    original = _make('resnet18')
+    model = convert(_make('resnet18'), input_size=(3, 64, 64))
+    result = model.load_state_dict(original.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(k.endswith(DPP_SUFFIXES) for k in result.missing_keys)
+
+
+def test_failed_check_restores_the_model(monkeypatch):
+    import importlib
+    convert_module = importlib.import_module('dpp_surgery.surgery.convert')
+    model = _make('resnet18')
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    keys = set(model.state_dict())
+    real = convert_module._output_shapes
+    calls = {'n': 0}
+
+    def broken(m, size):
+        calls['n'] += 1
+        shapes = real(m, size)
+        if calls['n'] == 2:  # the check after applying: pretend a feature map changed
+            shapes['layer1'] = (0,)
+        return shapes
+
+    monkeypatch.setattr(convert_module, '_output_shapes', broken)
+    with pytest.raises(ConversionError, match='changed feature-map sizes.*restored'):
+        convert(model, input_size=(3, 64, 64))
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    assert set(model.state_dict()) == keys
+    assert model.layer2[0].conv1.stride == (2, 2)
+
+
+def test_top_level_api():
+    assert dpp_surgery.convert is convert and dpp_surgery.plan is plan
