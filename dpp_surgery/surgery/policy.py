@@ -60,10 +60,11 @@ class ConversionPolicy:
 
     Args:
         targets: site kinds to convert: ``'max_pool'``, ``'avg_pool'``, ``'strided_conv'``.
-        placement: where DPP goes for a strided conv: ``'post'`` (the conv runs at stride 1, DPP right after it),
-            ``'pre'`` (DPP first, then the conv at stride 1 on the smaller map; needs a conv that keeps the size at
-            stride 1), ``'block'`` (every strided conv and pool of the enclosing residual block runs at stride 1
-            and one DPP follows the block's output, after its residual add and activation).
+        placement: where DPP goes for a strided conv: ``'block'`` (default: every strided conv and pool of the
+            enclosing block runs at stride 1 and one DPP follows the block's output, after its residual add and
+            activation; a conv outside any block falls back to ``'post'``), ``'post'`` (the conv runs at stride 1,
+            DPP right after it), ``'pre'`` (DPP first, then the conv at stride 1 on the smaller map; needs a conv
+            that keeps its size at stride 1). The default preserves a pretrained model's function best (README).
         max_pool, avg_pool, strided_conv: the :class:`DPPVariant` (or a dict of its fields) for each kind.
         include: name patterns (fnmatch, on the site names that :func:`plan` prints); if given, only sites
             matching one of them are converted. A pattern that matches no site is an error.
@@ -77,7 +78,7 @@ class ConversionPolicy:
         leaf_modules: extra module classes for torch.fx to keep whole when tracing.
     """
     targets: Tuple[str, ...] = TARGETS
-    placement: str = 'post'
+    placement: str = 'block'
     max_pool: DPPVariant = DPPVariant(reward='asym', init='max')
     avg_pool: DPPVariant = DPPVariant(init='avg')
     strided_conv: DPPVariant = DPPVariant(init='avg')
