@@ -284,6 +284,27 @@ def bench_preserve(args) -> dict:
     return {'machine': machine_description(), 'views': len(x), 'rows': rows, 'best': best}
 
 
+def bench_coverage(args) -> dict:
+    from .coverage import run_coverage, summarize
+
+    results = run_coverage(args.families or None, size=args.size, csv_path=args.csv, progress=True)
+    print(f'\nCoverage of convert() across timm (default policy, pretrained=False, {args.size} px unless the model '
+          f'has a fixed input size; forward and backward after conversion)')
+    print(f'machine: {machine_description()}\n')
+    print('| family | model | sites | convertible | converted | fwd | bwd | shape | status | note |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for r in results:
+        yn = lambda b: 'yes' if b else 'no'  # noqa: E731
+        print(f'| {r.family} | {r.model} | {r.sites} | {r.convertible} | {r.converted} | {yn(r.forward_ok)} | '
+              f'{yn(r.backward_ok)} | {yn(r.shape_ok)} | {r.status} | {r.reason.replace("|", "/")} |')
+    print()
+    print(summarize(results))
+    if args.csv:
+        print(f'\nwrote {args.csv}')
+    from dataclasses import asdict
+    return {'machine': machine_description(), 'results': [asdict(r) for r in results]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.bench', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('preserve', help='how close converted EfficientNet-Lite0 stays to the original, per placement')
     p.add_argument('--size', type=int, default=224, help='input size (default 224)')
     p.set_defaults(func=bench_preserve)
+    p = sub.add_parser('coverage', help='plan + convert + forward + backward on one small model of every timm family')
+    p.add_argument('--size', type=int, default=96, help='input size for models without a fixed one (default 96)')
+    p.add_argument('--csv', default='coverage.csv', help='CSV output path (default coverage.csv)')
+    p.add_argument('--families', nargs='*', help='only these timm families (module names)')
+    p.set_defaults(func=bench_coverage)
     return parser
 
 

@@ -328,3 +328,31 @@ def test_failed_check_restores_the_model(monkeypatch):
 
 def test_top_level_api():
     assert dpp_surgery.convert is convert and dpp_surgery.plan is plan
+
+
+def test_coverage_check_reports_ok_no_site_and_reasons():
+    from dpp_surgery.coverage import check_family, summarize
+    ok = check_family('resnet', size=64)
+    assert ok.status == 'ok' and ok.converted > 0 and ok.forward_ok and ok.backward_ok and ok.shape_ok
+    vit = check_family('vision_transformer', size=64)
+    assert vit.status == 'no_site' and 'patch-embedding' in vit.reason
+    text = summarize([ok, vit])
+    assert '1 have a convertible downsampling site; 1 of them convert and train (100.0%)' in text
+
+
+def test_plan_falls_back_to_eager_shapes_when_the_graph_does_not_run():
+    """hiera's traced graph cannot run (a mask that is None at trace time); module shapes come from an eager run."""
+    model = _make('hiera_tiny_224')
+    p = plan(model, input_size=(3, 224, 224))
+    assert 'eager run' in p.note and 'note:' in str(p)
+    stem = next(s for s in p.sites if s.kind == 'strided_conv')
+    assert stem.in_size == (224, 224) and stem.out_size == (56, 56) and 'stem' in stem.reason
+
+
+def test_sequential_block_gets_dpp_as_last_child():
+    model = _make('xcit_nano_12_p8_224')
+    convert(model, input_size=(3, 224, 224))
+    proj = model.patch_embed.proj
+    assert isinstance(proj[2].dpp, DPP2d) and list(proj[2]._modules)[-1] == 'dpp'
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)

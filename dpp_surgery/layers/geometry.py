@@ -118,15 +118,13 @@ class PoolGeometry:
                 before = total // 2
             else:
                 before = self.padding[dim]
-                if k > size + 2 * before:
+                out = _out_size_explicit(size, k, s, before, self.ceil_mode)
+                if out < 1:
                     raise ValueError(
                         f'DPP2d window {self.kernel} is larger than the padded input: input size '
                         f'{(height, width)} with padding {self.padding}. Use a larger input or a smaller kernel.')
-                out = _out_size_explicit(size, k, s, before, self.ceil_mode)
-            if out < 1 or size < 1:
-                raise ValueError(
-                    f'DPP2d with kernel {self.kernel}, stride {self.stride}, padding {self.padding} gives an empty '
-                    f'output for input size {(height, width)}. Use a larger input.')
+            if size < 1:
+                raise ValueError(f'DPP2d got an empty input of size {(height, width)}')
             after = max((out - 1) * s + k - size - before, 0)
             outs.append(out)
             sides.append((before, after))

@@ -267,5 +267,13 @@ def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: lis
         except ValueError as e:
             raise ConversionError(f'block {block_name!r}: {e}') from e
         dpp = _make_dpp(site, policy, site.block_channels, _downsample_geometry(site.stride), device, dtype)
-        _swap(block, _PostDPP, dpp, undo)
+        if isinstance(block, nn.Sequential) and type(block).forward is nn.Sequential.forward:
+            # a plain Sequential runs its children in order: appending DPP as its last child places it after
+            # the block (a forward that wrapped Sequential's would run it twice)
+            if hasattr(block, 'dpp'):
+                raise ConversionError(f'{block_name} already has an attribute named dpp')
+            block.add_module('dpp', dpp)
+            undo.append((block, '_modules', None))
+        else:
+            _swap(block, _PostDPP, dpp, undo)
 

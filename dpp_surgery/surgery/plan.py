@@ -6,8 +6,10 @@ example input, and lists every downsampling site: module pools, functional pools
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import io
 import logging
 import math
 import operator
@@ -102,6 +104,7 @@ class Plan:
     input_size: Tuple[int, int, int]
     policy: ConversionPolicy
     sites: List[Site]
+    note: str = ''
 
     @property
     def to_replace(self) -> List[Site]:
@@ -142,6 +145,8 @@ class Plan:
         c = self.counts()
         lines.append(f'{c["sites"]} sites: {c["replace"]} to replace, {c["skip"]} to skip; '
                      f'site MFLOPs {before / 1e6:.1f} -> {after / 1e6:.1f}')
+        if self.note:
+            lines.append(f'note: {self.note}')
         return '\n'.join(lines)
 
 
@@ -194,9 +199,19 @@ class _Graph:
         example = torch.randn(1, *input_size, device=device, dtype=dtype)
         was_training = model.training
         model.eval()
+        self.note = ''
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
                 ShapeProp(self.gm).propagate(example)
+        except Exception as e:  # noqa: BLE001 - fall back to shapes from an eager run
+            # the traced graph does not run as the model does (shape-dependent Python in some forward); take
+            # every module's shapes from a real forward pass instead
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            self.note = (f'the traced graph does not run ({first}); shapes come from an eager run, so functional '
+                         "pools are not analysed and 'block' falls back to 'post'")
+            for n in self.gm.graph.nodes:
+                n.meta.pop('tensor_meta', None)
+            self._eager_shapes(model, example)
         finally:
             model.train(was_training)
         # module regions: qualified name -> nodes (in graph order) executed inside it
@@ -210,6 +225,27 @@ class _Graph:
                 self.call_counts[n.target] = self.call_counts.get(n.target, 0) + 1
         self.model = model
         self._owner_names: Dict[tuple, List[str]] = {}
+
+    def _eager_shapes(self, model: nn.Module, example: torch.Tensor) -> None:
+        from types import SimpleNamespace
+
+        seen: Dict[str, tuple] = {}
+        hooks = []
+        for name, m in model.named_modules():
+            def hook(mod, args, out, name=name):
+                if name not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                    seen[name] = (tuple(args[0].shape), tuple(out.shape))
+            hooks.append(m.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in self.gm.graph.nodes:
+            if n.op == 'call_module' and n.target in seen:
+                n.meta['tensor_meta'] = SimpleNamespace(shape=torch.Size(seen[n.target][1]))
+                n.meta['dpp_in_shape'] = torch.Size(seen[n.target][0])
 
     def owner_node_names(self, owner: str, target) -> List[str]:
         """Names of the calls of ``target`` in a trace of module ``owner`` alone, in order ([] if it fails)."""
@@ -268,7 +304,8 @@ class _Graph:
 
 
 def _site_for_module(g: _Graph, node: fx.Node, m: nn.Module) -> Optional[Site]:
-    in_shape, out_shape = _shape(node.args[0]) if node.args else None, _shape(node)
+    in_shape = node.meta.get('dpp_in_shape') or (_shape(node.args[0]) if node.args else None)
+    out_shape = _shape(node)
     if in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4:
         return None
     common = dict(name=node.target, module_type=type(m).__name__, functional=False, in_channels=int(in_shape[1]),
@@ -382,7 +419,9 @@ def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], st
         common = [p for p in ancestors if p in end_stack]
         if common:
             block = common[-1]
-            _, last = g.region_io(block)
+            inputs, last = g.region_io(block)
+            if len(inputs) != 1:
+                return None, f'block {block} takes {len(inputs)} tensor inputs'
             if last is not None and _shape(last) == _shape(end):
                 return block, f'residual add {n.name}'
         break
@@ -509,10 +548,15 @@ def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Opti
     if site.placement == 'block':
         block, how = _find_block(g, node, site)
         if block is not None:
+            inputs, last = g.region_io(block)
             try:
-                _block_stride1(copy.deepcopy(model.get_submodule(block)))
+                clone = copy.deepcopy(model.get_submodule(block))
+                _block_stride1(clone)
+                _flops_of(clone, tuple(_shape(inputs[0])), param_dtype, device)  # runs at stride 1
             except ValueError as e:
                 block, how = None, f'block {block}: {e}'
+            except Exception as e:  # noqa: BLE001 - the block cannot run on its own at stride 1
+                block, how = None, f'block {block} does not run at stride 1 ({type(e).__name__})'
         if block is None:  # fall back to DPP right after the conv
             site.placement, site.reason = 'post', f'no block ({how})'
         else:
@@ -641,4 +685,5 @@ def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: O
         _flops(model, g, site, modules[site.name], policy, dtype, device, block_cache)
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') if isinstance(
         getattr(model, 'pretrained_cfg', None), dict) else None
-    return Plan(model_name=name or type(model).__name__, input_size=input_size, policy=policy, sites=sites)
+    return Plan(model_name=name or type(model).__name__, input_size=input_size, policy=policy, sites=sites,
+                note=g.note)

@@ -1,0 +1,194 @@
+"""Coverage of convert() across timm: one small model of every timm family (``timm.list_modules()``).
+
+For each family: create a small model (pretrained=False), plan, convert with the default policy, run forward and
+backward at a small input size, and record what happened; a failure keeps its reason. Used by
+``python -m dpp_surgery.bench coverage``.
+"""
+from __future__ import annotations
+
+import csv
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ['FamilyResult', 'pick_model', 'check_family', 'run_coverage', 'CONVERTIBLE_REASONS']
+
+# name fragments of small variants, most preferred first
+_SMALL = ['atto', 'femto', 'pico', 'nano', 'xxs', 'tiny', 'mini', 'xs', 'small', '_s', 'lite0', 'b0', '_t', '18', '050',
+          '_100', '002', '004', '26', '34', 'base']
+
+# skip reasons that mean "not a site the default policy is meant to convert"
+CONVERTIBLE_REASONS = ('stem conv', 'patch-embedding', 'global/adaptive', 'stride-1 pool')
+
+
+@dataclass
+class FamilyResult:
+    family: str
+    model: str = ''
+    input_size: str = ''
+    traced: bool = False
+    sites: int = 0
+    convertible: int = 0
+    converted: int = 0
+    forward_ok: bool = False
+    backward_ok: bool = False
+    shape_ok: bool = False
+    seconds: float = 0.0
+    status: str = ''  # ok | no_site | failed
+    reason: str = ''
+    extra: Dict[str, str] = field(default_factory=dict)
+
+
+def pick_model(family: str) -> Optional[str]:
+    """A small model of a timm family (by name), or None if the family registers none."""
+    import timm
+
+    names = timm.list_models(module=family)
+    if not names:
+        return None
+
+    def score(name):
+        for i, frag in enumerate(_SMALL):
+            if frag in name:
+                return i, len(name), name
+        return len(_SMALL), len(name), name
+
+    return min(names, key=score)
+
+
+def _input_size(model, default: int) -> tuple:
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    size = tuple(cfg.get('input_size', (3, default, default)))
+    if cfg.get('fixed_input_size', False):
+        return size
+    # keep it small, but no smaller than what deep downsampling needs
+    return (size[0], default, default)
+
+
+def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] = ()) -> FamilyResult:
+    """plan + convert + forward + backward of one small model of ``family``; never raises."""
+    import timm
+
+    from .surgery import NoEffectWarning, convert, plan
+
+    result = FamilyResult(family=family)
+    t0 = time.time()
+    try:
+        name = pick_model(family)
+        if name is None:
+            result.status, result.reason = 'no_site', 'family registers no model'
+            return result
+        result.model = name
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False)
+        # the small size first; models that cannot run or trace there get their own input size
+        sizes = [_input_size(model, size)]
+        cfg_size = tuple((getattr(model, 'pretrained_cfg', {}) or {}).get('input_size', sizes[0]))
+        if cfg_size != sizes[0]:
+            sizes.append(cfg_size)
+        for i, input_size in enumerate(sizes):
+            result.input_size = 'x'.join(map(str, input_size))
+            x = torch.randn(2, *input_size)
+            try:
+                model.eval()
+                with torch.no_grad():
+                    ref = model(x)
+                p = plan(model, input_size=input_size)
+                break
+            except Exception:  # noqa: BLE001 - retried at the model's own size, else reported
+                if i == len(sizes) - 1:
+                    raise
+        result.traced = True
+        result.sites = len(p.sites)
+        downsampling = [s for s in p.sites if s.kind in ('max_pool', 'avg_pool', 'strided_conv') and s.stride != (1, 1)]
+        convertible = [s for s in downsampling if not (s.action == 'skip' and s.reason.startswith(CONVERTIBLE_REASONS))]
+        result.convertible = len(convertible)
+        if not convertible:
+            result.status = 'no_site'
+            result.reason = ('no downsampling site' if not downsampling else
+                             'only stem / patch-embedding / global sites (skipped by default)')
+            return result
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', NoEffectWarning)
+            convert(model, input_size=input_size)
+        result.converted = sum(1 for s in p.sites if s.action == 'replace')
+        with torch.no_grad():
+            out = model(x)
+        result.forward_ok = bool(torch.isfinite(out).all())
+        result.shape_ok = out.shape == ref.shape
+        model.train()
+        out = model(x)
+        out.float().sum().backward()
+        result.backward_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        for check in extra_checks:
+            result.extra.update(check(name, model, input_size))
+        if result.converted == 0:
+            skipped = {s.reason for s in convertible}
+            result.status, result.reason = 'failed', 'no site converted: ' + '; '.join(sorted(skipped))[:300]
+        elif not (result.forward_ok and result.backward_ok and result.shape_ok):
+            result.status, result.reason = 'failed', 'non-finite output/gradient or changed output shape'
+        else:
+            result.status = 'ok'
+            skipped = [s for s in convertible if s.action == 'skip']
+            if skipped:
+                result.reason = f'{len(skipped)} site(s) left: ' + '; '.join(sorted({s.reason for s in skipped}))[:300]
+    except Exception as e:  # noqa: BLE001 - the benchmark records every failure with its reason
+        result.status = 'failed'
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        result.reason = f'{type(e).__name__}: {msg}'[:400]
+        if not result.traced and result.model:
+            result.reason = 'plan: ' + result.reason
+        tb = traceback.extract_tb(e.__traceback__)
+        result.extra['where'] = f'{tb[-1].filename.split("/")[-1]}:{tb[-1].lineno}' if tb else ''
+    finally:
+        result.seconds = round(time.time() - t0, 2)
+    return result
+
+
+def run_coverage(families: Optional[Sequence[str]] = None, size: int = 96, csv_path: Optional[str] = None,
+                 progress: bool = True, extra_checks: Sequence[Callable] = ()) -> List[FamilyResult]:
+    """:func:`check_family` for every timm family (or ``families``); optionally writes a CSV."""
+    import timm
+
+    families = list(families) if families else sorted(timm.list_modules())
+    results = []
+    iterator = families
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(families, desc='coverage', unit='family')
+    for fam in iterator:
+        res = check_family(fam, size, extra_checks)
+        results.append(res)
+        if progress:
+            iterator.set_postfix_str(f'{fam}: {res.status}')
+    if csv_path:
+        extra_keys = sorted({k for r in results for k in r.extra})
+        with open(csv_path, 'w', newline='') as f:
+            fields = [k for k in asdict(results[0]) if k != 'extra'] + extra_keys
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in results:
+                row = {k: v for k, v in asdict(r).items() if k != 'extra'}
+                row.update(r.extra)
+                writer.writerow(row)
+    return results
+
+
+def summarize(results: List[FamilyResult]) -> str:
+    applicable = [r for r in results if r.status != 'no_site']
+    ok = [r for r in applicable if r.status == 'ok']
+    lines = [f'{len(results)} timm families; {len(applicable)} have a convertible downsampling site; '
+             f'{len(ok)} of them convert and train ({100 * len(ok) / max(1, len(applicable)):.1f}%).']
+    failed = [r for r in applicable if r.status != 'ok']
+    if failed:
+        lines.append('Failures:')
+        lines += [f'- {r.family} ({r.model}): {r.reason}' for r in failed]
+    none = [r for r in results if r.status == 'no_site']
+    if none:
+        lines.append(f'Families without a convertible site ({len(none)}): ' +
+                     ', '.join(f'{r.family}' for r in none))
+    return '\n'.join(lines)
