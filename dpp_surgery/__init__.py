@@ -12,11 +12,18 @@ from .layers import (
 from .surgery import (
     ConversionError, ConversionPolicy, DPPVariant, NoEffectWarning, Plan, Site, TraceError, convert, dpp_layers, plan,
 )
+from .checkpoint import CheckpointError, create, load, save
 from .version import __version__
+
+
+def finetune(*args, **kwargs):
+    """See :func:`dpp_surgery.train.finetune` (imported on first use)."""
+    from .train import finetune as _finetune
+    return _finetune(*args, **kwargs)
 
 __all__ = [
     'DPP2d', 'dpp2d', 'full_guide', 'PoolGeometry', 'INIT_PRESETS', 'param_groups', 'dpp_parameters',
     'kernel_status', 'KernelBuildWarning', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS',
     'plan', 'convert', 'Plan', 'Site', 'ConversionPolicy', 'DPPVariant', 'NoEffectWarning', 'ConversionError',
-    'TraceError', 'dpp_layers', '__version__',
+    'TraceError', 'dpp_layers', 'save', 'load', 'create', 'CheckpointError', 'finetune', '__version__',
 ]

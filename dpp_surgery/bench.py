@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=bench_preserve)
     p = sub.add_parser('coverage', help='plan + convert + forward + backward on one small model of every timm family')
     p.add_argument('--size', type=int, default=96, help='input size for models without a fixed one (default 96)')
-    p.add_argument('--csv', default='coverage.csv', help='CSV output path (default coverage.csv)')
+    p.add_argument('--csv', default='results/coverage.csv', help='CSV output path (default results/coverage.csv)')
     p.add_argument('--families', nargs='*', help='only these timm families (module names)')
     p.set_defaults(func=bench_coverage)
     return parser

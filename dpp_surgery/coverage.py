@@ -7,6 +7,7 @@ backward at a small input size, and record what happened; a failure keeps its re
 from __future__ import annotations
 
 import csv
+import os
 import time
 import traceback
 import warnings
@@ -166,6 +167,7 @@ def run_coverage(families: Optional[Sequence[str]] = None, size: int = 96, csv_p
         if progress:
             iterator.set_postfix_str(f'{fam}: {res.status}')
     if csv_path:
+        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
         extra_keys = sorted({k for r in results for k in r.extra})
         with open(csv_path, 'w', newline='') as f:
             fields = [k for k in asdict(results[0]) if k != 'extra'] + extra_keys

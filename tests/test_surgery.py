@@ -73,6 +73,11 @@ def _check_converted(name, size, placement='post'):
     model(x).sum().backward()
     for _, layer in dpp_layers(model):
         assert layer.theta_alpha.grad is not None and torch.isfinite(layer.theta_alpha.grad).all()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7)
     return model, p
 
 
@@ -98,6 +103,15 @@ def test_placements(name, size, placement):
         blocks = {s.block for s in replaced}
         for b in blocks:
             assert isinstance(model.get_submodule(b).dpp, DPP2d)
+
+
+def test_features_only_model_keeps_every_feature_map():
+    model = _make('resnet26d', features_only=True)
+    x = torch.randn(1, 3, 64, 64)
+    before = [f.shape for f in model(x)]
+    convert(model, input_size=(3, 64, 64))
+    assert [f.shape for f in model(x)] == before and dpp_layers(model)
+    assert model.feature_info.channels() == [64, 256, 512, 1024, 2048]
 
 
 def test_resnet_d_shortcut_pool_keeps_ceil_mode_geometry():

