@@ -149,8 +149,8 @@ def bench_layer(args) -> dict:
 
     print(f'\nDPP2d layer benchmark: input {shape} float32, medians of {args.repeat} interleaved runs')
     print(f'machine: {machine_description()}\n')
-    header = (f'| op | layout | forward ms | fwd+bwd ms | fwd / AvgPool fwd | fwd+bwd / AvgPool fwd+bwd '
-              f'| train-step peak memory / input |')
+    header = ('| op | layout | forward ms | fwd+bwd ms | fwd / AvgPool fwd | fwd+bwd / AvgPool fwd+bwd '
+              '| train-step peak memory / input |')
     print(header)
     print('|' + '---|' * 7)
     for r in rows:

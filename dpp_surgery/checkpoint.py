@@ -1,8 +1,9 @@
 """Checkpoints of converted models: safetensors weights plus JSON metadata, written atomically.
 
 ``save(model, path)`` stores the weights with what rebuilds the model: the timm model name and kwargs, every
-conversion applied (policy and input size, in order), and the dpp_surgery version. ``load(path)`` creates the timm model, converts it
-with the stored policy and loads the weights strictly; nothing is unpickled.
+conversion applied (policy and input size, in order), the input preprocessing the weights expect (mean, std, size
+from ``pretrained_cfg``), and the dpp_surgery version. ``load(path)`` creates the timm
+model, replays the conversions and loads the weights strictly; nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def _model_spec(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
     return name, kwargs
 
 
+_PREPROCESSING_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
+
+
+def _preprocessing(model: nn.Module) -> Dict[str, Any]:
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if not isinstance(cfg, dict):
+        return {}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in _PREPROCESSING_KEYS}
+
+
 def atomic_write(path: str, write_fn, overwrite: bool) -> None:
     """Call ``write_fn(tmp_path)`` and move the result to ``path`` atomically (never a half-written ``path``)."""
     path = os.fspath(path)
@@ -96,6 +107,7 @@ def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optiona
         'model_name': name,
         'model_kwargs': json.dumps(kwargs),
         'conversions': json.dumps([{'policy': pol.to_dict(), 'input_size': list(size)} for pol, size in history]),
+        'preprocessing': json.dumps(_preprocessing(model)),
         'extra': json.dumps(metadata or {}),
     }
     # safetensors refuses shared storage; clone every tensor to a contiguous CPU copy
@@ -129,6 +141,7 @@ def read_metadata(path: str) -> Dict[str, Any]:
             'model_name': raw['model_name'],
             'model_kwargs': json.loads(raw['model_kwargs']),
             'conversions': json.loads(raw['conversions']),
+            'preprocessing': json.loads(raw.get('preprocessing', '{}')),
             'extra': json.loads(raw.get('extra', '{}')),
         }
     except (KeyError, json.JSONDecodeError) as e:
@@ -181,6 +194,10 @@ def load(path: str, map_location: str = 'cpu') -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', NoEffectWarning)
             convert(model, input_size=step['input_size'], policy=_policy_from_dict(step['policy']))
+    if meta['preprocessing'] and isinstance(getattr(model, 'pretrained_cfg', None), dict):
+        # the input normalisation the weights expect (it may differ from timm's default for this architecture)
+        model.pretrained_cfg = dict(model.pretrained_cfg, **{
+            k: tuple(v) if isinstance(v, list) else v for k, v in meta['preprocessing'].items()})
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

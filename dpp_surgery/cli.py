@@ -142,16 +142,17 @@ def _cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .train import FinetuneConfig
 
-    parser = argparse.ArgumentParser(prog='dpp-surgery', description='Detail-Preserving Pooling for timm models.')
+    parser = argparse.ArgumentParser(prog='dpp-surgery', description='Detail-Preserving Pooling for timm models.',
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('plan', help='print the downsampling sites of a timm model and what convert would do')
+    p = sub.add_parser('plan', allow_abbrev=False, help='print the downsampling sites of a timm model and what convert would do')
     p.add_argument('model', help='timm model name (created with random weights; only its structure matters)')
     _add_policy_args(p)
     p.add_argument('--json', metavar='PATH', help='also write the plan as JSON')
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser('convert', help='create a model with pretrained weights, convert it, save a checkpoint')
+    p = sub.add_parser('convert', allow_abbrev=False, help='create a model with pretrained weights, convert it, save a checkpoint')
     p.add_argument('model', help='timm model name')
     p.add_argument('--output', '-o', required=True, help='checkpoint path (.safetensors)')
     p.add_argument('--pretrained', default='auto', choices=['auto', 'timm', 'offline', 'none'],
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser('finetune', help='fine-tune a (converted) pretrained model',
+    p = sub.add_parser('finetune', allow_abbrev=False, help='fine-tune a (converted) pretrained model',
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(FinetuneConfig):
         flag = '--' + f.name.replace('_', '-')
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, type=kind, default=f.default, help=help_text)
     p.set_defaults(func=_cmd_finetune)
 
-    p = sub.add_parser('eval', help='test accuracy of a checkpoint')
+    p = sub.add_parser('eval', allow_abbrev=False, help='test accuracy of a checkpoint')
     p.add_argument('checkpoint', help='a .safetensors checkpoint written by convert or finetune')
     p.add_argument('--data', help=_FINETUNE_HELP['data'])
     p.add_argument('--image-size', type=int, default=64, help=_FINETUNE_HELP['image_size'])

@@ -33,7 +33,8 @@ class TensorImages(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]):
         if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(f'images must be a uint8 (N, C, H, W) tensor, but got {images.dtype} {tuple(images.shape)}')
+            raise ValueError(f'images must be a uint8 (N, C, H, W) tensor, but got {images.dtype} '
+                             f'{tuple(images.shape)}')
         self.images, self.labels, self.classes = images, labels.long(), list(classes)
 
     def __len__(self):
@@ -107,7 +108,8 @@ def _load_idx(root: str) -> DatasetPair:
         img = _find(root, f'{prefix}-images-idx3-ubyte')
         lab = _find(root, f'{prefix}-labels-idx1-ubyte')
         if img is None or lab is None:
-            raise FileNotFoundError(f'{root}: missing {prefix}-images-idx3-ubyte(.gz) or {prefix}-labels-idx1-ubyte(.gz)')
+            raise FileNotFoundError(f'{root}: missing {prefix}-images-idx3-ubyte(.gz) or '
+                                    f'{prefix}-labels-idx1-ubyte(.gz)')
         images = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
         labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
         if len(images) != len(labels):

@@ -12,13 +12,12 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -31,7 +30,7 @@ from . import checkpoint as ckpt
 from .data import BatchTransform, load_datasets
 from .layers import DPP2d, param_groups
 
-__all__ = ['FinetuneConfig', 'finetune', 'evaluate', 'build_model', 'dpp_stats']
+__all__ = ['FinetuneConfig', 'finetune', 'evaluate', 'build_model', 'build_optimizer', 'dpp_stats']
 
 _logger = logging.getLogger(__name__)
 
@@ -157,6 +156,16 @@ def build_model(cfg: FinetuneConfig, num_classes: int, keep_head: bool = False):
     return model, teacher
 
 
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig):
+    """timm's ``create_optimizer_v2`` over :func:`param_groups`: DPP parameters, biases and norms without weight
+    decay, DPP parameters at ``lr * dpp_lr_scale``."""
+    from timm.optim import create_optimizer_v2
+
+    groups = param_groups(model, weight_decay=cfg.weight_decay, dpp_lr_scale=cfg.dpp_lr_scale)
+    opt_kwargs = {'momentum': cfg.momentum} if cfg.opt in ('sgd', 'momentum', 'nesterov') else {}
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **opt_kwargs)
+
+
 def _amp_dtype(cfg: FinetuneConfig, device: torch.device) -> Optional[torch.dtype]:
     amp = cfg.amp
     if amp == 'auto':
@@ -173,8 +182,10 @@ def _amp_dtype(cfg: FinetuneConfig, device: torch.device) -> Optional[torch.dtyp
 
 
 def evaluate(model: nn.Module, loader, transform: BatchTransform, device, amp_dtype=None,
-             progress: bool = False) -> Dict[str, float]:
-    """Loss and top-1 accuracy of ``model`` on ``loader`` (reduced across ranks)."""
+             progress: bool = False, teacher: Optional[nn.Module] = None) -> Dict[str, float]:
+    """Loss and top-1 accuracy of ``model`` on ``loader`` (reduced across ranks). With a ``teacher`` (label-free
+    distillation, where the labels are not the model's classes): top-1 agreement with the teacher and the KL
+    divergence to it instead."""
     model.eval()
     loss_sum, correct, count = 0.0, 0.0, 0.0
     it = loader
@@ -186,8 +197,15 @@ def evaluate(model: nn.Module, loader, transform: BatchTransform, device, amp_dt
             x, y = transform(images.to(device)), labels.to(device)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction='sum').item()
-            correct += (logits.argmax(-1) == y).sum().item()
+                if teacher is not None:
+                    t_logits = teacher(x)
+            if teacher is not None:
+                loss_sum += F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(t_logits.float(), -1),
+                                     log_target=True, reduction='sum').item()
+                correct += (logits.argmax(-1) == t_logits.argmax(-1)).sum().item()
+            else:
+                loss_sum += F.cross_entropy(logits.float(), y, reduction='sum').item()
+                correct += (logits.argmax(-1) == y).sum().item()
             count += len(y)
     loss_sum, correct, count = _reduce([loss_sum, correct, count], device)
     return {'loss': loss_sum / max(count, 1), 'accuracy': correct / max(count, 1), 'count': int(count)}
@@ -259,25 +277,24 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
 
     _seed_everything(cfg.seed)
     data = load_datasets(cfg.data, cfg.image_size)
-    train_set, test_set = _subset(data.train, cfg.train_subset, cfg.seed), _subset(data.test, cfg.test_subset, cfg.seed + 1)
+    train_set = _subset(data.train, cfg.train_subset, cfg.seed)
+    test_set = _subset(data.test, cfg.test_subset, cfg.seed + 1)
     keep_head = cfg.distill and cfg.distill_alpha >= 1.0
     model, teacher = build_model(cfg, data.num_classes, keep_head=keep_head)
-    if cfg.distill and cfg.distill_alpha < 1.0 and model.num_classes != data.num_classes:
-        raise ValueError(f'--distill with labels needs a data set with the model\'s {model.num_classes} classes '
+    if cfg.distill and cfg.distill_alpha < 1.0 and teacher.num_classes != data.num_classes:
+        raise ValueError(f'--distill with labels needs a data set with the model\'s {teacher.num_classes} classes '
                          f'(this one has {data.num_classes}); use --distill-alpha 1 to heal without labels')
     model.to(device)
     if teacher is not None:
         teacher.to(device)
     cfg_pre = model.pretrained_cfg
-    transform = BatchTransform(cfg.image_size, tuple(cfg_pre.get('mean', (0.5,) * 3)), tuple(cfg_pre.get('std', (0.5,) * 3)))
+    transform = BatchTransform(cfg.image_size, tuple(cfg_pre.get('mean', (0.5,) * 3)),
+                               tuple(cfg_pre.get('std', (0.5,) * 3)))
 
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    groups = param_groups(model, weight_decay=cfg.weight_decay, dpp_lr_scale=cfg.dpp_lr_scale)
-    opt_kwargs = {'momentum': cfg.momentum} if cfg.opt in ('sgd', 'momentum', 'nesterov') else {}
-    optimizer = create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **opt_kwargs)
+    optimizer = build_optimizer(model, cfg)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True) if distributed else None
     test_sampler = DistributedSampler(test_set, num_replicas=world, rank=rank, shuffle=False) if distributed else None
@@ -380,18 +397,20 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
         eval_model = ema.module if ema is not None else model
         test_loader = DataLoader(test_set, batch_size=max(cfg.batch_size, 64), sampler=test_sampler, shuffle=False,
                                  num_workers=cfg.num_workers)
-        test = evaluate(eval_model, test_loader, transform, device, amp_dtype)
+        test = evaluate(eval_model, test_loader, transform, device, amp_dtype, teacher=teacher if keep_head else None)
         metrics = {
             'epoch': epoch + 1, 'step': global_step, 'train_loss': loss_sum / max(seen, 1),
             'train_accuracy': None if keep_head else correct / max(seen, 1),
+            # label-free distillation: the 'accuracy' is top-1 agreement with the teacher, the loss its KL divergence
             'test_loss': test['loss'], 'test_accuracy': test['accuracy'], 'test_count': test['count'],
+            'test_metric': 'teacher_agreement' if keep_head else 'accuracy',
             'lr': optimizer.param_groups[0]['lr'], 'images_per_second': images_timed / max(elapsed, 1e-9),
             'dpp': dpp_stats(model), 'world_size': world,
         }
         if is_main:
             with open(os.path.join(out, METRICS_FILE), 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
-            print(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, test accuracy "
+            print(f"epoch {epoch + 1}: train loss {metrics['train_loss']:.4f}, test {metrics['test_metric']} "
                   f"{100 * test['accuracy']:.2f}% ({test['count']} images), {metrics['images_per_second']:.1f} img/s",
                   file=sys.stderr, flush=True)
             if test['accuracy'] > best_acc:

@@ -75,9 +75,8 @@ def test_torch_compile_model_with_dpp():
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.filterwarnings('ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning')  # opcheck internals
+@pytest.mark.filterwarnings('ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning')  # opcheck's own
 def test_torch_library_opcheck():
-    from dpp_surgery.layers import functional as fn
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     alpha = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
     lam = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)

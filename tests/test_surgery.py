@@ -259,7 +259,8 @@ def test_policy_errors_name_the_valid_values():
         plan(model, max_pool={'gide': 'full'})
     with pytest.raises(ValueError, match="reward must be one of"):
         plan(model, avg_pool={'reward': 'up'})
-    with pytest.raises(ValueError, match=r"include pattern 'layer9\.\*' matches no downsampling site; sites are: conv1"):
+    with pytest.raises(ValueError, match=r"include pattern 'layer9\.\*' matches no downsampling site; sites are: "
+                                         r"conv1"):
         plan(model, input_size=(3, 64, 64), include=['layer9.*'])
 
 

@@ -7,7 +7,7 @@ the authors' Lua Torch graphs and CUDA layer for the paper-vs-code choices (see 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -191,7 +191,8 @@ class DPP2d(nn.Module):
             norm=self.norm, eps=self.eps, impl=self.impl, geometry=self.geometry)
 
     def extra_repr(self) -> str:
-        text = f'{self.channels}, {self.geometry.describe()}, guide={self.guide}, reward={self.reward}, norm={self.norm}'
+        text = (f'{self.channels}, {self.geometry.describe()}, guide={self.guide}, reward={self.reward}, '
+                f'norm={self.norm}')
         if self.eps != DEFAULT_EPS:
             text += f', eps={self.eps}'
         return text

@@ -317,7 +317,8 @@ def dpp2d(
     impl = _check_choice(impl, 'impl', IMPLEMENTATIONS)
     _check_input(input, theta_alpha.shape[0])
     if theta_lambda.shape != theta_alpha.shape:
-        raise ValueError(f'theta_lambda must have shape {tuple(theta_alpha.shape)}, but got {tuple(theta_lambda.shape)}')
+        raise ValueError(f'theta_lambda must have shape {tuple(theta_alpha.shape)}, but got '
+                         f'{tuple(theta_lambda.shape)}')
     if geometry is None:
         geometry = PoolGeometry.create(kernel_size, stride, padding, ceil_mode)
     if guide_weight is not None:

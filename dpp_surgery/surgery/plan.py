@@ -11,7 +11,6 @@ import copy
 import fnmatch
 import io
 import logging
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -132,9 +131,10 @@ class Plan:
             mflops = f'{s.flops_before / 1e6:.1f}'
             if s.action == 'replace':
                 mflops += f' -> {s.flops_after / 1e6:.1f}'
-            rows.append((s.name, _KIND_LABEL.get(s.kind, s.kind), s.module_type, s.geometry,
-                         f'{s.in_channels}->{s.out_channels}' if s.in_channels != s.out_channels else str(s.in_channels),
-                         f'{s.in_size[0]}x{s.in_size[1]}->{s.out_size[0]}x{s.out_size[1]}', s.action, detail, mflops))
+            channels = f'{s.in_channels}->{s.out_channels}' if s.in_channels != s.out_channels else str(s.in_channels)
+            size = f'{s.in_size[0]}x{s.in_size[1]}->{s.out_size[0]}x{s.out_size[1]}'
+            rows.append((s.name, _KIND_LABEL.get(s.kind, s.kind), s.module_type, s.geometry, channels, size, s.action,
+                         detail, mflops))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f'Plan for {self.model_name} at input {self.input_size}: {self.policy.describe()}']
         for i, r in enumerate(rows):
@@ -176,10 +176,6 @@ def dpp_flops(channels: int, out: Tuple[int, int], window: int, full_guide: bool
     if full_guide:
         flops += 2 * channels * (window + 5) * out[0] * out[1]
     return flops
-
-
-def _post_size(size: Tuple[int, int], s: Tuple[int, int]) -> Tuple[int, int]:
-    return tuple(math.ceil(n / st) for n, st in zip(size, s))  # type: ignore[return-value]
 
 
 def _dpp_placement_of(m: nn.Module) -> Optional[str]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
-from ..layers import DPP2d, GUIDES, NORMS, REWARDS
+from ..layers import DPP2d
 
 __all__ = ['DPPVariant', 'ConversionPolicy', 'TARGETS', 'PLACEMENTS', 'resolve_policy']
 
@@ -96,7 +96,8 @@ class ConversionPolicy:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         for t in targets:
             if t not in TARGETS:
-                raise ValueError(f'unknown target {t!r}{_suggest(str(t), TARGETS)}; valid targets: {", ".join(TARGETS)}')
+                raise ValueError(f'unknown target {t!r}{_suggest(str(t), TARGETS)}; '
+                                 f'valid targets: {", ".join(TARGETS)}')
         object.__setattr__(self, 'targets', targets)
         if self.placement not in PLACEMENTS:
             raise ValueError(f'unknown placement {self.placement!r}{_suggest(str(self.placement), PLACEMENTS)}; '

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Optional, Sequence, Tuple, Type
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -69,7 +68,8 @@ def trace(module: nn.Module, extra_leaves: Sequence[Type[nn.Module]] = (), leaf_
         cls = getattr(cls, '__name__', str(cls))
         where = where or (name or '<root>')
         raise TraceError(
-            f'torch.fx could not trace module {where!r} ({cls}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. '
+            f'torch.fx could not trace module {where!r} ({cls}): {type(e).__name__}: '
+            f'{str(e).splitlines()[0] if str(e) else ""}. '
             f'Mark it as a leaf, either with timm.layers.register_notrace_module({cls}) or by passing '
             f'leaf_modules=[{cls}] to plan()/convert().') from e
     return fx.GraphModule(tracer.root, graph, module.__class__.__name__)

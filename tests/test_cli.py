@@ -1,0 +1,87 @@
+"""The dpp-surgery command: every subcommand's --help, real runs, and one-line errors with non-zero exit codes."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dpp_surgery import cli
+from dpp_surgery import data as data_mod
+from dpp_surgery.train import FinetuneConfig
+
+ENV = dict(os.environ, HF_HUB_OFFLINE='1')
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, '-m', 'dpp_surgery', *args], capture_output=True, text=True, env=ENV,
+                          timeout=timeout)
+
+
+def test_help_explains_every_flag(capsys):
+    for command in ('plan', 'convert', 'finetune', 'eval'):
+        with pytest.raises(SystemExit) as e:
+            cli.main([command, '--help'])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert 'usage: dpp-surgery ' + command in text
+    with pytest.raises(SystemExit):
+        cli.main(['finetune', '--help'])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(FinetuneConfig):
+        assert '--' + f.name.replace('_', '-') in text, f.name
+    assert text.count('(default:') >= len(dataclasses.fields(FinetuneConfig)) - 3
+
+
+def test_plan_command(capsys, tmp_path):
+    assert cli.main(['plan', 'resnet18', '--input-size', '3', '64', '64', '--json', str(tmp_path / 'p.json')]) == 0
+    out = capsys.readouterr().out
+    assert 'layer2.0.conv1' in out and 'replace' in out and 'stem conv' in out
+    assert json.loads((tmp_path / 'p.json').read_text())['counts']['replace'] == 7
+
+
+def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+    path = str(tmp_path / 'r18.safetensors')
+    assert cli.main(['convert', 'resnet18', '--pretrained', 'none', '--placement', 'post', '--input-size', '3', '64',
+                     '64', '-o', path]) == 0
+    import dpp_surgery
+    model = dpp_surgery.load(path)
+    assert hasattr(model.layer2[0].conv1, 'dpp')
+    assert cli.main(['convert', 'resnet18', '--pretrained', 'none', '-o', path]) == 1  # exists, no --overwrite
+    assert 'exists; pass overwrite=True' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args,message', [
+    (['finetune', '--data', '/nonexistent/data'], 'data directory /nonexistent/data does not exist'),
+    (['plan', 'no_such_model'], 'Unknown model'),
+    (['convert', 'resnet18', '--pretrained', 'timm', '-o', 'x.safetensors'], 'cannot download pretrained weights'),
+    (['finetune', '--model', 'resnet18', '--pretrained', 'offline'], 'offline has weights for efficientnet_lite0 only'),
+    (['eval', '/nonexistent.safetensors'], 'does not exist'),
+    (['finetune', '--epochs', '0'], 'epochs must be >= 1'),
+])
+def test_errors_are_one_line(args, message):
+    res = _run(*args)
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith('dpp-surgery: error:') and message in err[-1], res.stderr[-1500:]
+    assert 'Traceback' not in res.stderr
+
+
+def test_unknown_flag_exits_with_usage():
+    res = _run('finetune', '--epoch', '1')
+    assert res.returncode == 2 and 'unrecognized arguments' in res.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA), reason='apt-get install dataset-fashion-mnist')
+def test_finetune_then_eval(tmp_path):
+    out = str(tmp_path / 'run')
+    res = _run('finetune', '--output', out, '--train-subset', '64', '--test-subset', '32', '--epochs', '1',
+               '--image-size', '32', '--batch-size', '16', '--no-progress', '--amp', 'none')
+    assert res.returncode == 0, res.stderr[-2000:]
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 <= final['test_accuracy'] <= 1
+    res = _run('eval', os.path.join(out, 'best.safetensors'), '--image-size', '32', '--test-subset', '32')
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result['count'] == 32 and result['accuracy'] == final['best_test_accuracy']  # same images, float32
