@@ -149,3 +149,28 @@ def test_torchrun_ddp_two_processes(tmp_path):
     model = dpp_surgery.load(os.path.join(out, 'last.safetensors'))
     assert dpp_surgery.dpp_layers(model)
     assert sum(1 for line in res.stderr.splitlines() if line.startswith('checkpoint:')) == 1
+
+
+def test_pretrained_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    source = timm.create_model('resnet18')
+    path = str(tmp_path / 'resnet18.safetensors')
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    model, _ = build_model(FinetuneConfig(model='resnet18', pretrained_file=path, convert=False), num_classes=1000,
+                           keep_head=True)
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        build_model(FinetuneConfig(model='resnet18', pretrained_file=str(tmp_path / 'missing.pth')), num_classes=10)
+    with pytest.raises(RuntimeError, match='cannot load .* into resnet34'):
+        build_model(FinetuneConfig(model='resnet34', pretrained_file=path), num_classes=10)
+
+
+def test_offline_weights_check_every_shape():
+    import timm
+    from dpp_surgery.weights import efficientnet_lite0_state_dict
+    with pytest.raises(RuntimeError, match="has shape .* but model tensor"):
+        efficientnet_lite0_state_dict(timm.create_model('efficientnet_lite0', num_classes=10))
+    with pytest.raises(RuntimeError, match='must be timm.create_model'):
+        efficientnet_lite0_state_dict(timm.create_model('efficientnet_lite1'))
