@@ -16,6 +16,18 @@ from .checkpoint import CheckpointError, create, load, save
 from .version import __version__
 
 
+def export_onnx(*args, **kwargs):
+    """See :func:`dpp_surgery.export.export_onnx` (imported on first use: onnx is heavy)."""
+    from .export import export_onnx as _export_onnx
+    return _export_onnx(*args, **kwargs)
+
+
+def onnx_session(*args, **kwargs):
+    """See :func:`dpp_surgery.export.onnx_session`."""
+    from .export import onnx_session as _onnx_session
+    return _onnx_session(*args, **kwargs)
+
+
 def finetune(*args, **kwargs):
     """See :func:`dpp_surgery.train.finetune` (imported on first use)."""
     from .train import finetune as _finetune
@@ -25,5 +37,6 @@ __all__ = [
     'DPP2d', 'dpp2d', 'full_guide', 'PoolGeometry', 'INIT_PRESETS', 'param_groups', 'dpp_parameters',
     'kernel_status', 'KernelBuildWarning', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS',
     'plan', 'convert', 'Plan', 'Site', 'ConversionPolicy', 'DPPVariant', 'NoEffectWarning', 'ConversionError',
-    'TraceError', 'dpp_layers', 'save', 'load', 'create', 'CheckpointError', 'finetune', '__version__',
+    'TraceError', 'dpp_layers', 'save', 'load', 'create', 'CheckpointError', 'finetune', 'export_onnx', 'onnx_session',
+    '__version__',
 ]

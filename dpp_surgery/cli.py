@@ -1,4 +1,4 @@
-"""The ``dpp-surgery`` command line: plan, convert, finetune, eval, bench.
+"""The ``dpp-surgery`` command line: plan, convert, finetune, eval, export, bench.
 
 Every subcommand is thin over the library; errors print one line (``dpp-surgery: error: ...``) and exit non-zero.
 """
@@ -139,6 +139,29 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from . import checkpoint as ckpt
+    from .export import export_onnx, verify_onnx
+
+    model = ckpt.load(args.checkpoint)
+    size = args.input_size
+    import torch
+    example = torch.randn(1, *size) if size else None
+    export_onnx(model, args.output, mode=args.mode, example_input=example, opset=args.opset, dynamic=args.dynamic,
+                overwrite=args.overwrite)
+    print(f'wrote {args.output}')
+    if args.verify:
+        report = verify_onnx(model, args.output, base_size=tuple(size[1:]) if size else None)
+        for r in report['rows']:
+            print(f"  {r['input']:6s} batch {r['batch']} {r['size'][0]}x{r['size'][1]}: max relative error "
+                  f"{r['max_rel_error']:.2e} {'ok' if r['ok'] else 'FAIL'}")
+        if not report['ok']:
+            raise RuntimeError(f'verification failed: onnxruntime differs from PyTorch by more than {report["rtol"]} '
+                               f'(worst: {report["worst"]})')
+        print(f"verified: onnx.checker passed, onnxruntime matches PyTorch within {report['rtol']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import FinetuneConfig
 
@@ -184,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=64, help='images per batch')
     p.add_argument('--test-subset', type=int, default=0, help=_FINETUNE_HELP['test_subset'])
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser('export', allow_abbrev=False, help='export a checkpoint to ONNX and verify it in onnxruntime')
+    p.add_argument('checkpoint', help='a .safetensors checkpoint written by convert or finetune')
+    p.add_argument('--output', '-o', required=True, help='ONNX file to write')
+    p.add_argument('--mode', default='decomposed', help='decomposed (DPP as standard ONNX operators)')
+    p.add_argument('--opset', type=int, default=None, help='ONNX opset (18 and newer; default 18)')
+    p.add_argument('--dynamic', action=argparse.BooleanOptionalAction, default=True,
+                   help='dynamic batch and spatial sizes')
+    p.add_argument('--verify', action=argparse.BooleanOptionalAction, default=True,
+                   help='check with onnx.checker and compare onnxruntime with PyTorch (even and odd sizes, batch 1 '
+                        'and 8, random and real photos)')
+    p.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'),
+                   help="example input size (default: the model's pretrained_cfg input size)")
+    p.add_argument('--overwrite', action='store_true', help='replace an existing file')
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser('bench', help='benchmarks (same as python -m dpp_surgery.bench)', add_help=False)
     p.add_argument('rest', nargs=argparse.REMAINDER)

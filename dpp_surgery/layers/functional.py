@@ -58,8 +58,13 @@ def _in_onnx_export() -> bool:
     return mod is not None and mod.is_in_onnx_export()
 
 
+def _exporting() -> bool:
+    """torch.export / ONNX export / jit tracing: DPP runs as standard ops (the fused kernel is CPU eager only)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or _in_onnx_export()
+
+
 def _check_parameters(theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor]) -> None:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_onnx_export():
+    if torch.compiler.is_compiling() or _exporting():
         return  # data-dependent checks would break graphs; they run in eager mode
     for name, t in (('theta_alpha', theta_alpha), ('theta_lambda', theta_lambda), ('guide_weight', guide_weight)):
         if t is not None and not bool(torch.isfinite(t).all()):
@@ -84,10 +89,10 @@ def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: Reso
     h, w = x.shape[-2:]
     top = resolved.pad_top + (kgh - kh)
     left = resolved.pad_left + (kgw - kw)
-    bottom = max(0, (oh - 1) * sh + kgh - h - top)
-    right = max(0, (ow - 1) * sw + kgw - w - left)
+    bottom = (oh - 1) * sh + kgh - h - top  # negative: crop
+    right = (ow - 1) * sw + kgw - w - left
     with torch.autocast(x.device.type, enabled=False):  # the guide keeps the dtype DPP computes in
-        if bottom <= top and right <= left:
+        if not _exporting() and bottom <= top and right <= left:
             # conv2d's own symmetric padding covers it (no padded copy of x); extra outputs are cropped
             g = F.conv2d(x, weight.to(x.dtype), stride=(sh, sw), padding=(top, left), groups=x.shape[1])
         else:
@@ -106,20 +111,26 @@ def _reference(
         norm: str,
         eps: float,
 ) -> Tensor:
-    """Pure-PyTorch DPP over unfolded windows (any device, autograd by PyTorch)."""
+    """Pure-PyTorch DPP over the stacked windows (any device, autograd by PyTorch, exportable)."""
     n, c, h, w = x.shape
     (kh, kw), (oh, ow) = r.kernel, r.out_size
     k = kh * kw
     pads = (r.pad_left, r.pad_right, r.pad_top, r.pad_bottom)
 
     def windows(t: Tensor) -> Tensor:
-        cols = F.unfold(F.pad(t, pads), r.kernel, stride=r.stride)
-        hh = (h + r.pad_top + r.pad_bottom - kh) // r.stride[0] + 1
-        ww = (w + r.pad_left + r.pad_right - kw) // r.stride[1] + 1
-        return cols.view(t.shape[0], t.shape[1], k, hh, ww)[..., :oh, :ow]
+        # (N, C, K, OH, OW) by reshapes for non-overlapping windows and strided slices otherwise: standard ops
+        # that export to ONNX as Reshape/Transpose/Slice, not as a gather per element
+        tp = F.pad(t, pads)
+        (sh, sw) = r.stride
+        if (kh, kw) == (sh, sw) and not _exporting():  # (reshapes of symbolic sizes would pin them when exporting)
+            tp = tp[:, :, :oh * sh, :ow * sw]
+            return tp.reshape(t.shape[0], t.shape[1], oh, kh, ow, kw).permute(0, 1, 3, 5, 2, 4).reshape(
+                t.shape[0], t.shape[1], k, oh, ow)
+        parts = [tp[:, :, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw] for i in range(kh) for j in range(kw)]
+        return torch.stack(parts, 2)
 
     cols = windows(x)  # (N, C, K, OH, OW)
-    valid = windows(x.new_ones(1, 1, h, w)) > 0  # (1, 1, K, OH, OW)
+    valid = windows(torch.ones_like(x[:1, :1])) > 0  # (1, 1, K, OH, OW)
     count = valid.sum(2, dtype=x.dtype)
     if guide is None:
         guide = (cols * valid).sum(2) / count
@@ -272,7 +283,7 @@ def _kernel_usable(x: Tensor, r: ResolvedGeometry, impl: str) -> bool:
     if impl == 'torch':
         return False
     ok = (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-          and r.kernel[0] * r.kernel[1] <= 64 and not _in_onnx_export() and not torch.jit.is_tracing())
+          and r.kernel[0] * r.kernel[1] <= 64 and not _exporting())
     if ok:
         ok = load_kernel() is not None
     if impl == 'kernel' and not ok:

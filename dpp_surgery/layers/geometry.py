@@ -6,9 +6,10 @@ which pads asymmetrically at run time. Padded positions never take part in a DPP
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Tuple, Union
+
+import torch
 
 __all__ = ['PoolGeometry', 'ResolvedGeometry', 'to_pair']
 
@@ -33,8 +34,9 @@ class ResolvedGeometry:
     """Geometry for one input size: output size and the padding on each side (top, bottom, left, right).
 
     Window ``(oh, ow)`` starts at ``(oh * sh - pad_top, ow * sw - pad_left)`` and covers ``kernel``
-    positions; ``pad_bottom``/``pad_right`` make every window fit (they may exceed the nominal padding in
-    ``ceil_mode``, where the last window hangs over the edge and keeps only its valid positions).
+    positions; ``pad_bottom``/``pad_right`` make the last window fit exactly (they may exceed the nominal padding
+    in ``ceil_mode``, where the last window hangs over the edge and keeps only its valid positions, and they are
+    negative when the last rows or columns belong to no window).
     """
     kernel: IntPair
     stride: IntPair
@@ -45,11 +47,16 @@ class ResolvedGeometry:
     pad_right: int
 
 
+def _max0(v):
+    return torch.sym_max(v, 0) if isinstance(v, torch.SymInt) else max(v, 0)
+
+
 def _out_size_explicit(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
     # torch's pooling_output_shape with dilation 1
     numer = size + 2 * p - k + ((s - 1) if ceil_mode else 0)
     out = numer // s + 1
-    if ceil_mode and (out - 1) * s >= size + p:
+    # the last window must start inside the input or its left padding; with no padding and k >= s it always does
+    if ceil_mode and not (p == 0 and k >= s) and (out - 1) * s >= size + p:
         out -= 1
     return out
 
@@ -111,21 +118,26 @@ class PoolGeometry:
         """
         sides = []
         outs = []
+        # under torch.export the sizes are symbolic: avoid Python branches on them (they would specialise the
+        # exported graph to the example's sizes); pads may then be negative, which crops (F.pad semantics)
+        symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
         for dim, (size, k, s) in enumerate(zip((height, width), self.kernel, self.stride)):
             if self.is_same:
-                out = math.ceil(size / s)
-                total = max((out - 1) * s + k - size, 0)
+                out = -(-size // s)  # ceil in integer arithmetic
+                total = (out - 1) * s + k - size
+                if k < s:  # only then can the 'same' padding be negative
+                    total = _max0(total)
                 before = total // 2
             else:
                 before = self.padding[dim]
                 out = _out_size_explicit(size, k, s, before, self.ceil_mode)
-                if out < 1:
+                if not symbolic and out < 1:
                     raise ValueError(
                         f'DPP2d window {self.kernel} is larger than the padded input: input size '
                         f'{(height, width)} with padding {self.padding}. Use a larger input or a smaller kernel.')
-            if size < 1:
+            if not symbolic and size < 1:
                 raise ValueError(f'DPP2d got an empty input of size {(height, width)}')
-            after = max((out - 1) * s + k - size - before, 0)
+            after = (out - 1) * s + k - size - before  # negative: the last rows/columns are not in any window
             outs.append(out)
             sides.append((before, after))
         return ResolvedGeometry(
