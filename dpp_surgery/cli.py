@@ -169,13 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest='command', required=True)
 
-    p = sub.add_parser('plan', allow_abbrev=False, help='print the downsampling sites of a timm model and what convert would do')
+    p = sub.add_parser('plan', allow_abbrev=False,
+                       help='print the downsampling sites of a timm model and what convert would do')
     p.add_argument('model', help='timm model name (created with random weights; only its structure matters)')
     _add_policy_args(p)
     p.add_argument('--json', metavar='PATH', help='also write the plan as JSON')
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser('convert', allow_abbrev=False, help='create a model with pretrained weights, convert it, save a checkpoint')
+    p = sub.add_parser('convert', allow_abbrev=False,
+                       help='create a model with pretrained weights, convert it, save a checkpoint')
     p.add_argument('model', help='timm model name')
     p.add_argument('--output', '-o', required=True, help='checkpoint path (.safetensors)')
     p.add_argument('--pretrained', default='auto', choices=['auto', 'timm', 'offline', 'none'],

@@ -61,13 +61,15 @@ def pick_model(family: str) -> Optional[str]:
     return min(names, key=score)
 
 
-def _input_size(model, default: int) -> tuple:
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    size = tuple(cfg.get('input_size', (3, default, default)))
-    if cfg.get('fixed_input_size', False):
-        return size
-    # keep it small, but no smaller than what deep downsampling needs
-    return (size[0], default, default)
+def _input_sizes(model, small: int) -> List[tuple]:
+    """Sizes to try: ``small`` pixels, then the model's own input size (alone if the model fixes it)."""
+    from .surgery import default_input_size
+
+    own = tuple(default_input_size(model))
+    if (getattr(model, 'pretrained_cfg', None) or {}).get('fixed_input_size', False):
+        return [own]
+    first = (own[0], small, small)
+    return [first] if own == first else [first, own]
 
 
 def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] = ()) -> FamilyResult:
@@ -87,10 +89,7 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False)
         # the small size first; models that cannot run or trace there get their own input size
-        sizes = [_input_size(model, size)]
-        cfg_size = tuple((getattr(model, 'pretrained_cfg', {}) or {}).get('input_size', sizes[0]))
-        if cfg_size != sizes[0]:
-            sizes.append(cfg_size)
+        sizes = _input_sizes(model, size)
         for i, input_size in enumerate(sizes):
             result.input_size = 'x'.join(map(str, input_size))
             x = torch.randn(2, *input_size)

@@ -19,8 +19,8 @@ from torch import nn
 
 from .checkpoint import atomic_write
 
-__all__ = ['export_onnx', 'onnx_session', 'verify_onnx', 'ExportError', 'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS',
-           'DEFAULT_OPSET']
+__all__ = ['export_onnx', 'onnx_session', 'verify_onnx', 'ExportError', 'ExportWarning', 'SUPPORTED_MODES',
+           'SUPPORTED_OPSETS', 'DEFAULT_OPSET']
 
 _logger = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def export_onnx(
                          '(a single custom DPP2d operator is not available in this version)')
     opset = DEFAULT_OPSET if opset is None else opset
     if opset not in SUPPORTED_OPSETS:
-        raise ValueError(f'unsupported opset {opset}; supported opsets: {SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[-1]}')
+        raise ValueError(f'unsupported opset {opset}; supported opsets: {SUPPORTED_OPSETS[0]} to '
+                         f'{SUPPORTED_OPSETS[-1]}')
     if example_input is None:
         example_input = torch.randn(1, *_input_size(model))
     if example_input.dim() != 4:

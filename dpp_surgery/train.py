@@ -114,9 +114,9 @@ def build_model(cfg: FinetuneConfig, num_classes: int, keep_head: bool = False):
 
     pretrained = cfg.pretrained
     if pretrained == 'auto':
-        pretrained = 'offline' if cfg.model == 'efficientnet_lite0' and not cfg.pretrained_file else 'timm'
-        if cfg.pretrained_file:
-            pretrained = 'file'
+        pretrained = 'file' if cfg.pretrained_file else ('offline' if cfg.model == 'efficientnet_lite0' else 'timm')
+    elif pretrained in ('timm', 'none') and cfg.pretrained_file:
+        pretrained = 'file'
     if pretrained == 'offline':
         if cfg.model != 'efficientnet_lite0':
             raise ValueError(f"--pretrained offline has weights for efficientnet_lite0 only, not {cfg.model}; use "
@@ -124,17 +124,17 @@ def build_model(cfg: FinetuneConfig, num_classes: int, keep_head: bool = False):
         from .weights import create_efficientnet_lite0
         model = create_efficientnet_lite0()
         model._dpp_surgery_create = ('efficientnet_lite0', {})
-    elif pretrained == 'timm' or pretrained == 'file' or cfg.pretrained_file:
+    elif pretrained in ('timm', 'file'):
         import timm
         kwargs = {}
-        if cfg.pretrained_file:
+        if pretrained == 'file':
             if not os.path.isfile(cfg.pretrained_file):
                 raise FileNotFoundError(f'--pretrained-file {cfg.pretrained_file} does not exist')
             kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_file)
         try:
             model = timm.create_model(cfg.model, pretrained=True, **kwargs)
         except Exception as e:
-            if cfg.pretrained_file:
+            if pretrained == 'file':
                 raise RuntimeError(f'cannot load {cfg.pretrained_file} into {cfg.model}: {e}') from e
             raise RuntimeError(
                 f'cannot download pretrained weights for {cfg.model} from the Hugging Face hub ({type(e).__name__}). '

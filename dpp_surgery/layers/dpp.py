@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import DEFAULT_EPS, GUIDES, NORMS, REWARDS, _check_choice, dpp2d
+from .functional import DEFAULT_EPS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, _check_choice, dpp2d
 from .geometry import PaddingArg, PoolGeometry
 
 __all__ = ['DPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters']
@@ -162,7 +162,6 @@ class DPP2d(nn.Module):
     @property
     def alpha(self) -> Tensor:
         """alpha = exp(theta_alpha), after the clamp the forward pass applies."""
-        from .functional import THETA_ALPHA_MAX
         return torch.exp(self.theta_alpha.detach().clamp(max=THETA_ALPHA_MAX))
 
     @property

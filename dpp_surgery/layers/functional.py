@@ -175,16 +175,6 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _kernel_args(x: Tensor, geometry: Sequence[int], asym: bool, norm: int) -> Tuple[Tensor, Tensor, bool]:
-    n, c, h, w = x.shape
-    channels_last = _memory_format(x) == torch.channels_last and not x.is_contiguous()
-    kh, kw, sh, sw, pt, pl, oh, ow = geometry
-    dims = torch.tensor([n, c, h, w, oh, ow], dtype=torch.int64)
-    params = torch.tensor([kh, kw, sh, sw, pt, pl, int(asym), norm, int(channels_last), torch.get_num_threads()],
-                          dtype=torch.int32)
-    return dims, params, channels_last
-
-
 def _check_kernel_dtypes(x: Tensor, *others: Optional[Tensor]) -> None:
     # the kernel reads raw pointers: every tensor must be a CPU tensor of x's dtype
     if x.dtype not in (torch.float32, torch.float64) or x.device.type != 'cpu':
@@ -193,6 +183,24 @@ def _check_kernel_dtypes(x: Tensor, *others: Optional[Tensor]) -> None:
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise TypeError(f'the DPP kernel needs all tensors in {x.dtype} on {x.device}, but got {t.dtype} on '
                             f'{t.device}')
+
+
+def _kernel_inputs(x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: Sequence[int],
+                   asym: bool, norm: int, grad: Optional[Tensor] = None):
+    """Checked, contiguous kernel inputs in the layout the kernel computes in, plus the kernel's dims/params
+    arrays and the layout the results go back in (x's own)."""
+    _check_kernel_dtypes(x, guide, alpha, lam, grad)
+    out_fmt, fmt = _memory_format(x), _kernel_layout(x)
+    x = x.contiguous(memory_format=fmt)
+    guide = None if guide is None else guide.contiguous(memory_format=fmt)
+    grad = None if grad is None else grad.contiguous(memory_format=fmt)
+    channels_last = fmt == torch.channels_last and not x.is_contiguous()
+    n, c, h, w = x.shape
+    kh, kw, sh, sw, pt, pl, oh, ow = geometry
+    dims = torch.tensor([n, c, h, w, oh, ow], dtype=torch.int64)
+    params = torch.tensor([kh, kw, sh, sw, pt, pl, int(asym), norm, int(channels_last), torch.get_num_threads()],
+                          dtype=torch.int32)
+    return x, guide, alpha.contiguous(), lam.contiguous(), grad, dims, params, fmt, out_fmt
 
 
 def _kernel_fn(dtype: torch.dtype, kind: str):
@@ -207,12 +215,7 @@ def _dpp2d_op(
         x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: List[int], asym: bool, norm: int,
         eps: float,
 ) -> Tensor:
-    _check_kernel_dtypes(x, guide, alpha, lam)
-    out_fmt, fmt = _memory_format(x), _kernel_layout(x)
-    x = x.contiguous(memory_format=fmt)
-    guide = None if guide is None else guide.contiguous(memory_format=fmt)
-    alpha, lam = alpha.contiguous(), lam.contiguous()
-    dims, params, _ = _kernel_args(x, geometry, asym, norm)
+    x, guide, alpha, lam, _, dims, params, fmt, out_fmt = _kernel_inputs(x, guide, alpha, lam, geometry, asym, norm)
     out = torch.empty(x.shape[0], x.shape[1], geometry[6], geometry[7], dtype=x.dtype, memory_format=fmt)
     rc = _kernel_fn(x.dtype, 'forward')(
         x.data_ptr(), _ptr(guide), alpha.data_ptr(), lam.data_ptr(), out.data_ptr(), dims.data_ptr(),
@@ -233,13 +236,8 @@ def _dpp2d_backward_op(
         grad: Tensor, x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: List[int],
         asym: bool, norm: int, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_kernel_dtypes(x, guide, alpha, lam, grad)
-    out_fmt, fmt = _memory_format(x), _kernel_layout(x)
-    x = x.contiguous(memory_format=fmt)
-    grad = grad.contiguous(memory_format=fmt)
-    guide = None if guide is None else guide.contiguous(memory_format=fmt)
-    alpha, lam = alpha.contiguous(), lam.contiguous()
-    dims, params, _ = _kernel_args(x, geometry, asym, norm)
+    x, guide, alpha, lam, grad, dims, params, fmt, out_fmt = _kernel_inputs(x, guide, alpha, lam, geometry, asym,
+                                                                            norm, grad)
     n, c = x.shape[:2]
     grad_x = torch.zeros_like(x, memory_format=fmt)
     grad_guide = torch.empty_like(guide, memory_format=fmt) if guide is not None else x.new_empty(0)

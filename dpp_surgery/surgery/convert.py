@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..layers import DPP2d
-from .plan import Plan, Site, _block_stride1, _pair, plan
+from .plan import Plan, Site, _block_stride1, _pair, device_dtype, plan
 from .policy import ConversionPolicy
 from .tracer import trace
 
@@ -71,11 +71,6 @@ def dpp_layers(model: nn.Module) -> List[Tuple[str, DPP2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DPP2d)]
 
 
-def _device_dtype(model: nn.Module):
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return (p.device, p.dtype) if p is not None else (torch.device('cpu'), torch.float32)
-
-
 def _make_dpp(site: Site, policy: ConversionPolicy, channels: int, geometry: dict, device, dtype) -> DPP2d:
     kind = site.kind if site.kind != 'global_pool' else 'avg_pool'
     v = policy.variant(kind)
@@ -108,9 +103,17 @@ def _swap(module: nn.Module, mixin: type, dpp: DPP2d, undo: list) -> None:
     if hasattr(module, 'dpp'):
         raise ConversionError(f'{type(module).__name__} already has an attribute named dpp')
     undo.append((module, '__class__', module.__class__))
-    module.add_module('dpp', dpp)
-    undo.append((module, '_modules', None))  # marker: remove 'dpp' on undo
+    _add_child(module, 'dpp', dpp, undo)
     module.__class__ = _swapped_class(type(module), mixin)
+
+
+def _add_child(module: nn.Module, name: str, child: nn.Module, undo: list) -> None:
+    module.add_module(name, child)
+    undo.append((module, '_modules_child', name))  # marker: remove the child on undo
+
+
+def _site_geometry(site: Site) -> dict:
+    return dict(kernel_size=site.kernel, stride=site.stride, padding=site.padding, ceil_mode=site.ceil_mode)
 
 
 def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], policy, device, dtype, undo) -> None:
@@ -121,18 +124,15 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
     for node in graph.nodes:
         if node.op == 'call_function':
             calls.setdefault(node.target, []).append(node)
-    added = []
     for site in sites:
         nodes = calls.get(site.fn, [])
         if site.ordinal >= len(nodes) or nodes[site.ordinal].name != site.node:
             raise ConversionError(f'functional site {site.name!r} not found when re-tracing {owner_name!r}')
         node = nodes[site.ordinal]
         child = f'dpp_{node.name}'
-        geometry = dict(kernel_size=site.kernel, stride=site.stride, padding=site.padding, ceil_mode=site.ceil_mode)
-        dpp = _make_dpp(site, policy, site.in_channels, geometry, device, dtype)
-        owner.add_module(child, dpp)
+        dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
+        _add_child(owner, child, dpp, undo)
         gm.add_submodule(child, dpp)  # the graph checks call_module targets against its own module
-        added.append(child)
         with graph.inserting_before(node):
             new = graph.call_module(child, (node.args[0],))
         node.replace_all_uses_with(new)
@@ -145,8 +145,6 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
     new_cls = type(f'{cls.__name__}DPP', (cls,), {'forward': namespace['forward'], '_dpp_placement': 'functional',
                                                   '__module__': cls.__module__})
     undo.append((owner, '__class__', cls))
-    for child in added:
-        undo.append((owner, '_modules_child', child))
     owner.__class__ = new_cls
 
 
@@ -159,7 +157,7 @@ def _output_shapes(model: nn.Module, input_size) -> Dict[str, Tuple[int, ...]]:
             if isinstance(out, torch.Tensor):
                 shapes.setdefault(name, tuple(out.shape))
         hooks.append(m.register_forward_hook(hook))
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     was_training = model.training
     model.eval()
     try:
@@ -199,7 +197,7 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
         warnings.warn(f'convert: {why}; the model is unchanged.', NoEffectWarning, stacklevel=2)
         return model
     before_shapes = _output_shapes(model, p.input_size)
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     undo: list = []
     try:
         _apply(model, p, todo, device, dtype, undo)
@@ -225,9 +223,7 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
 
 def _restore(undo) -> None:
     for obj, attr, old in reversed(undo):
-        if attr == '_modules':
-            obj._modules.pop('dpp', None)
-        elif attr == '_modules_child':
+        if attr == '_modules_child':
             obj._modules.pop(old, None)
         else:
             setattr(obj, attr, old)
@@ -246,9 +242,8 @@ def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: lis
             continue
         module = model.get_submodule(site.name)
         if site.placement == 'pool':
-            geometry = dict(kernel_size=site.kernel, stride=site.stride, padding=site.padding,
-                            ceil_mode=site.ceil_mode)
-            _set_child(model, site.name, _make_dpp(site, policy, site.in_channels, geometry, device, dtype), undo)
+            dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
+            _set_child(model, site.name, dpp, undo)
         elif site.placement == 'global':
             _set_child(model, site.name, _GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
                                                       reward=policy.avg_pool.reward, norm=policy.avg_pool.norm,
@@ -266,7 +261,7 @@ def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: lis
     for block_name, site in blocks.items():
         block = model.get_submodule(block_name)
         try:
-            undo.extend(_block_stride1(block))
+            _block_stride1(block, undo)
         except ValueError as e:
             raise ConversionError(f'block {block_name!r}: {e}') from e
         dpp = _make_dpp(site, policy, site.block_channels, _downsample_geometry(site.stride), device, dtype)
@@ -275,8 +270,7 @@ def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: lis
             # the block (a forward that wrapped Sequential's would run it twice)
             if hasattr(block, 'dpp'):
                 raise ConversionError(f'{block_name} already has an attribute named dpp')
-            block.add_module('dpp', dpp)
-            undo.append((block, '_modules', None))
+            _add_child(block, 'dpp', dpp, undo)
         else:
             _swap(block, _PostDPP, dpp, undo)
 

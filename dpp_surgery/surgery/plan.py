@@ -13,7 +13,7 @@ import io
 import logging
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -182,6 +182,12 @@ def _dpp_placement_of(m: nn.Module) -> Optional[str]:
     return getattr(type(m), '_dpp_placement', None)
 
 
+def device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Device and dtype of the model's first floating-point parameter (CPU float32 if it has none)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (p.device, p.dtype) if p is not None else (torch.device('cpu'), torch.float32)
+
+
 class _Graph:
     """The traced model with shapes and module regions."""
 
@@ -189,10 +195,10 @@ class _Graph:
         self.gm = trace(model, leaf_modules)
         self.nodes = list(self.gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
-        param = next((p for p in model.parameters() if p.is_floating_point()), None)
-        device = param.device if param is not None else torch.device('cpu')
-        dtype = param.dtype if param is not None else torch.float32
-        example = torch.randn(1, *input_size, device=device, dtype=dtype)
+        self.device, self.dtype = device_dtype(model)
+        # block name -> (FLOPs before, FLOPs at stride 1) or the reason it cannot run at stride 1
+        self.block_trials: Dict[str, Union[Tuple[int, int], str]] = {}
+        example = torch.randn(1, *input_size, device=self.device, dtype=self.dtype)
         was_training = model.training
         model.eval()
         self.note = ''
@@ -465,10 +471,10 @@ def _flops_of(module: nn.Module, input_shape, dtype, device) -> int:
     return int(counter.get_total_flops())
 
 
-def _block_stride1(block: nn.Module) -> List[Tuple[nn.Module, str, Any]]:
-    """Set every downsampling conv and pool inside ``block`` to stride 1 (in place). Returns undo records
-    (parent, attribute, old module-or-stride), or raises ValueError if a pool cannot keep its size at stride 1."""
-    undo = []
+def _block_stride1(block: nn.Module, undo: List[Tuple[nn.Module, str, Any]]) -> None:
+    """Set every downsampling conv and pool inside ``block`` to stride 1 (in place), appending an undo record
+    (object, attribute, old value) for each change as it is made; raises ValueError if a layer cannot keep its
+    size at stride 1."""
     for name, m in list(block.named_modules()):
         if m is block:
             continue
@@ -489,13 +495,31 @@ def _block_stride1(block: nn.Module) -> List[Tuple[nn.Module, str, Any]]:
                 m.stride = (1, 1)
             else:
                 raise ValueError(f'pool {name} does not keep its size at stride 1')
-    return undo
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int], str]:
+    """FLOPs of ``block`` as it is and with every downsampling layer at stride 1 (on a copy), or why the copy
+    cannot run; computed once per block."""
+    if block not in g.block_trials:
+        module = model.get_submodule(block)
+        inputs, _ = g.region_io(block)
+        shape = tuple(_shape(inputs[0]))
+        try:
+            clone = copy.deepcopy(module)
+            _block_stride1(clone, [])
+            after = _flops_of(clone, shape, g.dtype, g.device)
+            g.block_trials[block] = (_flops_of(module, shape, g.dtype, g.device), after)
+        except ValueError as e:
+            g.block_trials[block] = f'block {block}: {e}'
+        except Exception as e:  # noqa: BLE001 - the block cannot run on its own at stride 1
+            g.block_trials[block] = f'block {block} does not run at stride 1 ({type(e).__name__})'
+    return g.block_trials[block]
+
+
 def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Optional[nn.Module],
-            policy: ConversionPolicy, param_dtype, device) -> None:
+            policy: ConversionPolicy) -> None:
     def skip(reason):
         site.action, site.reason = 'skip', reason
 
@@ -544,15 +568,9 @@ def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Opti
     if site.placement == 'block':
         block, how = _find_block(g, node, site)
         if block is not None:
-            inputs, last = g.region_io(block)
-            try:
-                clone = copy.deepcopy(model.get_submodule(block))
-                _block_stride1(clone)
-                _flops_of(clone, tuple(_shape(inputs[0])), param_dtype, device)  # runs at stride 1
-            except ValueError as e:
-                block, how = None, f'block {block}: {e}'
-            except Exception as e:  # noqa: BLE001 - the block cannot run on its own at stride 1
-                block, how = None, f'block {block} does not run at stride 1 ({type(e).__name__})'
+            trial = _try_block(model, g, block)
+            if isinstance(trial, str):
+                block, how = None, trial
         if block is None:  # fall back to DPP right after the conv
             site.placement, site.reason = 'post', f'no block ({how})'
         else:
@@ -563,7 +581,7 @@ def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Opti
     site.action = 'replace'
 
 
-def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, dtype, device, block_cache) -> None:
+def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block_cache) -> None:
     c_in, c_out, out = site.in_channels, site.out_channels, site.out_size
     window = site.kernel[0] * site.kernel[1]
     if site.kind in ('max_pool', 'avg_pool', 'global_pool', 'dpp'):
@@ -591,14 +609,8 @@ def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, dtype
         if site.block in block_cache:
             site.flops_before = site.flops_after = 0
             return
-        block = model.get_submodule(site.block)
-        inputs, last = g.region_io(site.block)
-        shape = tuple(_shape(inputs[0]))
-        before = _flops_of(block, shape, dtype, device)
-        clone = copy.deepcopy(block)
-        _block_stride1(clone)
-        after = _flops_of(clone, shape, dtype, device)
-        last_shape = _shape(last)
+        before, after = _try_block(model, g, site.block)
+        last_shape = _shape(g.region_io(site.block)[1])
         after += dpp_flops(int(last_shape[1]), tuple(last_shape[2:]), site.stride[0] * site.stride[1], full)
         block_cache[site.block] = True
         site.flops_before, site.flops_after = before, after
@@ -631,9 +643,6 @@ def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: O
     if len(input_size) != 3:
         raise ValueError(f'input_size must be (C, H, W), but got {input_size}')
     g = _Graph(model, input_size, policy.leaf_modules)
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device('cpu')
     sites: List[Site] = []
     modules: Dict[str, Optional[nn.Module]] = {}
     nodes: Dict[str, fx.Node] = {}
@@ -662,7 +671,7 @@ def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: O
             raise ValueError(f'include pattern {pattern!r} matches no downsampling site; sites are: {names}')
     block_cache: Dict[str, bool] = {}
     for site in sites:
-        _decide(model, g, site, nodes[site.name], modules[site.name], policy, dtype, device)
+        _decide(model, g, site, nodes[site.name], modules[site.name], policy)
     # with the block placement, every downsampling site inside a converted block runs at stride 1 too; a block
     # with a site the policy leaves alone (excluded, not targeted) falls back to 'post' for its convs
     blocks = {s.block: s for s in sites if s.action == 'replace' and s.placement == 'block'}
@@ -678,7 +687,7 @@ def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: O
             elif site.action == 'replace':
                 site.placement, site.block, site.block_channels = 'block', block, owner.block_channels
     for site in sites:
-        _flops(model, g, site, modules[site.name], policy, dtype, device, block_cache)
+        _flops(model, g, site, modules[site.name], policy, block_cache)
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') if isinstance(
         getattr(model, 'pretrained_cfg', None), dict) else None
     return Plan(model_name=name or type(model).__name__, input_size=input_size, policy=policy, sites=sites,
