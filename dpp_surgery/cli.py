@@ -153,7 +153,7 @@ def _cmd_export(args) -> int:
     if args.verify:
         report = verify_onnx(model, args.output, base_size=tuple(size[1:]) if size else None)
         for r in report['rows']:
-            print(f"  {r['input']:6s} batch {r['batch']} {r['size'][0]}x{r['size'][1]}: max relative error "
+            print(f"  {r['runtime']:11s} {r['input']:6s} batch {r['batch']} {r['size'][0]}x{r['size'][1]}: max relative error "
                   f"{r['max_rel_error']:.2e} {'ok' if r['ok'] else 'FAIL'}")
         if not report['ok']:
             raise RuntimeError(f'verification failed: onnxruntime differs from PyTorch by more than {report["rtol"]} '
@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('export', allow_abbrev=False, help='export a checkpoint to ONNX and verify it in onnxruntime')
     p.add_argument('checkpoint', help='a .safetensors checkpoint written by convert or finetune')
     p.add_argument('--output', '-o', required=True, help='ONNX file to write')
-    p.add_argument('--mode', default='decomposed', help='decomposed (DPP as standard ONNX operators)')
+    p.add_argument('--mode', default='decomposed',
+                   help='decomposed (DPP as standard ONNX operators) or custom (one dpp_surgery.DPP2d node per DPP '
+                        'layer, with its decomposition as an ONNX function; dpp_surgery.onnx_session adds the native '
+                        'kernel)')
     p.add_argument('--opset', type=int, default=None, help='ONNX opset (18 and newer; default 18)')
     p.add_argument('--dynamic', action=argparse.BooleanOptionalAction, default=True,
                    help='dynamic batch and spatial sizes')

@@ -1,4 +1,4 @@
-"""ONNX export (decomposed mode) verified in real onnxruntime sessions."""
+"""ONNX export (decomposed and custom modes) verified in real onnxruntime sessions."""
 import warnings
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from dpp_surgery import convert, export_onnx, onnx_session
+from dpp_surgery import convert, dpp_layers, export_onnx, onnx_session
 from dpp_surgery.export import ExportWarning, verify_onnx
 
 
@@ -50,8 +50,8 @@ def test_same_padding_models_export_with_fixed_spatial_size(tmp_path):
 
 def test_export_errors(tmp_path):
     model = _converted()
-    with pytest.raises(ValueError, match="unsupported export mode 'custom'; supported modes: decomposed"):
-        export_onnx(model, str(tmp_path / 'x.onnx'), mode='custom')
+    with pytest.raises(ValueError, match="unsupported export mode 'fused'; supported modes: decomposed, custom"):
+        export_onnx(model, str(tmp_path / 'x.onnx'), mode='fused')
     with pytest.raises(ValueError, match='unsupported opset 17; supported opsets: 18 to 23'):
         export_onnx(model, str(tmp_path / 'x.onnx'), opset=17)
     (tmp_path / 'exists.onnx').write_bytes(b'x')
@@ -73,3 +73,109 @@ def test_failing_module_is_named(tmp_path):
         warnings.simplefilter('ignore')
         with pytest.raises(ExportError, match=r"torch.export failed in module '1'"):
             export_onnx(model, str(tmp_path / 'x.onnx'), example_input=torch.randn(1, 3, 16, 16))
+
+
+
+@pytest.fixture(scope='module')
+def custom_export(tmp_path_factory):
+    """resnet18 converted with Full/asym DPP for its max pool and the default elsewhere, parameters perturbed,
+    exported in custom mode with verification."""
+    model = _converted(max_pool={'guide': 'full', 'reward': 'asym'})
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in dpp_layers(model):
+            layer.theta_alpha.copy_(torch.randn(layer.theta_alpha.shape, generator=gen))
+            layer.theta_lambda.copy_(torch.randn(layer.theta_lambda.shape, generator=gen) * 0.5)
+    path = str(tmp_path_factory.mktemp('custom') / 'r18_custom.onnx')
+    export_onnx(model, path, mode='custom', example_input=torch.randn(1, 3, 64, 64), verify=True)
+    return model, path
+
+
+def test_custom_export_one_node_per_layer_with_functions(custom_export):
+    from dpp_surgery.export import DPP_DOMAIN, DPP_OP, dpp_nodes
+    model, path = custom_export
+    proto = onnx.load(path)
+    nodes = dpp_nodes(proto)
+    layers = dpp_layers(model)
+    assert len(nodes) == len(layers) > 1
+    # geometry and variant as attributes; parameters as inputs
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes}
+    full = [n for n in nodes if len(n.input) == 4]
+    assert len(full) == 1  # the max pool's Full guide filter is the 4th input
+    assert {'kernel_shape', 'strides', 'pads', 'auto_pad', 'ceil_mode', 'reward', 'norm', 'eps'} <= set(
+        next(iter(attrs.values())))
+    fa = {a.name: onnx.helper.get_attribute_value(a) for a in full[0].attribute}
+    assert fa['kernel_shape'] == [3, 3] and fa['strides'] == [2, 2] and fa['reward'] == b'asym'
+    # each configuration's decomposition is a model-local function overload, in standard operators only
+    functions = {(f.domain, f.name, f.overload): f for f in proto.functions}
+    for n in nodes:
+        f = functions[(DPP_DOMAIN, DPP_OP, n.overload)]
+        assert all(b.domain in ('', 'ai.onnx') for b in f.node) and {'Log', 'Exp'} <= {b.op_type for b in f.node}
+    assert proto.ir_version >= 10
+    # everything else is standard
+    assert all(n.domain in ('', 'ai.onnx', DPP_DOMAIN) for n in proto.graph.node)
+
+
+def test_custom_export_verified_with_kernel_and_function(custom_export):
+    model, path = custom_export
+    report = verify_onnx(model, path, base_size=(64, 64))
+    assert report['ok'] and report['spatial_dynamic']
+    assert set(report['runtimes']) == {'kernel', 'function'}
+    for runtime in ('kernel', 'function'):
+        rows = [r for r in report['rows'] if r['runtime'] == runtime]
+        assert {tuple(r['size']) for r in rows} == {(64, 64), (65, 65)} and {r['batch'] for r in rows} == {1, 8}
+        assert max(r['max_rel_error'] for r in rows) <= 1e-4
+    x = torch.randn(2, 3, 99, 70)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for native in (True, False):
+        sess = onnx_session(path, threads=2, native=native)
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def _profiled_ops(path, native, tmp_path):
+    import json
+    sess = onnx_session(path, threads=1, native=native, profile=True)
+    sess.run(None, {sess.get_inputs()[0].name: np.random.randn(1, 3, 64, 64).astype(np.float32)})
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    return {e['args'].get('op_name') for e in events if e.get('cat') == 'Node'}
+
+
+def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, monkeypatch):
+    from dpp_surgery import ort_kernel
+    _, path = custom_export
+    assert 'DPP2d' in _profiled_ops(path, True, tmp_path)  # the kernel ran the DPP2d nodes
+    inlined = _profiled_ops(path, False, tmp_path)
+    assert 'DPP2d' not in inlined and {'Log', 'Exp'} <= inlined  # the function was inlined
+    # no kernel: a clear error when it is required, one warning and the function otherwise
+    monkeypatch.setenv('DPP_SURGERY_NO_ORT_KERNEL', '1')
+    ort_kernel._reset()
+    try:
+        with pytest.raises(RuntimeError, match='native onnxruntime DPP2d kernel is unavailable: disabled by'):
+            onnx_session(path, native=True)
+        sess = onnx_session(path)
+        assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})[0].shape == (1, 1000)
+    finally:
+        monkeypatch.delenv('DPP_SURGERY_NO_ORT_KERNEL')
+        ort_kernel._reset()
+
+
+def test_kernel_build_failure_warns_and_falls_back(custom_export, tmp_path, monkeypatch):
+    from dpp_surgery import ort_kernel
+    _, path = custom_export
+    monkeypatch.setenv('ORT_INCLUDE_DIR', str(tmp_path))  # no headers there
+    ort_kernel._reset()
+    try:
+        with pytest.warns(ort_kernel.OrtKernelWarning, match=r'ORT_INCLUDE_DIR=.* has no onnxruntime_c_api.h'):
+            sess = onnx_session(path)
+        assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})[0].shape == (1, 1000)
+    finally:
+        monkeypatch.delenv('ORT_INCLUDE_DIR')
+        ort_kernel._reset()
+
+
+def test_missing_file_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no ONNX file at'):
+        onnx_session(str(tmp_path / 'missing.onnx'))

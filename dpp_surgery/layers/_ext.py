@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-__all__ = ['load_kernel', 'kernel_status', 'KernelBuildWarning', 'cache_dir']
+__all__ = ['load_kernel', 'kernel_status', 'KernelBuildWarning', 'cache_dir', 'build_library', 'find_compiler']
 
 _logger = logging.getLogger(__name__)
 
@@ -59,21 +59,41 @@ def _cpu_tag() -> str:
     return platform.machine() + flags
 
 
-def _library_path(compiler: str) -> Path:
+def _library_path(compiler: str, source: Path = _SOURCE, flags=(), key: bytes = b'') -> Path:
     digest = hashlib.sha256()
-    digest.update(_SOURCE.read_bytes())
-    digest.update(' '.join([compiler] + _FLAGS).encode())
+    digest.update(source.read_bytes())
+    if source != _SOURCE:  # sources that include the kernel depend on it too
+        digest.update(_SOURCE.read_bytes())
+    digest.update(' '.join([compiler] + _FLAGS + list(flags)).encode())
     digest.update(_cpu_tag().encode())
-    return cache_dir() / f'dpp2d_{digest.hexdigest()[:16]}.so'
+    digest.update(key)
+    return cache_dir() / f'{source.stem}_{digest.hexdigest()[:16]}.so'
 
 
-def _build(path: Path, compiler: str) -> None:
+def find_compiler() -> str:
+    """The C++ compiler: ``$CXX``, else g++, c++ or clang++ on PATH."""
+    compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
+    if compiler is None:
+        raise RuntimeError('no C++ compiler found (install g++ or set CXX)')
+    return compiler
+
+
+def build_library(source: Path, flags=(), key: bytes = b'') -> Path:
+    """Compile ``source`` (with the kernel's flags plus ``flags``) into the cache on first use; its path.
+
+    The name carries a hash of the sources, flags, CPU and ``key``; the library is written under a temporary name
+    and renamed, so concurrent processes never load a half-written file.
+    """
+    compiler = find_compiler()
+    path = _library_path(compiler, source, flags, key)
+    if path.exists():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + '.', suffix='.tmp.so', dir=path.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, str(_SOURCE), '-o', tmp]
-        _logger.info('building the DPP kernel: %s', ' '.join(cmd))
+        cmd = [compiler, *_FLAGS, *flags, str(source), '-o', tmp]
+        _logger.info('building %s: %s', source.name, ' '.join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}')
@@ -81,6 +101,7 @@ def _build(path: Path, compiler: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -104,12 +125,7 @@ def load_kernel() -> Optional[ctypes.CDLL]:
         try:
             if os.environ.get('DPP_SURGERY_NO_EXT', '') not in ('', '0'):
                 raise RuntimeError('disabled by DPP_SURGERY_NO_EXT')
-            compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
-            if compiler is None:
-                raise RuntimeError('no C++ compiler found (install g++ or set CXX)')
-            path = _library_path(compiler)
-            if not path.exists():
-                _build(path, compiler)
+            path = build_library(_SOURCE)
             lib = ctypes.CDLL(str(path))
             _declare(lib)
             _state.update(lib=lib, path=str(path))

@@ -9,8 +9,9 @@ See :class:`dpp_surgery.DPP2d` for the definition. Two implementations compute t
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from ._ext import load_kernel
 from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry
 
 __all__ = [
-    'dpp2d', 'full_guide', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS',
+    'dpp2d', 'full_guide', 'onnx_custom_node', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS',
 ]
 
 DEFAULT_EPS = 1e-3  # added to the squared deviation, as in every path of the authors' code
@@ -61,6 +62,21 @@ def _in_onnx_export() -> bool:
 def _exporting() -> bool:
     """torch.export / ONNX export / jit tracing: DPP runs as standard ops (the fused kernel is CPU eager only)."""
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or _in_onnx_export()
+
+
+_CUSTOM_NODE = {'active': False}
+
+
+@contextlib.contextmanager
+def onnx_custom_node() -> Iterator[None]:
+    """While exporting inside this context, each DPP layer becomes one ``dpp_surgery::dpp2d_onnx`` op (one ONNX
+    ``DPP2d`` node) instead of its decomposition. Used by ``export_onnx(mode='custom')``."""
+    before = _CUSTOM_NODE['active']
+    _CUSTOM_NODE['active'] = True
+    try:
+        yield
+    finally:
+        _CUSTOM_NODE['active'] = before
 
 
 def _check_parameters(theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor]) -> None:
@@ -277,11 +293,42 @@ def _backward(ctx, grad):
 _dpp2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _geometry_from(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], same: bool,
+                   ceil_mode: bool) -> PoolGeometry:
+    return PoolGeometry.create(tuple(kernel), tuple(stride), 'same' if same else tuple(padding[:2]), ceil_mode)
+
+
+@torch.library.custom_op('dpp_surgery::dpp2d_onnx', mutates_args=())
+def _dpp2d_onnx_op(
+        x: Tensor, theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor], kernel: List[int],
+        stride: List[int], padding: List[int], same: bool, ceil_mode: bool, asym: bool, norm: str, eps: float,
+) -> Tensor:
+    """DPP as one opaque op with the ONNX node's signature (what ``export_onnx(mode='custom')`` traces)."""
+    return dpp2d(x, theta_alpha, theta_lambda, guide_weight=guide_weight, reward='asym' if asym else 'sym', norm=norm,
+                 eps=eps, impl='torch', geometry=_geometry_from(kernel, stride, padding, same, ceil_mode))
+
+
+@_dpp2d_onnx_op.register_fake
+def _(x, theta_alpha, theta_lambda, guide_weight, kernel, stride, padding, same, ceil_mode, asym, norm, eps):
+    r = _geometry_from(kernel, stride, padding, same, ceil_mode).resolve(x.shape[-2], x.shape[-1])
+    return x.new_empty(x.shape[0], x.shape[1], r.out_size[0], r.out_size[1])
+
+
+def _custom_node_wanted(geometry: PoolGeometry) -> bool:
+    # only for windows the native kernels take, with a static geometry (global DPP's window is the input size)
+    static = all(type(v) is int for v in (*geometry.kernel, *geometry.stride))
+    return (_CUSTOM_NODE['active'] and _exporting() and static
+            and geometry.kernel[0] * geometry.kernel[1] <= _MAX_KERNEL_WINDOW)
+
+
+_MAX_KERNEL_WINDOW = 64  # must match kMaxWindow in csrc/dpp2d.cpp
+
+
 def _kernel_usable(x: Tensor, r: ResolvedGeometry, impl: str) -> bool:
     if impl == 'torch':
         return False
     ok = (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-          and r.kernel[0] * r.kernel[1] <= 64 and not _exporting())
+          and r.kernel[0] * r.kernel[1] <= _MAX_KERNEL_WINDOW and not _exporting())
     if ok:
         ok = load_kernel() is not None
     if impl == 'kernel' and not ok:
@@ -335,6 +382,11 @@ def dpp2d(
         if tuple(guide_weight.shape) != expected:
             raise ValueError(f'guide_weight must have shape {expected}, but got {tuple(guide_weight.shape)}')
     _check_parameters(theta_alpha, theta_lambda, guide_weight)
+    if _custom_node_wanted(geometry):
+        pad = (0, 0) if geometry.is_same else geometry.padding
+        return torch.ops.dpp_surgery.dpp2d_onnx(
+            input, theta_alpha, theta_lambda, guide_weight, list(geometry.kernel), list(geometry.stride),
+            [pad[0], pad[1], pad[0], pad[1]], geometry.is_same, geometry.ceil_mode, reward == 'asym', norm, float(eps))
     r = geometry.resolve(input.shape[-2], input.shape[-1])
 
     out_dtype = input.dtype

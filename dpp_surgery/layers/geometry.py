@@ -55,9 +55,11 @@ def _out_size_explicit(size: int, k: int, s: int, p: int, ceil_mode: bool) -> in
     # torch's pooling_output_shape with dilation 1
     numer = size + 2 * p - k + ((s - 1) if ceil_mode else 0)
     out = numer // s + 1
-    # the last window must start inside the input or its left padding; with no padding and k >= s it always does
-    if ceil_mode and not (p == 0 and k >= s) and (out - 1) * s >= size + p:
-        out -= 1
+    # the last window must start inside the input or its left padding; with no padding and k >= s it always does.
+    # (A min, not torch's branch: a branch on symbolic sizes would add a guard torch.export cannot prove.)
+    if ceil_mode and not (p == 0 and k >= s):
+        last = (size + p - 1) // s + 1
+        out = torch.sym_min(out, last) if isinstance(out, torch.SymInt) else min(out, last)
     return out
 
 
@@ -123,7 +125,8 @@ class PoolGeometry:
         symbolic = isinstance(height, torch.SymInt) or isinstance(width, torch.SymInt)
         for dim, (size, k, s) in enumerate(zip((height, width), self.kernel, self.stride)):
             if self.is_same:
-                out = -(-size // s)  # ceil in integer arithmetic
+                out = (size + s - 1) // s  # ceil in integer arithmetic (no negative floor division: it would
+                # make torch.export specialise symbolic sizes to one residue)
                 total = (out - 1) * s + k - size
                 if k < s:  # only then can the 'same' padding be negative
                     total = _max0(total)
