@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m dpp_surgery.bench {layer,init} [options]``.
+"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx} [options]``.
 
 Every ratio is measured within one run on one machine; the machine is printed with the table. Targets are
 reported as PASS/MISS lines, never asserted: timing on shared machines is noisy, so benchmarks are not tests.
@@ -7,6 +7,10 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
   MaxPool2d(2,2) and MaxPool2d(3,2,1), in NCHW and channels_last, and the peak extra memory of a
   training step as a multiple of the input's bytes.
 * ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
+* ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
+  (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), and the share of
+  onnxruntime time in DPP2d nodes (onnxruntime's profiler).
+* ``coverage``: plan + convert + forward + backward on one small model of every timm family.
 * ``preserve``: how close a converted ImageNet EfficientNet-Lite0 stays to the original before any fine-tuning
   (top-1 agreement and logit cosine similarity on real photos), for each placement and init preset.
 """
@@ -285,24 +289,143 @@ def bench_preserve(args) -> dict:
 
 
 def bench_coverage(args) -> dict:
-    from .coverage import run_coverage, summarize
+    from .coverage import export_check, run_coverage, summarize
+    from .export import SUPPORTED_MODES
 
-    results = run_coverage(args.families or None, size=args.size, csv_path=args.csv, progress=True)
+    checks = [] if args.no_export else [export_check]
+    results = run_coverage(args.families or None, size=args.size, csv_path=args.csv, progress=True,
+                           extra_checks=checks)
     print(f'\nCoverage of convert() across timm (default policy, pretrained=False, {args.size} px unless the model '
-          f'has a fixed input size; forward and backward after conversion)')
+          f'has a fixed input size; forward and backward after conversion'
+          + ('' if args.no_export else '; ONNX export in each mode, verified in onnxruntime') + ')')
     print(f'machine: {machine_description()}\n')
-    print('| family | model | sites | convertible | converted | fwd | bwd | shape | status | note |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    modes = [] if args.no_export else list(SUPPORTED_MODES)
+    head = ['family', 'model', 'sites', 'convertible', 'converted', 'fwd', 'bwd', 'shape', 'status']
+    head += [f'onnx {m}' for m in modes] + [f'parity {m}' for m in modes] + ['note']
+    print('| ' + ' | '.join(head) + ' |')
+    print('|' + '---|' * len(head))
     for r in results:
         yn = lambda b: 'yes' if b else 'no'  # noqa: E731
-        print(f'| {r.family} | {r.model} | {r.sites} | {r.convertible} | {r.converted} | {yn(r.forward_ok)} | '
-              f'{yn(r.backward_ok)} | {yn(r.shape_ok)} | {r.status} | {r.reason.replace("|", "/")} |')
+        cells = [r.family, r.model, r.sites, r.convertible, r.converted, yn(r.forward_ok), yn(r.backward_ok),
+                 yn(r.shape_ok), r.status]
+        cells += [r.extra.get(f'onnx_{m}', '') for m in modes] + [r.extra.get(f'parity_{m}', '') for m in modes]
+        cells.append(r.reason)
+        print('| ' + ' | '.join(str(c).replace('|', '/') for c in cells) + ' |')
     print()
     print(summarize(results))
     if args.csv:
         print(f'\nwrote {args.csv}')
     from dataclasses import asdict
     return {'machine': machine_description(), 'results': [asdict(r) for r in results]}
+
+
+ONNX_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
+DPP_SHARE_TARGET = 0.15  # at most this share of converted resnet50's onnxruntime time in DPP nodes
+
+
+def _ort_node_share(session, feed: Dict, runs: int, op_type: str) -> float:
+    """Share of onnxruntime's node time (its profiler) spent in nodes of ``op_type``."""
+    for _ in range(runs):
+        session.run(None, feed)
+    path = session.end_profiling()
+    try:
+        with open(path) as f:
+            events = json.load(f)
+    finally:
+        os.unlink(path)
+    nodes = [e for e in events if e.get('cat') == 'Node' and e.get('name', '').endswith('_kernel_time')]
+    total = sum(e['dur'] for e in nodes)
+    return sum(e['dur'] for e in nodes if e['args'].get('op_name') == op_type) / max(total, 1)
+
+
+def bench_onnx(args) -> dict:
+    """Latency of original and converted models in torch eager and onnxruntime (decomposed, custom kernel)."""
+    import copy
+    import tempfile
+    import warnings
+
+    import timm
+
+    from .export import export_onnx, onnx_session
+    from .ort_kernel import ort_kernel_status
+    from .surgery import convert, dpp_layers
+
+    status = ort_kernel_status()
+    if not status['loaded']:
+        print(f"note: no native onnxruntime kernel ({status['error']}); 'custom' runs its ONNX functions",
+              file=sys.stderr)
+    size = args.size
+    rows = []
+    shares = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            torch.manual_seed(0)
+            original = timm.create_model(name).eval()
+            converted = copy.deepcopy(original)
+            convert(converted, input_size=(3, size, size))
+            example = torch.randn(1, 3, size, size)
+            files = {}
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                for label, model, mode in (('original', original, 'decomposed'), ('decomposed', converted, 'decomposed'),
+                                           ('custom', converted, 'custom')):
+                    t0 = time.perf_counter()
+                    files[label] = export_onnx(model, os.path.join(tmp, f'{name}_{label}.onnx'), mode=mode,
+                                               example_input=example)
+                    print(f'  exported {name} {label} in {time.perf_counter() - t0:.0f} s', file=sys.stderr)
+            sessions = {k: onnx_session(v, threads=args.threads) for k, v in files.items()}
+            sessions['custom (function)'] = onnx_session(files['custom'], threads=args.threads, native=False)
+            in_name = sessions['original'].get_inputs()[0].name
+            for batch in args.batches:
+                x = torch.randn(batch, 3, size, size)
+                feed = {in_name: x.numpy()}
+
+                def eager(m):
+                    def run():
+                        with torch.inference_mode():
+                            m(x)
+                    return run
+
+                fns = {'torch original': eager(original), 'torch converted': eager(converted)}
+                for k, sess in sessions.items():
+                    fns[f'ort {k}'] = (lambda s: lambda: s.run(None, feed))(sess)
+                times = interleaved_medians(fns, args.repeat, warmup=2)
+                row = {'model': name, 'batch': batch, 'dpp_layers': len(dpp_layers(converted)), **times}
+                rows.append(row)
+                print(f'  {row}', file=sys.stderr)
+            profiled = onnx_session(files['custom'], threads=args.threads, profile=True)
+            x = torch.randn(args.batches[-1], 3, size, size)
+            shares[name] = _ort_node_share(profiled, {in_name: x.numpy()}, 5, 'DPP2d')
+    print(f'\nLatency (median ms) at {size} px, {args.threads} threads, random init weights, default policy; '
+          f'onnxruntime {__import__("onnxruntime").__version__} CPU execution provider. "custom" registers the '
+          f'native DPP2d kernel; "custom (function)" is the same file run by plain onnxruntime (its ONNX functions).')
+    print(f'machine: {machine_description()}\n')
+    cols = ['torch original', 'torch converted', 'ort original', 'ort decomposed', 'ort custom',
+            'ort custom (function)']
+    print('| model | batch | DPP layers | ' + ' | '.join(cols) + ' | converted: eager / ort custom | '
+          'decomposed / custom |')
+    print('|---|---|---|' + '---|' * len(cols) + '---|---|')
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['dpp_layers']} | " + ' | '.join(f'{r[c]:.1f}' for c in cols)
+              + f" | {r['torch converted'] / r['ort custom']:.2f}x | {r['ort decomposed'] / r['ort custom']:.2f}x |")
+    print(f'\nShare of onnxruntime node time in DPP2d nodes (custom kernel, batch {args.batches[-1]}, profiler): '
+          + ', '.join(f'{k} {100 * v:.1f}%' for k, v in shares.items()))
+    checks = [
+        ('every converted model faster in onnxruntime (custom) than in torch eager',
+         all(r['ort custom'] < r['torch converted'] for r in rows)),
+        ('every converted model faster in onnxruntime (decomposed) than in torch eager',
+         all(r['ort decomposed'] < r['torch converted'] for r in rows)),
+        ('custom kernel faster than the decomposition on every model and batch',
+         all(r['ort custom'] < r['ort decomposed'] for r in rows)),
+    ]
+    if 'resnet50' in shares:
+        checks.append((f'DPP2d nodes <= {100 * DPP_SHARE_TARGET:.0f}% of converted resnet50 onnxruntime time '
+                       f'({100 * shares["resnet50"]:.1f}%)', shares['resnet50'] <= DPP_SHARE_TARGET))
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares,
+            'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=96, help='input size for models without a fixed one (default 96)')
     p.add_argument('--csv', default='results/coverage.csv', help='CSV output path (default results/coverage.csv)')
     p.add_argument('--families', nargs='*', help='only these timm families (module names)')
+    p.add_argument('--no-export', action='store_true', help='skip the ONNX export and parity columns')
     p.set_defaults(func=bench_coverage)
+    p = sub.add_parser('onnx', help='latency in torch eager and onnxruntime (decomposed, custom kernel), DPP share')
+    p.add_argument('--models', nargs='+', default=list(ONNX_MODELS), help='timm models (default: %(default)s)')
+    p.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes (default 1 8)')
+    p.add_argument('--size', type=int, default=224, help='input size (default 224)')
+    p.add_argument('--repeat', type=int, default=10, help='timed runs per measurement (default 10)')
+    p.set_defaults(func=bench_onnx)
     return parser
 
 

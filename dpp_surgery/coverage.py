@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ['FamilyResult', 'pick_model', 'check_family', 'run_coverage', 'CONVERTIBLE_REASONS']
+__all__ = ['FamilyResult', 'pick_model', 'check_family', 'run_coverage', 'export_check', 'CONVERTIBLE_REASONS']
 
 # name fragments of small variants, most preferred first
 _SMALL = ['atto', 'femto', 'pico', 'nano', 'xxs', 'tiny', 'mini', 'xs', 'small', '_s', 'lite0', 'b0', '_t', '18', '050',
@@ -149,6 +149,36 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
     return result
 
 
+def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, str]:
+    """Export a converted model in every mode and compare onnxruntime with PyTorch (an ``extra_checks`` entry).
+
+    Columns ``onnx_<mode>`` ('yes', or 'no: <reason>') and ``parity_<mode>`` (the worst relative error over random
+    and photo inputs at batch 1 and 2, the size and one pixel more where the file is dynamic; 'ok'/'FAIL').
+    """
+    import tempfile
+
+    from .export import SUPPORTED_MODES, export_onnx, verify_onnx
+
+    out: Dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in SUPPORTED_MODES:
+            path = os.path.join(tmp, f'{name}_{mode}.onnx')
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore')
+                    export_onnx(model, path, mode=mode, example_input=torch.randn(1, *input_size))
+                    report = verify_onnx(model, path, base_size=tuple(input_size[1:]), batches=(1, 2))
+            except Exception as e:  # noqa: BLE001 - recorded per model
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
+                out[f'onnx_{mode}'] = f'no: {type(e).__name__}: {msg}'[:300]
+                out[f'parity_{mode}'] = ''
+                continue
+            out[f'onnx_{mode}'] = 'yes' + ('' if report['spatial_dynamic'] else ' (fixed size)')
+            out[f'parity_{mode}'] = (f"{report['worst']['max_rel_error']:.1e} "
+                                     f"{'ok' if report['ok'] else 'FAIL'}")
+    return out
+
+
 def run_coverage(families: Optional[Sequence[str]] = None, size: int = 96, csv_path: Optional[str] = None,
                  progress: bool = True, extra_checks: Sequence[Callable] = ()) -> List[FamilyResult]:
     """:func:`check_family` for every timm family (or ``families``); optionally writes a CSV."""
@@ -188,6 +218,14 @@ def summarize(results: List[FamilyResult]) -> str:
     if failed:
         lines.append('Failures:')
         lines += [f'- {r.family} ({r.model}): {r.reason}' for r in failed]
+    modes = sorted({k[len('onnx_'):] for r in ok for k in r.extra if k.startswith('onnx_')})
+    for mode in modes:
+        exported = [r for r in ok if r.extra.get(f'onnx_{mode}', '').startswith('yes')]
+        parity = [r for r in exported if r.extra.get(f'parity_{mode}', '').endswith(' ok')]
+        lines.append(f'ONNX {mode}: {len(exported)} of {len(ok)} converted models export, {len(parity)} match PyTorch '
+                     'within 1e-4 in onnxruntime.')
+        lines += [f"- {r.family} ({r.model}): {r.extra.get(f'onnx_{mode}', '')} {r.extra.get(f'parity_{mode}', '')}"
+                  for r in ok if r not in parity]
     none = [r for r in results if r.status == 'no_site']
     if none:
         lines.append(f'Families without a convertible site ({len(none)}): ' +

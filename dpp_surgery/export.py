@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -389,8 +390,9 @@ def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if profile:
+    if profile:  # the profile goes to a temporary file; session.end_profiling() returns its path
         opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f'dpp_surgery_ort_profile_{os.getpid()}')
     if native is not False and _has_dpp_nodes(path):
         from .ort_kernel import ort_kernel_library, ort_kernel_status
         library = ort_kernel_library()

@@ -1,4 +1,5 @@
 """ONNX export (decomposed and custom modes) verified in real onnxruntime sessions."""
+import os
 import warnings
 
 import numpy as np
@@ -138,8 +139,10 @@ def _profiled_ops(path, native, tmp_path):
     import json
     sess = onnx_session(path, threads=1, native=native, profile=True)
     sess.run(None, {sess.get_inputs()[0].name: np.random.randn(1, 3, 64, 64).astype(np.float32)})
-    with open(sess.end_profiling()) as f:
+    profile = sess.end_profiling()
+    with open(profile) as f:
         events = json.load(f)
+    os.unlink(profile)
     return {e['args'].get('op_name') for e in events if e.get('cat') == 'Node'}
 
 
@@ -179,3 +182,15 @@ def test_kernel_build_failure_warns_and_falls_back(custom_export, tmp_path, monk
 def test_missing_file_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='no ONNX file at'):
         onnx_session(str(tmp_path / 'missing.onnx'))
+
+
+def test_coverage_export_columns():
+    from dpp_surgery.coverage import check_family, export_check, summarize
+    result = check_family('resnet', size=64, extra_checks=[export_check])
+    assert result.status == 'ok'
+    for mode in ('decomposed', 'custom'):
+        assert result.extra[f'onnx_{mode}'] == 'yes'
+        err, verdict = result.extra[f'parity_{mode}'].split()
+        assert verdict == 'ok' and float(err) <= 1e-4
+    text = summarize([result])
+    assert 'ONNX custom: 1 of 1 converted models export, 1 match PyTorch within 1e-4' in text
