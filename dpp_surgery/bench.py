@@ -373,8 +373,10 @@ def bench_onnx(args) -> dict:
                     files[label] = export_onnx(model, os.path.join(tmp, f'{name}_{label}.onnx'), mode=mode,
                                                example_input=example)
                     print(f'  exported {name} {label} in {time.perf_counter() - t0:.0f} s', file=sys.stderr)
-            sessions = {k: onnx_session(v, threads=args.threads) for k, v in files.items()}
-            sessions['custom (function)'] = onnx_session(files['custom'], threads=args.threads, native=False)
+            # timed in turn with torch and each other: no idle spinning that would take the cores of the next one
+            sessions = {k: onnx_session(v, threads=args.threads, spin=False) for k, v in files.items()}
+            sessions['custom (function)'] = onnx_session(files['custom'], threads=args.threads, native=False,
+                                                         spin=False)
             in_name = sessions['original'].get_inputs()[0].name
             for batch in args.batches:
                 x = torch.randn(batch, 3, size, size)
@@ -397,8 +399,8 @@ def bench_onnx(args) -> dict:
             x = torch.randn(args.batches[-1], 3, size, size)
             shares[name] = _ort_node_share(profiled, {in_name: x.numpy()}, 5, 'DPP2d')
     print(f'\nLatency (median ms) at {size} px, {args.threads} threads, random init weights, default policy; '
-          f'onnxruntime {__import__("onnxruntime").__version__} CPU execution provider. "custom" registers the '
-          f'native DPP2d kernel; "custom (function)" is the same file run by plain onnxruntime (its ONNX functions).')
+          f'onnxruntime {__import__("onnxruntime").__version__} CPU execution provider (idle threads not spinning, since '
+          f'the runs take turns). "custom" registers the native DPP2d kernel; "custom (function)" is the same file run by plain onnxruntime (its ONNX functions).')
     print(f'machine: {machine_description()}\n')
     cols = ['torch original', 'torch converted', 'ort original', 'ort decomposed', 'ort custom',
             'ort custom (function)']

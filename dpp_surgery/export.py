@@ -374,8 +374,13 @@ def _has_dpp_nodes(path: str) -> bool:
     return bool(dpp_nodes(model))
 
 
-def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False, native: Optional[bool] = None):
+def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False, native: Optional[bool] = None,
+                 spin: bool = True):
     """An onnxruntime CPU InferenceSession for ``path`` (``threads``: intra-op threads).
+
+    ``spin=False`` stops the session's idle threads from spin-waiting after a run (onnxruntime's
+    ``session.intra_op.allow_spinning``). Benchmarks that time a session in turn with PyTorch or other sessions use it:
+    otherwise the spinning threads of the session that ran last take cores from the next one.
 
     ``native``: for files with ``dpp_surgery.DPP2d`` nodes (``mode='custom'``), register the native kernel library
     (:mod:`dpp_surgery.ort_kernel`, built on first use). ``None`` (default): if it can be built, else run the
@@ -390,6 +395,8 @@ def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
     if profile:  # the profile goes to a temporary file; session.end_profiling() returns its path
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f'dpp_surgery_ort_profile_{os.getpid()}')
