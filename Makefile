@@ -8,7 +8,11 @@ PINS := timm==1.0.31 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 safetens
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench clean
+# Real data for the demo and the fine-tuning tests: Fashion-MNIST from Debian's dataset-fashion-mnist package
+DATA_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data demo test test-slow bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +23,11 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-demo: setup
+data:
+	@test -d $(DATA_DIR) || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; }
+
+demo: setup data
 	$(PY) -m dpp_surgery.demo
 
 test: setup

@@ -14,6 +14,7 @@ from .surgery import (
 )
 from .checkpoint import CheckpointError, create, load, save
 from .version import __version__
+from . import zoo as _zoo  # noqa: F401 - registers the zoo recipes as timm models '<arch>_dpp' (builds none)
 
 
 def export_onnx(*args, **kwargs):

@@ -1,0 +1,481 @@
+"""Zoo recipes and their timm registration: every ``zoo/<arch>_dpp.json`` becomes the timm model ``<arch>_dpp``.
+
+A recipe names a timm architecture, where its original pretrained weights come from, the conversion policy (the
+:class:`~dpp_surgery.ConversionPolicy` fields that differ from the default), the fine-tuning settings
+(:class:`~dpp_surgery.train.FinetuneConfig` fields), the data, and a ``results`` section that only the runner
+(``python -m dpp_surgery.zoo run``) writes.
+
+Importing :mod:`dpp_surgery` registers every recipe of the zoo folder with timm (timm has no plugin discovery), so::
+
+    model = timm.create_model('efficientnet_lite0_dpp', pretrained=True)       # original weights, then converted
+    model = timm.create_model('efficientnet_lite0_dpp', pretrained=True,
+                              pretrained_cfg_overlay=dict(file='lite0_dpp.safetensors'))  # a converted checkpoint
+    model = timm.create_model('efficientnet_lite0_dpp', num_classes=10, checkpoint_path='lite0_dpp.safetensors')
+
+``pretrained=True`` loads the architecture's original weights (the offline EfficientNet-Lite0 package for
+``weights.source == 'offline'``, timm's hub otherwise) and converts with the recipe's policy. A file given with
+``pretrained_cfg_overlay=dict(file=...)`` may hold either a converted dpp_surgery checkpoint (rebuilt exactly, its
+class count unless ``num_classes`` asks for another head) or the architecture's original weights (loaded by timm,
+then converted). ``checkpoint_path=`` is timm's own strict load into the freshly converted model.
+
+The zoo folder is ``zoo/`` next to the package (a source checkout or an editable install); the environment
+variable ``DPP_SURGERY_ZOO`` points elsewhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..surgery import ConversionPolicy, NoEffectWarning, convert
+
+__all__ = [
+    'Recipe', 'RecipeError', 'RecipeWarning', 'ZOO_ENV', 'WEIGHT_SOURCES', 'RUNNER_FIELDS', 'default_zoo_dir',
+    'load_recipe', 'load_recipes', 'get_recipe', 'list_recipes', 'register_recipe', 'register_recipes',
+    'create_zoo_model', 'registered_recipes', 'validate_recipe', 'default_cfgs', 'LATENCY_DEFAULTS',
+]
+
+_logger = logging.getLogger(__name__)
+
+ZOO_ENV = 'DPP_SURGERY_ZOO'
+WEIGHT_SOURCES = ('offline', 'timm')
+# FinetuneConfig fields that the runner sets itself (model, whether to convert, where to write, ...): not in recipes
+RUNNER_FIELDS = ('model', 'convert', 'placement', 'data', 'output', 'resume', 'overwrite', 'progress', 'threads',
+                 'device', 'pretrained_file')
+# recipe keys: required, then optional
+_REQUIRED_KEYS = ('name', 'architecture', 'weights', 'policy', 'finetune', 'data')
+_OPTIONAL_KEYS = ('description', 'notes', 'latency', 'results')
+# latency settings a recipe may give (defaults: batch 1, 224 px, 2 threads, 30 timed runs)
+LATENCY_DEFAULTS = {'batch_size': 1, 'image_size': 224, 'threads': 2, 'repeat': 30}
+# architectures with offline weights (dpp_surgery.weights)
+_OFFLINE_ARCHS = ('efficientnet_lite0',)
+
+# timm's register_model reads the pretrained cfgs of the models it registers from this module-level dict
+default_cfgs: Dict[str, Dict[str, Any]] = {}
+# registered name -> the recipe it was registered from
+_REGISTERED: Dict[str, 'Recipe'] = {}
+
+
+class RecipeError(ValueError):
+    """A zoo recipe is malformed; the message names the file, the problem and the fix."""
+
+
+class RecipeWarning(UserWarning):
+    """A recipe in the zoo folder could not be registered when dpp_surgery was imported."""
+
+
+@dataclass
+class Recipe:
+    """One zoo recipe (see the module docstring). ``raw`` is the file's JSON, written back with new results."""
+    name: str
+    architecture: str
+    weights: Dict[str, Any]
+    policy: Dict[str, Any]
+    finetune: Dict[str, Any]
+    data: Dict[str, Any]
+    description: str = ''
+    notes: str = ''
+    latency: Dict[str, Any] = field(default_factory=dict)
+    results: Optional[Dict[str, Any]] = None
+    path: Optional[str] = None
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def weight_source(self) -> str:
+        return self.weights['source']
+
+    @property
+    def random_init(self) -> bool:
+        """Fine-tuned from random initialisation (``finetune.pretrained == 'none'``)."""
+        return self.finetune.get('pretrained') == 'none'
+
+    def conversion_policy(self) -> ConversionPolicy:
+        """The recipe's :class:`ConversionPolicy` (defaults plus the recipe's fields)."""
+        from ..checkpoint import _policy_from_dict
+
+        return _policy_from_dict(self.policy)
+
+    def latency_settings(self) -> Dict[str, int]:
+        return {**LATENCY_DEFAULTS, **self.latency}
+
+
+def default_zoo_dir() -> str:
+    """``$DPP_SURGERY_ZOO`` if set, else the ``zoo`` folder next to the package."""
+    env = os.environ.get(ZOO_ENV)
+    if env:
+        return env
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'zoo')
+
+
+def _fail(where: str, problem: str) -> RecipeError:
+    return RecipeError(f'{where}: {problem}')
+
+
+def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
+    """A :class:`Recipe` from parsed JSON, every field checked.
+
+    Raises:
+        RecipeError: naming the field, what is wrong and what is allowed.
+    """
+    import timm
+
+    from ..train import FinetuneConfig
+
+    if not isinstance(data, dict):
+        raise _fail(where, f'a recipe must be a JSON object, but got {type(data).__name__}')
+    missing = [k for k in _REQUIRED_KEYS if k not in data]
+    if missing:
+        raise _fail(where, f'missing key(s) {", ".join(missing)}; a recipe needs {", ".join(_REQUIRED_KEYS)}')
+    unknown = [k for k in data if k not in _REQUIRED_KEYS + _OPTIONAL_KEYS]
+    if unknown:
+        raise _fail(where, f'unknown key(s) {", ".join(map(repr, unknown))}; valid keys: '
+                           f'{", ".join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}')
+    name, arch = data['name'], data['architecture']
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise _fail(where, f'architecture {arch!r} is not a timm model; use a name from timm.list_models()')
+    if name != f'{arch}_dpp':
+        raise _fail(where, f"name must be the architecture plus '_dpp' ({arch}_dpp), but got {name!r}")
+    if where.endswith('.json') and os.path.splitext(os.path.basename(where))[0] != name:
+        raise _fail(where, f'the file must be named after the recipe: {name}.json')
+
+    weights = data['weights']
+    if not isinstance(weights, dict) or weights.get('source') not in WEIGHT_SOURCES:
+        got = weights.get('source') if isinstance(weights, dict) else weights
+        raise _fail(where, f'weights.source must be one of {", ".join(WEIGHT_SOURCES)}, but got {got!r}')
+    if weights['source'] == 'offline' and arch not in _OFFLINE_ARCHS:
+        raise _fail(where, f"weights.source 'offline' has weights for {', '.join(_OFFLINE_ARCHS)} only, not {arch}; "
+                           "use 'timm'")
+
+    policy = data['policy']
+    if not isinstance(policy, dict):
+        raise _fail(where, f'policy must be an object of ConversionPolicy fields ({{}} for the default), but got '
+                           f'{type(policy).__name__}')
+    policy_fields = [f.name for f in dataclasses.fields(ConversionPolicy)]
+    bad = [k for k in policy if k not in policy_fields]
+    if bad:
+        raise _fail(where, f'unknown policy field(s) {", ".join(map(repr, bad))}; valid: {", ".join(policy_fields)}')
+
+    finetune = data['finetune']
+    if not isinstance(finetune, dict):
+        raise _fail(where, f'finetune must be an object of FinetuneConfig fields, but got {type(finetune).__name__}')
+    ft_fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
+    bad = [k for k in finetune if k not in ft_fields]
+    if bad:
+        raise _fail(where, f'unknown finetune field(s) {", ".join(map(repr, bad))}; valid: '
+                           f'{", ".join(f for f in ft_fields if f not in RUNNER_FIELDS)}')
+    owned = [k for k in finetune if k in RUNNER_FIELDS]
+    if owned:
+        raise _fail(where, f'finetune field(s) {", ".join(map(repr, owned))} are set by the runner; remove them '
+                           '(the data folder goes in data.path, the policy in policy)')
+    if finetune.get('pretrained', 'auto') not in ('auto', 'offline', 'timm', 'none'):
+        raise _fail(where, f"finetune.pretrained must be 'auto', 'offline', 'timm' or 'none', but got "
+                           f"{finetune['pretrained']!r}")
+    for key, value in finetune.items():
+        default = getattr(FinetuneConfig, key, None)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise _fail(where, f'finetune.{key} must be true or false, but got {value!r}')
+        elif isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise _fail(where, f'finetune.{key} must be a number, but got {value!r}')
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise _fail(where, f'finetune.{key} must be a string, but got {value!r}')
+
+    data_spec = data['data']
+    if not isinstance(data_spec, dict) or not isinstance(data_spec.get('name'), str):
+        raise _fail(where, 'data must be an object with a "name" (and an optional "path"; none = Debian\'s '
+                           'Fashion-MNIST)')
+    latency = data.get('latency', {}) or {}
+    bad = [k for k in latency if k not in LATENCY_DEFAULTS]
+    if bad:
+        raise _fail(where, f'unknown latency field(s) {", ".join(map(repr, bad))}; valid: '
+                           f'{", ".join(LATENCY_DEFAULTS)}')
+    for key, value in latency.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(where, f'latency.{key} must be an integer >= 1, but got {value!r}')
+    results = data.get('results')
+    if results is not None and not isinstance(results, dict):
+        raise _fail(where, f'results must be an object written by the runner (or null), but got '
+                           f'{type(results).__name__}')
+    recipe = Recipe(name=name, architecture=arch, weights=dict(weights), policy=dict(policy),
+                    finetune=dict(finetune), data=dict(data_spec), description=data.get('description', ''),
+                    notes=data.get('notes', ''), latency=dict(latency), results=results,
+                    path=where if where.endswith('.json') else None, raw=data)
+    try:
+        recipe.conversion_policy()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise _fail(where, f'invalid policy: {e}') from e
+    return recipe
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read and validate one recipe file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'recipe {path} does not exist')
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise _fail(path, f'not valid JSON: {e}') from e
+    return validate_recipe(data, path)
+
+
+def load_recipes(zoo_dir: Optional[str] = None) -> Dict[str, Recipe]:
+    """Every ``*.json`` recipe of ``zoo_dir`` (default :func:`default_zoo_dir`), by name, sorted."""
+    zoo_dir = zoo_dir or default_zoo_dir()
+    if not os.path.isdir(zoo_dir):
+        return {}
+    recipes = {}
+    for entry in sorted(os.listdir(zoo_dir)):
+        if entry.endswith('.json'):
+            recipe = load_recipe(os.path.join(zoo_dir, entry))
+            recipes[recipe.name] = recipe
+    return recipes
+
+
+def list_recipes(zoo_dir: Optional[str] = None) -> List[str]:
+    """Names of the recipes in ``zoo_dir``."""
+    return list(load_recipes(zoo_dir))
+
+
+def get_recipe(name: str, zoo_dir: Optional[str] = None) -> Recipe:
+    """The recipe called ``name`` (``<arch>_dpp``); an unknown name fails with the valid ones."""
+    zoo_dir = zoo_dir or default_zoo_dir()
+    path = os.path.join(zoo_dir, f'{name}.json')
+    if not os.path.isfile(path):
+        names = list_recipes(zoo_dir)
+        raise ValueError(f'unknown recipe {name!r} in {zoo_dir}; available: {", ".join(names) or "none"}')
+    return load_recipe(path)
+
+
+def registered_recipes() -> Dict[str, Recipe]:
+    """The recipes registered with timm in this process, by model name."""
+    return dict(_REGISTERED)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm registration
+
+def _pretrained_cfg(recipe: Recipe) -> Dict[str, Any]:
+    """The architecture's default pretrained cfg, renamed, without its weight source (the entry point loads)."""
+    from timm.models import get_pretrained_cfg
+
+    base = get_pretrained_cfg(recipe.architecture)
+    cfg = base.to_dict(remove_source=True) if base is not None else {}
+    cfg.pop('tag', None)
+    cfg.update(architecture=recipe.name, custom_load=False,
+               description=recipe.description or f'{recipe.architecture} with Detail-Preserving Pooling')
+    if recipe.weight_source == 'offline':
+        # the offline package's weights expect their own normalisation (dpp_surgery.weights)
+        from ..weights import LITE0_MEAN, LITE0_STD
+        cfg.update(mean=LITE0_MEAN, std=LITE0_STD)
+    return cfg
+
+
+def register_recipe(recipe: Recipe) -> Callable[..., nn.Module]:
+    """Register ``recipe`` with timm as ``recipe.name``; returns the entry point. Registering the same recipe again
+    is a no-op; registering a changed recipe under a name this module registered before replaces it."""
+    import timm
+    from timm.models import register_model
+
+    previous = _REGISTERED.get(recipe.name)
+    if previous is not None and previous.raw == recipe.raw and timm.is_model(recipe.name):
+        return globals()[recipe.name]
+    if previous is None and timm.is_model(recipe.name):
+        raise RecipeError(f'{recipe.path or recipe.name}: timm already has a model called {recipe.name!r} that '
+                          'dpp_surgery did not register; rename the recipe')
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return create_zoo_model(recipe.name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = recipe.name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = (f'{recipe.architecture} converted to Detail-Preserving Pooling by the dpp_surgery zoo '
+                          f'recipe {recipe.name} (weights: {recipe.weight_source}).')
+    default_cfgs[recipe.name] = _pretrained_cfg(recipe)
+    globals()[recipe.name] = entrypoint
+    _REGISTERED[recipe.name] = recipe
+    with warnings.catch_warnings():
+        # re-registering our own name (a changed recipe): timm warns that it overwrites it, which is the intent
+        warnings.simplefilter('ignore', UserWarning)
+        register_model(entrypoint)
+    _logger.debug('registered timm model %s from %s', recipe.name, recipe.path or 'a recipe object')
+    return entrypoint
+
+
+def register_recipes(zoo_dir: Optional[str] = None, strict: bool = False) -> List[str]:
+    """Register every recipe of ``zoo_dir`` with timm; returns the registered names.
+
+    Args:
+        zoo_dir: folder of ``*.json`` recipes (default :func:`default_zoo_dir`).
+        strict: raise :class:`RecipeError` for an invalid recipe; otherwise warn (:class:`RecipeWarning`) and skip
+            it, so that a broken file never stops ``import dpp_surgery``.
+    """
+    zoo_dir = zoo_dir or default_zoo_dir()
+    if not os.path.isdir(zoo_dir):
+        return []
+    names = []
+    for entry in sorted(os.listdir(zoo_dir)):
+        if not entry.endswith('.json'):
+            continue
+        try:
+            recipe = load_recipe(os.path.join(zoo_dir, entry))
+            register_recipe(recipe)
+        except (RecipeError, OSError) as e:
+            if strict:
+                raise
+            warnings.warn(f'dpp_surgery zoo: skipping {entry}: {e}', RecipeWarning, stacklevel=2)
+            continue
+        names.append(recipe.name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building a zoo model
+
+def _is_dpp_checkpoint(path: str) -> bool:
+    from safetensors import safe_open
+
+    from ..checkpoint import FORMAT
+
+    if not str(path).endswith('.safetensors'):
+        return False
+    try:
+        with safe_open(path, framework='pt') as f:
+            return (f.metadata() or {}).get('format') == FORMAT
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours either
+        return False
+
+
+def _offline_state_dict(arch: str) -> Dict[str, torch.Tensor]:
+    """The offline package's weights under the keys of ``timm.create_model(arch)`` (3 channels, 1000 classes)."""
+    import timm
+
+    from ..weights import efficientnet_lite0_state_dict
+
+    with torch.device('meta'):  # only the key names and shapes are needed
+        reference = timm.create_model(arch)
+    return efficientnet_lite0_state_dict(reference)
+
+
+def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]) -> Tuple[nn.Module, Dict]:
+    """The converted model rebuilt from a dpp_surgery checkpoint, and the preprocessing stored with it."""
+    import timm
+
+    from ..checkpoint import CheckpointError, _policy_from_dict, read_metadata
+
+    meta = read_metadata(path)
+    if meta['model_name'] not in (recipe.architecture, recipe.name):
+        raise CheckpointError(f'{path} holds a converted {meta["model_name"]}, not {recipe.architecture}; create '
+                              f"'{meta['model_name']}_dpp' or use dpp_surgery.load({path!r})")
+    stored = dict(meta['model_kwargs'])
+    num_classes = kwargs.pop('num_classes', None)
+    for key in ('in_chans',):
+        if key in kwargs and kwargs[key] != stored.get(key, 3):
+            raise ValueError(f'{path} was saved with {key}={stored.get(key, 3)}, but {key}={kwargs[key]} was asked; '
+                             f'drop {key} or convert a model built with it')
+    build_kwargs = {**stored, **kwargs}
+    model = timm.create_model(meta['model_name'], pretrained=False, **build_kwargs)
+    for step in meta['conversions']:
+        with warnings.catch_warnings():
+            # a checkpoint of a registered zoo model replays a conversion its entry point already applied
+            warnings.simplefilter('ignore', NoEffectWarning)
+            convert(model, input_size=step['input_size'], policy=_policy_from_dict(step['policy']))
+    state = _read_tensors(path)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f'{path} does not match the rebuilt {recipe.name}: {len(result.missing_keys)} missing keys '
+            f'{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}')
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)  # a new head, like timm's pretrained loading with another class count
+    model._dpp_surgery_create = (recipe.architecture, {k: v for k, v in build_kwargs.items() if k != 'num_classes'})
+    return model, meta['preprocessing']
+
+
+def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from ..checkpoint import CheckpointError
+
+    try:
+        return load_file(path, device='cpu')
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
+
+
+def create_zoo_model(
+        name: str,
+        pretrained: bool = False,
+        pretrained_cfg: Optional[Any] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        cache_dir: Optional[str] = None,
+        **kwargs,
+) -> nn.Module:
+    """Build the registered zoo model ``name`` (what ``timm.create_model(name, ...)`` calls).
+
+    Args:
+        name: a registered recipe name (``<arch>_dpp``).
+        pretrained: load weights: the architecture's original weights, converted with the recipe's policy, or the
+            file in ``pretrained_cfg_overlay['file']`` (a converted dpp_surgery checkpoint, or original weights).
+        pretrained_cfg, pretrained_cfg_overlay: timm's pretrained-cfg arguments.
+        cache_dir: timm's download cache folder.
+        **kwargs: passed to the architecture (``num_classes``, ``in_chans``, ``drop_rate``, ...).
+
+    Returns:
+        The converted model; its ``pretrained_cfg`` is the architecture's (mean, std, input size), named ``name``.
+    """
+    import timm
+    from timm.models import load_pretrained, resolve_pretrained_cfg
+
+    recipe = _REGISTERED.get(name)
+    if recipe is None:
+        raise ValueError(f'{name!r} is not a registered zoo model; registered: {", ".join(_REGISTERED) or "none"}')
+    if kwargs.get('features_only'):
+        raise ValueError(f'{name} does not support features_only=True; create it normally and use '
+                         'forward_features or timm.create_model(..., features_only=True) on the architecture')
+    cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
+                                 pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
+    arch = recipe.architecture
+    file = cfg.get('file')
+    policy = recipe.conversion_policy()
+    if pretrained and file and _is_dpp_checkpoint(file):
+        model, preprocessing = _load_converted_checkpoint(recipe, file, dict(kwargs))
+        # the input normalisation the checkpoint's weights expect, as dpp_surgery.load applies it
+        cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()})
+    else:
+        if pretrained and file:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f'pretrained_cfg_overlay file {file} does not exist')
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kwargs)
+        elif pretrained and recipe.weight_source == 'offline':
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+            source_cfg = dict(timm.models.get_pretrained_cfg(arch).to_dict(), state_dict=_offline_state_dict(arch))
+            load_pretrained(model, pretrained_cfg=source_cfg, num_classes=model.num_classes,
+                            in_chans=kwargs.get('in_chans', 3))
+        elif pretrained:
+            try:
+                model = timm.create_model(arch, pretrained=True, cache_dir=cache_dir, **kwargs)
+            except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RuntimeError(
+                    f"cannot get {arch}'s pretrained weights from timm's hub ({type(e).__name__}: {first[:200]}). "
+                    f"Offline, pass a local file: timm.create_model({name!r}, pretrained=True, "
+                    "pretrained_cfg_overlay=dict(file=PATH)) with the original weights or a converted dpp_surgery "
+                    'checkpoint, or use pretrained=False') from e
+        else:
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+        # plan's default input size comes from pretrained_cfg, which keeps 3 channels whatever in_chans is
+        in_chans = kwargs.get('in_chans', 3)
+        convert(model, input_size=(in_chans, *tuple(cfg.get('input_size', (3, 224, 224)))[1:]), policy=policy)
+        model._dpp_surgery_create = (arch, {k: v for k, v in kwargs.items() if k != 'num_classes'})
+    cfg.pop('state_dict', None)
+    model.pretrained_cfg = cfg
+    model.default_cfg = model.pretrained_cfg  # timm's alias
+    return model
