@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 __all__ = ['main', 'build_parser']
 
@@ -234,18 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(func: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace, prog: str) -> int:
+    """``func(args)`` as a command: its return code (0 for None); an error is one line ``PROG: error: ...`` on
+    stderr with code 1 (no traceback), Ctrl-C is ``PROG: interrupted`` with code 130."""
+    try:
+        return func(args) or 0
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f'{prog}: error: {text}', file=sys.stderr)
+        return 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except KeyboardInterrupt:
-        print('dpp-surgery: interrupted', file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
-        print(f'dpp-surgery: error: {e}'.splitlines()[0] if str(e) else f'dpp-surgery: error: {type(e).__name__}',
-              file=sys.stderr)
-        return 1
+    return run_command(args.func, args, 'dpp-surgery')
 
 
 if __name__ == '__main__':

@@ -378,16 +378,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--output', default='zoo/paper', help='folder holding paper.json (default zoo/paper)')
     p.set_defaults(func=paper_table_cmd)
     args = parser.parse_args(argv)
-    if args.func is fashion_mnist:
-        args.func(args)
-        return 0
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args.func(args)
-    except (ValueError, OSError) as e:  # one clear line, no traceback
-        print(f'error: {e}'.splitlines()[0], file=sys.stderr)
-        return 1
-    return 0
+    from .cli import run_command
+
+    def run(a: argparse.Namespace) -> int:
+        a.func(a)  # the commands return their record; success is 0
+        return 0
+
+    return run_command(run, args, 'dpp_surgery.experiments')
 
 
 if __name__ == '__main__':

@@ -130,7 +130,7 @@ def test_existing_results_are_not_overwritten(tmp_path, capsys):
     (out / 'paper.md').write_text('earlier results\n')
     assert main(_tiny_args(out)) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith('error: ') and '--overwrite' in err and len(err.splitlines()) == 1
+    assert err.startswith('dpp_surgery.experiments: error: ') and '--overwrite' in err and len(err.splitlines()) == 1
     assert (out / 'paper.md').read_text() == 'earlier results\n'
     assert not (out / 'paper.json').exists()
 

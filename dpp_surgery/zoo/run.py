@@ -550,12 +550,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = 'python -m dpp_surgery.zoo ' + shlex.join(argv)
-    try:
-        return args.func(args) or 0
-    except KeyboardInterrupt:
-        print('dpp_surgery.zoo: interrupted', file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f'dpp_surgery.zoo: error: {text}', file=sys.stderr)
-        return 1
+    from ..cli import run_command
+    return run_command(args.func, args, 'dpp_surgery.zoo')
