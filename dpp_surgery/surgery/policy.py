@@ -65,7 +65,9 @@ class ConversionPolicy:
             activation; a conv outside any block falls back to ``'post'``), ``'post'`` (the conv runs at stride 1,
             DPP right after it), ``'pre'`` (DPP first, then the conv at stride 1 on the smaller map; needs a conv
             that keeps its size at stride 1). The default preserves a pretrained model's function best (README).
-        max_pool, avg_pool, strided_conv: the :class:`DPPVariant` (or a dict of its fields) for each kind.
+        max_pool, avg_pool, strided_conv: the :class:`DPPVariant` (or a dict of its fields) for each kind. The
+            defaults use the authors' init (alpha = lambda = 1), asymmetric for max pools, so that fine-tuning can
+            move them; ``init='avg'``/``'max'`` start as the replaced pooling but barely learn.
         include: name patterns (fnmatch, on the site names that :func:`plan` prints); if given, only sites
             matching one of them are converted. A pattern that matches no site is an error.
         exclude: name patterns of sites to leave alone.
@@ -79,9 +81,11 @@ class ConversionPolicy:
     """
     targets: Tuple[str, ...] = TARGETS
     placement: str = 'block'
-    max_pool: DPPVariant = DPPVariant(reward='asym', init='max')
-    avg_pool: DPPVariant = DPPVariant(init='avg')
-    strided_conv: DPPVariant = DPPVariant(init='avg')
+    # the authors' init everywhere: the 'avg'/'max' presets start as the pooling they imitate, but where the
+    # gradients of the log-parameters nearly vanish, so fine-tuning barely moves them (`bench init`, README)
+    max_pool: DPPVariant = DPPVariant(reward='asym')
+    avg_pool: DPPVariant = DPPVariant()
+    strided_conv: DPPVariant = DPPVariant()
     include: Tuple[str, ...] = ()
     exclude: Tuple[str, ...] = ()
     include_types: Tuple[Union[str, Type[nn.Module]], ...] = ()
