@@ -425,3 +425,36 @@ def test_render_table_without_results_or_paper():
     assert 'Paper-style experiment' not in text
     row = next(line for line in text.splitlines() if line.startswith('| `resnet18_dpp`'))
     assert row.count('not run') == 2 and 'random init' in row
+
+
+def test_zoo_folder_lookup(tmp_path, monkeypatch):
+    from dpp_surgery.zoo import registry
+    monkeypatch.delenv(registry.ZOO_ENV, raising=False)
+    assert registry.default_zoo_dir() == os.path.join(REPO, 'zoo')  # the source checkout
+    monkeypatch.setenv(registry.ZOO_ENV, str(tmp_path))
+    assert registry.default_zoo_dir() == str(tmp_path)
+    # an installed wheel: no source checkout, the recipes under <prefix>/share/dpp_surgery/zoo
+    monkeypatch.delenv(registry.ZOO_ENV)
+    monkeypatch.setattr(registry, '_source_zoo_dir', lambda: str(tmp_path / 'no-checkout' / 'zoo'))
+    installed = tmp_path / 'prefix' / 'share' / 'dpp_surgery' / 'zoo'
+    monkeypatch.setattr(registry, '_installed_zoo_dir', lambda: str(installed))
+    assert registry.default_zoo_dir() == str(tmp_path / 'no-checkout' / 'zoo')  # neither exists: no recipes
+    assert registry.list_recipes() == []
+    installed.mkdir(parents=True)
+    _write(str(installed), _tiny_recipe())
+    assert registry.default_zoo_dir() == str(installed) and registry.list_recipes() == ['test_resnet_dpp']
+
+
+def test_wheel_carries_the_recipes(tmp_path):
+    """A built wheel installs every recipe where default_zoo_dir looks for them."""
+    import glob
+    import sysconfig
+    import zipfile
+    from dpp_surgery.zoo import registry
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
+                    str(tmp_path), REPO], check=True, capture_output=True, timeout=300)
+    (wheel,) = glob.glob(str(tmp_path / 'dpp_surgery-*.whl'))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(os.path.basename(n) for n in names if '.data/data/share/dpp_surgery/zoo/' in n)
+    assert shipped == sorted(f'{name}.json' for name in COMMITTED)
+    assert registry._installed_zoo_dir() == os.path.join(sysconfig.get_path('data'), 'share', 'dpp_surgery', 'zoo')

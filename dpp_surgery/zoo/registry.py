@@ -18,8 +18,9 @@ Importing :mod:`dpp_surgery` registers every recipe of the zoo folder with timm 
 class count unless ``num_classes`` asks for another head) or the architecture's original weights (loaded by timm,
 then converted). ``checkpoint_path=`` is timm's own strict load into the freshly converted model.
 
-The zoo folder is ``zoo/`` next to the package (a source checkout or an editable install); the environment
-variable ``DPP_SURGERY_ZOO`` points elsewhere.
+The zoo folder is ``zoo/`` next to the package (a source checkout or an editable install), or the recipes that a
+wheel installs under ``<prefix>/share/dpp_surgery/zoo``; the environment variable ``DPP_SURGERY_ZOO`` points
+elsewhere.
 """
 from __future__ import annotations
 
@@ -106,12 +107,29 @@ class Recipe:
         return {**LATENCY_DEFAULTS, **self.latency}
 
 
+def _source_zoo_dir() -> str:
+    """The ``zoo`` folder of a source checkout (next to the package; also what an editable install uses)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'zoo')
+
+
+def _installed_zoo_dir() -> str:
+    """Where a wheel installs the recipes (``[tool.setuptools.data-files]`` in pyproject.toml)."""
+    import sysconfig
+
+    return os.path.join(sysconfig.get_path('data'), 'share', 'dpp_surgery', 'zoo')
+
+
 def default_zoo_dir() -> str:
-    """``$DPP_SURGERY_ZOO`` if set, else the ``zoo`` folder next to the package."""
+    """``$DPP_SURGERY_ZOO`` if set, else the ``zoo`` folder of a source checkout, else the recipes a wheel installed
+    (``<prefix>/share/dpp_surgery/zoo``)."""
     env = os.environ.get(ZOO_ENV)
     if env:
         return env
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'zoo')
+    source = _source_zoo_dir()
+    if os.path.isdir(source):
+        return source
+    installed = _installed_zoo_dir()
+    return installed if os.path.isdir(installed) else source
 
 
 def _fail(where: str, problem: str) -> RecipeError:
