@@ -1,8 +1,7 @@
-"""The demo and the benchmarks run end to end (tiny sizes) and print what they promise."""
+"""The benchmarks run end to end (tiny sizes) and print what they promise (the demo: tests/test_demo.py)."""
 import json
-import os
 
-from dpp_surgery import bench, demo
+from dpp_surgery import bench
 
 
 def test_bench_layer_small(tmp_path, capsys):
@@ -33,11 +32,3 @@ def test_bench_init(capsys):
     assert '| photo china.jpg' in text
     assert text.count('| random') == 5
 
-
-def test_demo_writes_figure(tmp_path, capsys):
-    assert demo.main(['--out', str(tmp_path)]) == 0
-    text = capsys.readouterr().out
-    for name in demo.pooling_methods():
-        assert f'| {name} |' in text
-    assert '| NO |' not in text
-    assert os.path.getsize(tmp_path / 'pooling.png') > 10_000
