@@ -17,6 +17,7 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -313,7 +314,7 @@ def bench_coverage(args) -> dict:
     from .coverage import export_check, run_coverage, summarize
     from .export import SUPPORTED_MODES
 
-    checks = [] if args.no_export else [export_check]
+    checks = [] if args.no_export else [functools.partial(export_check, timeout=args.export_timeout)]
     results = run_coverage(args.families or None, size=args.size, csv_path=args.csv, progress=True,
                            extra_checks=checks)
     print(f'\nCoverage of convert() across timm (default policy, pretrained=False, {args.size} px unless the model '
@@ -473,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--csv', default='results/coverage.csv', help='CSV output path (default results/coverage.csv)')
     p.add_argument('--families', nargs='*', help='only these timm families (module names)')
     p.add_argument('--no-export', action='store_true', help='skip the ONNX export and parity columns')
+    p.add_argument('--export-timeout', type=float, default=300,
+                   help='seconds per model and mode for the export and its check before it counts as failed '
+                        '(default 300)')
     p.set_defaults(func=bench_coverage)
     p = sub.add_parser('onnx', help='latency in torch eager and onnxruntime (decomposed, custom kernel), DPP share')
     p.add_argument('--models', nargs='+', default=list(ONNX_MODELS), help='timm models (default: %(default)s)')

@@ -6,8 +6,11 @@ backward at a small input size, and record what happened; a failure keeps its re
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
+import threading
 import time
 import traceback
 import warnings
@@ -16,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ['FamilyResult', 'pick_model', 'check_family', 'run_coverage', 'export_check', 'CONVERTIBLE_REASONS']
+__all__ = ['FamilyResult', 'pick_model', 'check_family', 'run_coverage', 'export_check', 'CONVERTIBLE_REASONS',
+           'EXPORT_TIMEOUT', 'ExportTimeout']
 
 # name fragments of small variants, most preferred first
 _SMALL = ['atto', 'femto', 'pico', 'nano', 'xxs', 'tiny', 'mini', 'xs', 'small', '_s', 'lite0', 'b0', '_t', '18', '050',
@@ -149,11 +153,48 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
     return result
 
 
-def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, str]:
+EXPORT_TIMEOUT = 300  # seconds per model and mode; some exports (torch.export of large dynamic graphs) take far longer
+
+
+class ExportTimeout(BaseException):
+    """An export and its check ran past the coverage benchmark's time limit. A BaseException (like
+    KeyboardInterrupt), so that the exporter's own fallbacks (``except Exception``) do not swallow it."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: Optional[float]):
+    """Raise :class:`ExportTimeout` in this (main) thread after ``seconds`` (SIGALRM; no limit elsewhere). A timer
+    that was already set (pytest-timeout's, for example) gets its handler and its remaining time back afterwards."""
+    usable = seconds and hasattr(signal, 'SIGALRM') and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise ExportTimeout(f'export and check took longer than {seconds:g} s')
+
+    outer_remaining, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    previous = signal.signal(signal.SIGALRM, expire)
+    start = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_remaining:
+            # the outer timer resumes with what it had left (at once if that ran out meanwhile)
+            left = max(outer_remaining - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+
+
+def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
+                 timeout: Optional[float] = EXPORT_TIMEOUT) -> Dict[str, str]:
     """Export a converted model in every mode and compare onnxruntime with PyTorch (an ``extra_checks`` entry).
 
-    Columns ``onnx_<mode>`` ('yes', or 'no: <reason>') and ``parity_<mode>`` (the worst relative error over random
-    and photo inputs at batch 1 and 2, the size and one pixel more where the file is dynamic; 'ok'/'FAIL').
+    Columns ``onnx_<mode>`` ('yes', or 'no: <reason>', a run past ``timeout`` seconds included) and
+    ``parity_<mode>`` (the worst relative error over random and photo inputs at batch 1 and 2, the size and one pixel
+    more where the file is dynamic; 'ok'/'FAIL').
     """
     import tempfile
 
@@ -164,11 +205,11 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int]) -
         for mode in SUPPORTED_MODES:
             path = os.path.join(tmp, f'{name}_{mode}.onnx')
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _time_limit(timeout):
                     warnings.simplefilter('ignore')
                     export_onnx(model, path, mode=mode, example_input=torch.randn(1, *input_size))
                     report = verify_onnx(model, path, base_size=tuple(input_size[1:]), batches=(1, 2))
-            except Exception as e:  # noqa: BLE001 - recorded per model
+            except (Exception, ExportTimeout) as e:  # noqa: BLE001 - recorded per model
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
                 out[f'onnx_{mode}'] = f'no: {type(e).__name__}: {msg}'[:300]
                 out[f'parity_{mode}'] = ''

@@ -194,3 +194,22 @@ def test_coverage_export_columns():
         assert verdict == 'ok' and float(err) <= 1e-4
     text = summarize([result])
     assert 'ONNX custom: 1 of 1 converted models export, 1 match PyTorch within 1e-4' in text
+
+
+def test_coverage_export_time_limit():
+    """An export that runs past the coverage benchmark's limit is recorded as failed with the reason, and the
+    alarm is gone afterwards."""
+    import signal
+    from dpp_surgery.coverage import export_check
+    model = timm.create_model('test_resnet')
+    convert(model, input_size=(3, 64, 64))
+    handler = signal.getsignal(signal.SIGALRM)
+    outer = signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout's own alarm, if it uses one
+    out = export_check('test_resnet', model, (3, 64, 64), timeout=0.05)
+    for mode in ('decomposed', 'custom'):
+        assert out[f'onnx_{mode}'].startswith('no: ExportTimeout: export and check took longer than 0.05 s')
+        assert out[f'parity_{mode}'] == ''
+    # the outer alarm and its handler are back, with the time it had left
+    assert signal.getsignal(signal.SIGALRM) is handler
+    remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+    assert (remaining == 0.0) if not outer else (0 < remaining <= outer)
