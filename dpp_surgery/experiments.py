@@ -31,10 +31,25 @@ _FASHION_MEAN, _FASHION_STD = 0.2860, 0.3530
 _OPT_NAMES = {'sgd': 'SGD (Nesterov momentum 0.9)', 'adamw': 'AdamW'}
 
 
+FASHION_FILES = ('fashion_mnist.md', 'fashion_mnist.json')
+
+
+def _refuse_overwrite(output: str, names, overwrite: bool) -> None:
+    """Stop before any training if ``output`` already holds results and ``overwrite`` was not asked for."""
+    if overwrite:
+        return
+    existing = [f for f in names if os.path.exists(os.path.join(output, f))]
+    if existing:
+        raise FileExistsError(f'{output} already holds results ({", ".join(existing)}); pass --overwrite to replace '
+                              'them or choose another --output')
+
+
 def fashion_mnist(args) -> dict:
     from .bench import machine_description
+    from .checkpoint import atomic_write
     from .train import FinetuneConfig, finetune
 
+    _refuse_overwrite(args.output, FASHION_FILES, args.overwrite)
     runs = []
     for seed in args.seeds:
         for converted in (False, True):
@@ -63,12 +78,11 @@ def fashion_mnist(args) -> dict:
         lines.append(f"| {label} | {', '.join(f'{100 * a:.2f}%' for a in accs)} | {100 * statistics.mean(accs):.2f}% "
                      f"| {100 * (max(accs) - min(accs)):.2f} | {speed:.1f} |")
     table = '\n'.join(lines)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, 'fashion_mnist.md'), 'w') as f:
-        f.write(table + '\n')
-    with open(os.path.join(args.output, 'fashion_mnist.json'), 'w') as f:
-        json.dump({'runs': runs, 'args': {k: v for k, v in vars(args).items() if k != 'func'},
-                   'machine': machine_description()}, f, indent=1)
+    record = {'runs': runs, 'args': {k: v for k, v in vars(args).items() if k not in ('func', 'argv')},
+              'machine': machine_description()}
+    atomic_write(os.path.join(args.output, 'fashion_mnist.json'), _write_text(json.dumps(record, indent=1) + '\n'),
+                 overwrite=args.overwrite)
+    atomic_write(os.path.join(args.output, 'fashion_mnist.md'), _write_text(table + '\n'), overwrite=args.overwrite)
     print(table)
     return {'runs': runs}
 
@@ -90,11 +104,7 @@ def _check_paper_args(args) -> None:
                              f'{getattr(args, name)}')
     if not args.lr > 0 or args.weight_decay < 0:
         raise ValueError(f'--lr must be > 0 and --weight-decay >= 0, but got {args.lr} and {args.weight_decay}')
-    if not args.overwrite:
-        existing = [f for f in PAPER_FILES if os.path.exists(os.path.join(args.output, f))]
-        if existing:
-            raise FileExistsError(f'{args.output} already holds results ({", ".join(existing)}); pass --overwrite to '
-                                  'replace them or choose another --output')
+    _refuse_overwrite(args.output, PAPER_FILES, args.overwrite)
 
 
 def _fashion_tensors(train_subset: int, test_subset: int):
@@ -360,6 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--output', default='results/fashion_mnist')
+    p.add_argument('--overwrite', action='store_true', help='replace fashion_mnist.md/json in --output')
     p.add_argument('--no-progress', action='store_true')
     p.set_defaults(func=fashion_mnist)
 

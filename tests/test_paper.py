@@ -207,3 +207,13 @@ def test_paper_table_needs_results(tmp_path, capsys):
     assert main(['paper-table', '--output', str(tmp_path)]) == 1
     assert 'holds no runs' in capsys.readouterr().err
     assert not (tmp_path / 'paper.md').exists()
+
+
+def test_fashion_mnist_experiment_keeps_existing_results(tmp_path, capsys):
+    """`experiments fashion-mnist` refuses to replace earlier results before training anything."""
+    (tmp_path / 'fashion_mnist.md').write_text('earlier results\n')
+    assert main(['fashion-mnist', '--output', str(tmp_path), '--no-progress']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('dpp_surgery.experiments: error: ') and '--overwrite' in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ['fashion_mnist.md']
+    assert (tmp_path / 'fashion_mnist.md').read_text() == 'earlier results\n'
