@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import signal
 import threading
 import time
@@ -153,6 +154,7 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
     return result
 
 
+_ANSI = re.compile(r'\x1b\[[0-9;]*m')
 EXPORT_TIMEOUT = 300  # seconds per model and mode; some exports (torch.export of large dynamic graphs) take far longer
 
 
@@ -210,7 +212,8 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
                     export_onnx(model, path, mode=mode, example_input=torch.randn(1, *input_size))
                     report = verify_onnx(model, path, base_size=tuple(input_size[1:]), batches=(1, 2))
             except (Exception, ExportTimeout) as e:  # noqa: BLE001 - recorded per model
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
+                msg = _ANSI.sub('', str(e)).strip()  # the exporter colours its messages for terminals
+                msg = msg.splitlines()[0] if msg else ''
                 out[f'onnx_{mode}'] = f'no: {type(e).__name__}: {msg}'[:300]
                 out[f'parity_{mode}'] = ''
                 continue
