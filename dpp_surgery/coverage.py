@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import re
 import signal
 import threading
 import time
@@ -19,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from ._text import first_line
 
 __all__ = ['FamilyResult', 'pick_model', 'check_family', 'run_coverage', 'export_check', 'CONVERTIBLE_REASONS',
            'EXPORT_TIMEOUT', 'ExportTimeout']
@@ -143,7 +144,7 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
                 result.reason = f'{len(skipped)} site(s) left: ' + '; '.join(sorted({s.reason for s in skipped}))[:300]
     except Exception as e:  # noqa: BLE001 - the benchmark records every failure with its reason
         result.status = 'failed'
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        msg = first_line(e, '')
         result.reason = f'{type(e).__name__}: {msg}'[:400]
         if not result.traced and result.model:
             result.reason = 'plan: ' + result.reason
@@ -154,7 +155,6 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
     return result
 
 
-_ANSI = re.compile(r'\x1b\[[0-9;]*m')
 EXPORT_TIMEOUT = 300  # seconds per model and mode; some exports (torch.export of large dynamic graphs) take far longer
 
 
@@ -212,8 +212,7 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
                     export_onnx(model, path, mode=mode, example_input=torch.randn(1, *input_size))
                     report = verify_onnx(model, path, base_size=tuple(input_size[1:]), batches=(1, 2))
             except (Exception, ExportTimeout) as e:  # noqa: BLE001 - recorded per model
-                msg = _ANSI.sub('', str(e)).strip()  # the exporter colours its messages for terminals
-                msg = msg.splitlines()[0] if msg else ''
+                msg = first_line(e, '')
                 out[f'onnx_{mode}'] = f'no: {type(e).__name__}: {msg}'[:300]
                 out[f'parity_{mode}'] = ''
                 continue

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench import interleaved_medians, machine_description
+from ._text import first_line
 from .layers import DPP2d, INIT_PRESETS, THETA_ALPHA_MAX, kernel_status
 from .photos import SAMPLE_PHOTOS, load_photo
 
@@ -370,7 +371,7 @@ def _run(args, stages: _Stages) -> Dict[str, Any]:
                                    dynamic=args.dynamic_export, overwrite=True)
                 report = export.verify_onnx(tuned, row['file'], base_size=(size, size), batches=args.verify_batches)
             except Exception as e:  # noqa: BLE001 - reported in the summary, the other modes still run
-                row.update(ok=False, error=f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ""}')
+                row.update(ok=False, error=f'{type(e).__name__}: {first_line(e, "")}')
                 print(f'{mode}: export failed: {row["error"]}')
                 onnx_rows.append(row)
                 continue

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write
+from ._text import first_line
 
 __all__ = ['export_onnx', 'onnx_session', 'verify_onnx', 'register_onnx_schema', 'dpp_nodes', 'ExportError',
            'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS', 'DEFAULT_OPSET', 'DPP_DOMAIN', 'DPP_OP']
@@ -333,7 +334,7 @@ def export_onnx(
                 error = e
         if program is None:
             where = _failing_module(error, model)
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            first = first_line(error)
             place = f'in module {where!r}' if where else f'in {type(model).__name__}'
             raise ExportError(f'torch.export failed {place}: {type(error).__name__}: {first}') from error
         try:
@@ -347,7 +348,7 @@ def export_onnx(
         except ExportError:
             raise
         except Exception as e:  # noqa: BLE001
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ExportError(f'ONNX conversion failed: {type(e).__name__}: {first}') from e
     finally:
         model.train(was_training)

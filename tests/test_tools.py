@@ -32,3 +32,10 @@ def test_bench_init(capsys):
     assert '| photo china.jpg' in text
     assert text.count('| random') == 5
 
+
+
+def test_first_line_strips_colour_codes_and_falls_back():
+    from dpp_surgery._text import first_line
+    assert first_line(RuntimeError('\x1b[96mstep 2/3\x1b[0m failed\nmore detail')) == 'step 2/3 failed'
+    assert first_line(ValueError('')) == 'ValueError'
+    assert first_line(ValueError('  \n'), '') == ''

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._text import first_line
 from ..surgery import ConversionPolicy, NoEffectWarning, convert
 
 __all__ = [
@@ -481,7 +482,7 @@ def create_zoo_model(
             try:
                 model = timm.create_model(arch, pretrained=True, cache_dir=cache_dir, **kwargs)
             except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise RuntimeError(
                     f"cannot get {arch}'s pretrained weights from timm's hub ({type(e).__name__}: {first[:200]}). "
                     f"Offline, pass a local file: timm.create_model({name!r}, pretrained=True, "

@@ -28,9 +28,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._text import first_line
 from .registry import Recipe, default_zoo_dir, get_recipe, load_recipes, register_recipe
 
-__all__ = ['run_recipe', 'render_table', 'render_readme_block', 'write_table', 'write_results', 'main', 'QUICK_FINETUNE', 'DEFAULT_OUTPUT']
+__all__ = ['run_recipe', 'render_table', 'render_readme_block', 'write_table', 'write_results', 'main',
+           'QUICK_FINETUNE', 'DEFAULT_OUTPUT']
 
 DEFAULT_OUTPUT = os.path.join('runs', 'zoo')
 # the smoke-test budget of --quick: a few optimizer steps on tiny subsets, few timed runs
@@ -149,7 +151,7 @@ def measure_latency(unconverted: nn.Module, converted: nn.Module, settings: Dict
             feed = {session.get_inputs()[0].name: x.numpy()}
             out = torch.from_numpy(session.run(None, feed)[0])
         except Exception as e:  # noqa: BLE001 - recorded per mode; the other modes still run
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+            first = first_line(e, '')
             errors[key] = f'{type(e).__name__}: {first}'[:300]
             continue
         ref = refs[which]
@@ -509,7 +511,8 @@ def _project_readme(zoo_dir: str) -> Optional[str]:
 def _cmd_table(args) -> int:
     zoo_dir = args.zoo or default_zoo_dir()
     readme = None if args.no_readme else _project_readme(zoo_dir)
-    print(f'wrote {write_table(zoo_dir, args.output, readme)}' + (f' and the results block of {readme}' if readme else ''))
+    path = write_table(zoo_dir, args.output, readme)
+    print(f'wrote {path}' + (f' and the results block of {readme}' if readme else ''))
     return 0
 
 
