@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx} [options]``.
+"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx,train} [options]``.
 
 Every ratio is measured within one run on one machine; the machine is printed with the table. Targets are
 reported as PASS/MISS lines, never asserted: timing on shared machines is noisy, so benchmarks are not tests.
@@ -10,6 +10,9 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
 * ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
   (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), and the share of
   onnxruntime time in DPP2d nodes (onnxruntime's profiler).
+* ``train``: training-step time and images/s of original and converted resnet18/resnet50/efficientnet_lite0 in
+  float32 and in the precision ``amp='auto'`` picks on this machine, with the converted / original time ratio
+  next to the FLOP ratio.
 * ``coverage``: plan + convert + forward + backward on one small model of every timm family.
 * ``preserve``: how close a converted ImageNet EfficientNet-Lite0 stays to the original before any fine-tuning
   (top-1 agreement and logit cosine similarity on real photos), for each placement and init preset.
@@ -37,17 +40,11 @@ __all__ = ['main', 'machine_description', 'interleaved_medians', 'peak_training_
 
 
 def machine_description() -> str:
-    """One line naming the CPU, core count, thread count and library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, '
+    """One line naming the CPU (model, capability, native bfloat16 or not), core count, thread count and library
+    versions."""
+    from .precision import cpu_description
+
+    return (f'{cpu_description()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, '
             f'Python {platform.python_version()}, fused kernel {"on" if kernel_status()["loaded"] else "off"}')
 
 
@@ -451,6 +448,106 @@ def bench_onnx(args) -> dict:
     return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares,
             'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
 
+TRAIN_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
+# 'auto' may not be slower than float32 by more than this (timing noise of one run on a shared machine)
+AMP_NOISE = 0.05
+# converted / original training-step time may exceed the FLOP ratio by at most this factor
+TRAIN_FLOP_SLACK = 1.1
+
+
+def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype) -> Callable[[], None]:
+    from .layers import param_groups
+
+    opt = torch.optim.SGD(param_groups(model, weight_decay=1e-4), lr=1e-3, momentum=0.9)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(args) -> dict:
+    """Training-step time of original and converted models, in float32 and in the precision ``amp`` picks."""
+    import copy
+    import warnings
+
+    import timm
+
+    from .precision import resolve_amp
+    from .surgery import ConversionPolicy, convert
+    from .zoo.run import measure_cost
+
+    device = torch.device(args.device)
+    size, batch = args.size, args.batch
+    precisions = {}
+    for amp in args.amp:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            choice = resolve_amp(amp, device)
+        for w in caught:
+            print(f'note: {w.message}', file=sys.stderr)
+        precisions[amp] = choice
+        print(f'amp {amp}: {choice.description}', file=sys.stderr)
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        original = timm.create_model(name, num_classes=10).to(device).train()
+        converted = copy.deepcopy(original)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            convert(converted, input_size=(3, size, size))
+        cost = measure_cost(original, converted, ConversionPolicy(), (3, size, size))
+        flop_ratio = cost['gflops']['converted'] / cost['gflops']['unconverted']
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        fns = {}
+        for amp, choice in precisions.items():
+            fns[('original', amp)] = _train_step_fn(original, x, y, choice.dtype)
+            fns[('converted', amp)] = _train_step_fn(converted, x, y, choice.dtype)
+        times = interleaved_medians(fns, args.repeat, warmup=2)
+        for amp, choice in precisions.items():
+            t_orig, t_conv = times[('original', amp)], times[('converted', amp)]
+            rows.append({'model': name, 'amp': amp, 'precision': choice.amp, 'original_ms': t_orig,
+                         'converted_ms': t_conv, 'original_img_s': batch / t_orig * 1e3,
+                         'converted_img_s': batch / t_conv * 1e3, 'time_ratio': t_conv / t_orig,
+                         'flop_ratio': flop_ratio, 'gflops': cost['gflops']})
+            print(f'  {rows[-1]}', file=sys.stderr)
+    names = {'none': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+    print(f'\nTraining step (forward, backward, SGD step; median ms of {args.repeat} interleaved runs), batch {batch}, '
+          f'{size} px, {args.threads} threads, {device.type}, random init, default policy. GFLOPs: torch\'s '
+          'FlopCounterMode of the original, plus the changes plan() estimates at the replaced sites.')
+    print(f'machine: {machine_description()}')
+    print('precision: ' + '; '.join(f'{amp} = {c.description}' for amp, c in precisions.items()) + '\n')
+    print('| model | amp | ran as | original ms | converted ms | original img/s | converted img/s | '
+          'converted / original time | FLOP ratio | time ratio / FLOP ratio |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['model']} | {r['amp']} | {names[r['precision']]} | {r['original_ms']:.0f} | "
+              f"{r['converted_ms']:.0f} | {r['original_img_s']:.0f} | {r['converted_img_s']:.0f} | "
+              f"{r['time_ratio']:.2f}x | {r['flop_ratio']:.2f} | {r['time_ratio'] / r['flop_ratio']:.2f} |")
+    checks = []
+    if 'auto' in precisions and 'none' in precisions:
+        for name in args.models:
+            auto = {r['model']: r for r in rows if r['amp'] == 'auto'}[name]
+            fp32 = {r['model']: r for r in rows if r['amp'] == 'none'}[name]
+            for which in ('original', 'converted'):
+                a, f = auto[f'{which}_ms'], fp32[f'{which}_ms']
+                checks.append((f'{name} {which}: auto ({names[auto["precision"]]}) {a:.0f} ms <= float32 {f:.0f} ms '
+                               f'(+{100 * AMP_NOISE:.0f}% noise margin)', a <= f * (1 + AMP_NOISE)))
+    for r in rows:
+        checks.append((f"{r['model']} {r['amp']}: converted / original time {r['time_ratio']:.2f}x <= "
+                       f"{TRAIN_FLOP_SLACK} x FLOP ratio {r['flop_ratio']:.2f}",
+                       r['time_ratio'] <= TRAIN_FLOP_SLACK * r['flop_ratio']))
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    return {'machine': machine_description(), 'precisions': {k: c.to_dict() for k, c in precisions.items()},
+            'settings': {'batch': batch, 'size': size, 'repeat': args.repeat, 'threads': args.threads},
+            'rows': rows, 'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.bench', description=__doc__,
@@ -484,6 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=224, help='input size (default 224)')
     p.add_argument('--repeat', type=int, default=10, help='timed runs per measurement (default 10)')
     p.set_defaults(func=bench_onnx)
+    p = sub.add_parser('train', help='training-step time of original and converted models, float32 and amp auto')
+    p.add_argument('--models', nargs='+', default=list(TRAIN_MODELS), help='timm models (default: %(default)s)')
+    p.add_argument('--size', type=int, default=64, help='input size (default 64)')
+    p.add_argument('--batch', type=int, default=32, help='batch size (default 32)')
+    p.add_argument('--repeat', type=int, default=5, help='timed steps per measurement (default 5)')
+    p.add_argument('--amp', nargs='+', default=['none', 'auto'], choices=['none', 'auto', 'bf16', 'fp16'],
+                   help='precisions to time (default: none auto)')
+    p.add_argument('--device', default='cpu', help='device (default cpu)')
+    p.set_defaults(func=bench_train)
     return parser
 
 

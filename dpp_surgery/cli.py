@@ -37,7 +37,8 @@ _FINETUNE_HELP = {
     'sched': "learning-rate schedule for timm's create_scheduler_v2 (cosine, step, ...)",
     'warmup_epochs': 'warm-up epochs',
     'label_smoothing': 'label smoothing of the cross-entropy loss',
-    'amp': 'mixed precision: auto (bf16 on CPU, bf16/fp16 on GPU), none, bf16, fp16',
+    'amp': ('mixed precision: auto (bf16 on a CPU only where it is native, else float32; bf16, else fp16, on GPU), '
+            'none, bf16, fp16'),
     'ema': "keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it",
     'ema_decay': 'EMA decay',
     'distill': 'distil from the unconverted pretrained model (KL on logits) to heal the conversion',

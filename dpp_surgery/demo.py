@@ -352,12 +352,13 @@ def _run(args, stages: _Stages) -> Dict[str, Any]:
             path = os.path.join(ft_dir, 'last.safetensors')
             tuned = checkpoint.load(path).eval()
             after = evaluate(tuned, loader, transform, cpu)
-            summary['finetune'] = {'checkpoint': path, 'test_accuracy_bf16': metrics['test_accuracy'],
+            summary['finetune'] = {'checkpoint': path, 'test_accuracy_training_precision': metrics['test_accuracy'],
+                                   'amp': metrics['amp'], 'precision': metrics['precision'],
                                    'images_per_second': metrics['images_per_second'], 'lr': LR,
                                    'dpp_lr_scale': DPP_LR_SCALE, 'batch_size': BATCH_SIZE}
             summary['accuracy_after'] = after['accuracy']
             print(f'checkpoint {path} reloaded with dpp_surgery.load: test accuracy {100 * after["accuracy"]:.2f}% '
-                  f'in float32 ({100 * metrics["test_accuracy"]:.2f}% under bfloat16 autocast during training), '
+                  f'in float32 ({100 * metrics["test_accuracy"]:.2f}% in training under {metrics["precision"]}), '
                   f'{metrics["images_per_second"]:.1f} train images/s')
     tuned.eval()
 

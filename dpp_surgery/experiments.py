@@ -64,12 +64,13 @@ def fashion_mnist(args) -> dict:
             metrics = finetune(cfg)
             runs.append({'seed': seed, 'converted': converted, 'test_accuracy': metrics['test_accuracy'],
                          'best_test_accuracy': metrics['best_test_accuracy'],
-                         'images_per_second': metrics['images_per_second']})
+                         'images_per_second': metrics['images_per_second'], 'precision': metrics['precision']})
     command = 'python -m dpp_surgery.experiments fashion-mnist ' + ' '.join(sys.argv[2:] if len(sys.argv) > 2 else [])
     lines = [f'Fine-tuning ImageNet EfficientNet-Lite0 on Fashion-MNIST ({args.train_subset or 60000} training '
              f'images, {args.epochs} epoch(s), {args.image_size} px, batch {args.batch_size}, SGD lr {args.lr}, '
              f'cosine; test on {args.test_subset or 10000} test images), seeds {", ".join(map(str, args.seeds))}.',
-             f'Command: `{command.strip()}`', f'Machine: {machine_description()}.', '',
+             f'Command: `{command.strip()}`', f'Machine: {machine_description()}.',
+             'Training precision: ' + '; '.join(sorted({r['precision'] for r in runs})) + '.', '',
              '| model | test accuracy per seed | mean | spread (max-min) | train images/s |', '|---|---|---|---|---|']
     for converted in (False, True):
         accs = [r['test_accuracy'] for r in runs if r['converted'] == converted]

@@ -1,10 +1,12 @@
 """Fine-tuning of (converted) timm models: ``dpp_surgery.finetune(...)`` and ``dpp-surgery finetune``.
 
 Built on timm's own factories: ``create_optimizer_v2`` (with the DPP parameters free of weight decay),
-``create_scheduler_v2``, ``ModelEmaV3``. Mixed precision (bfloat16 on CPU, float16/bfloat16 on GPU), gradient
-accumulation, label smoothing, seeding, a progress bar, a JSON-lines metrics log, best and last checkpoints, resume
-after a kill (``resume=True`` continues from the last checkpoint, also mid-epoch), distillation from the
-unconverted model, and DistributedDataParallel under ``torchrun`` (gloo on CPU, nccl on GPU).
+``create_scheduler_v2``, ``ModelEmaV3``. Mixed precision that follows the hardware (``amp='auto'``: bfloat16 on a
+CPU only where it is native, else float32; bfloat16 or float16 with a GradScaler on GPU; see
+:mod:`dpp_surgery.precision`), gradient accumulation, label smoothing, seeding, a progress bar, a JSON-lines metrics
+log, best and last checkpoints, resume after a kill (``resume=True`` continues from the last checkpoint, also
+mid-epoch), distillation from the unconverted model, and DistributedDataParallel under ``torchrun`` (gloo on CPU,
+nccl on GPU).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import checkpoint as ckpt
 from .data import BatchTransform, load_datasets
 from .layers import DPP2d, param_groups
+from .precision import AMP_CHOICES, resolve_amp
 
 __all__ = ['FinetuneConfig', 'finetune', 'evaluate', 'build_model', 'build_optimizer', 'dpp_stats']
 
@@ -63,7 +66,7 @@ class FinetuneConfig:
     sched: str = 'cosine'
     warmup_epochs: int = 0
     label_smoothing: float = 0.1
-    amp: str = 'auto'  # auto | none | bf16 | fp16
+    amp: str = 'auto'  # auto | none | bf16 | fp16 (auto: bf16 only where the hardware has it; dpp_surgery.precision)
     ema: bool = False
     ema_decay: float = 0.999
     distill: bool = False
@@ -164,21 +167,6 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig):
     groups = param_groups(model, weight_decay=cfg.weight_decay, dpp_lr_scale=cfg.dpp_lr_scale)
     opt_kwargs = {'momentum': cfg.momentum} if cfg.opt in ('sgd', 'momentum', 'nesterov') else {}
     return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **opt_kwargs)
-
-
-def _amp_dtype(cfg: FinetuneConfig, device: torch.device) -> Optional[torch.dtype]:
-    amp = cfg.amp
-    if amp == 'auto':
-        amp = 'bf16' if device.type == 'cpu' else ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')
-    if amp == 'none':
-        return None
-    if amp == 'bf16':
-        return torch.bfloat16
-    if amp == 'fp16':
-        if device.type == 'cpu':
-            raise ValueError('--amp fp16 needs a GPU; on the CPU use bf16 or none')
-        return torch.float16
-    raise ValueError(f"amp must be one of 'auto', 'none', 'bf16', 'fp16', but got {cfg.amp!r}")
 
 
 def evaluate(model: nn.Module, loader, transform: BatchTransform, device, amp_dtype=None,
@@ -305,8 +293,11 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
                                        step_on_epochs=False)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     ddp_model = nn.parallel.DistributedDataParallel(model) if distributed else model
-    amp_dtype = _amp_dtype(cfg, device)
-    scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 else None
+    precision = resolve_amp(cfg.amp, device)
+    amp_dtype = precision.dtype
+    scaler = torch.amp.GradScaler('cuda') if precision.grad_scaler else None
+    if is_main:
+        print(f'precision: {precision.description}', file=sys.stderr, flush=True)
 
     start_epoch, start_batch, global_step, best_acc = 0, 0, 0, -1.0
     if cfg.resume:
@@ -327,7 +318,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
         if not is_main:
             return
         ckpt.save(model, os.path.join(out, LAST_FILE), overwrite=True,
-                  metadata={'epoch': epoch, 'batch': batch, 'global_step': global_step})
+                  metadata={'epoch': epoch, 'batch': batch, 'global_step': global_step, 'amp': precision.to_dict()})
         _write_state(state_path, {
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'ema': ema.module.state_dict() if ema is not None else None, 'epoch': epoch, 'batch': batch,
@@ -405,7 +396,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
             'test_loss': test['loss'], 'test_accuracy': test['accuracy'], 'test_count': test['count'],
             'test_metric': 'teacher_agreement' if keep_head else 'accuracy',
             'lr': optimizer.param_groups[0]['lr'], 'images_per_second': images_timed / max(elapsed, 1e-9),
-            'dpp': dpp_stats(model), 'world_size': world,
+            'dpp': dpp_stats(model), 'world_size': world, 'amp': precision.amp, 'precision': precision.description,
         }
         if is_main:
             with open(os.path.join(out, METRICS_FILE), 'a') as f:
@@ -416,7 +407,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
             if test['accuracy'] > best_acc:
                 best_acc = test['accuracy']
                 ckpt.save(eval_model, os.path.join(out, BEST_FILE), overwrite=True,
-                          metadata={'epoch': epoch + 1, 'test_accuracy': best_acc})
+                          metadata={'epoch': epoch + 1, 'test_accuracy': best_acc, 'amp': precision.to_dict()})
         start_batch = 0
         save_state(epoch + 1, 0)
         if stop:
@@ -451,5 +442,5 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f'label_smoothing must be in [0, 1), but got {cfg.label_smoothing}')
     if not 0 <= cfg.distill_alpha <= 1:
         raise ValueError(f'distill_alpha must be in [0, 1], but got {cfg.distill_alpha}')
-    if cfg.amp not in ('auto', 'none', 'bf16', 'fp16'):
-        raise ValueError(f"amp must be one of 'auto', 'none', 'bf16', 'fp16', but got {cfg.amp!r}")
+    if cfg.amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {', '.join(map(repr, AMP_CHOICES))}, but got {cfg.amp!r}")

@@ -7,6 +7,7 @@ the authors' Lua Torch graphs and CUDA layer for the paper-vs-code choices (see 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Iterable, List, Tuple, Union
 
 import torch
@@ -184,7 +185,28 @@ class DPP2d(nn.Module):
         """Names of the parameters that should not be weight-decayed (timm's optimizer factory reads this)."""
         return {'theta_alpha', 'theta_lambda'}
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling anything: one clear error instead of a
+        # TorchScript frontend failure deep inside the functional (geometry objects, the custom op's dispatch)
+        raise RuntimeError(
+            'DPP2d does not support torch.jit.script (TorchScript is in maintenance mode upstream); use '
+            'torch.jit.trace(model, example) for a TorchScript module, torch.compile(model) for speed, or '
+            'torch.export.export(model, (example,)) / dpp_surgery.export_onnx for deployment')
+
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():
+            # one warning that says what matters, instead of one per shape check of every layer
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', torch.jit.TracerWarning)
+                size = tuple(int(s) for s in x.shape[-2:])
+                out = self._forward(x)
+            warnings.warn(f'torch.jit.trace: DPP2d resolves its windows from the traced input size ({size} here), '
+                          'so the trace serves that size only; trace at the size you deploy, or use torch.export / '
+                          'dpp_surgery.export_onnx for dynamic sizes', torch.jit.TracerWarning, stacklevel=2)
+            return out
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         return dpp2d(
             x, self.theta_alpha, self.theta_lambda, guide_weight=self.guide_weight, reward=self.reward,
             norm=self.norm, eps=self.eps, impl=self.impl, geometry=self.geometry)

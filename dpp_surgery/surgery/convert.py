@@ -14,7 +14,9 @@ How each kind of site changes, always keeping every original parameter and buffe
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -39,7 +41,24 @@ class ConversionError(RuntimeError):
     """A conversion step failed its check; the model was restored to its state before convert()."""
 
 
-class _PostDPP:
+class _DynamicDPP:
+    """Base of every class that convert() derives from a model's own class (post/pre/block/functional placements).
+
+    Such a class is made at run time, so pickle cannot find it by name. Its instances pickle as "rebuild the class
+    from an importable root class and the recorded steps, then restore the state": ``torch.save(model)``,
+    ``pickle``, ``copy.deepcopy`` and spawned worker processes get a model with the same class and outputs.
+    """
+    _dpp_root: type = None  # the importable class the steps start from
+    _dpp_steps: tuple = ()  # ('post',), ('pre',) or ('functional', forward source, portable globals), in order
+
+    def __reduce_ex__(self, protocol):
+        return _new_dynamic, (type(self)._dpp_root, type(self)._dpp_steps), self.__dict__
+
+    def __reduce__(self):
+        return self.__reduce_ex__(2)
+
+
+class _PostDPP(_DynamicDPP):
     """Mixin: the module's own forward, then its ``dpp`` child."""
     _dpp_placement = 'post'
 
@@ -47,7 +66,7 @@ class _PostDPP:
         return self.dpp(super().forward(*args, **kwargs))
 
 
-class _PreDPP:
+class _PreDPP(_DynamicDPP):
     """Mixin: the ``dpp`` child first, then the module's own forward."""
     _dpp_placement = 'pre'
 
@@ -55,15 +74,74 @@ class _PreDPP:
         return super().forward(self.dpp(x), *args, **kwargs)
 
 
-_CLASS_CACHE: Dict[Tuple[type, str], type] = {}
+_MIXINS = {'post': _PostDPP, 'pre': _PreDPP}
+_SUFFIXES = {'post': 'DPPPost', 'pre': 'DPPPre', 'functional': 'DPP'}
+# (root class, step keys) -> class: one class per distinct rebuild recipe, so pickled copies share their class
+_CLASS_CACHE: Dict[tuple, type] = {}
 
 
-def _swapped_class(cls: type, mixin: type) -> type:
-    key = (cls, mixin.__name__)
-    if key not in _CLASS_CACHE:
-        suffix = 'DPPPost' if mixin is _PostDPP else 'DPPPre'
-        _CLASS_CACHE[key] = type(f'{cls.__name__}{suffix}', (mixin, cls), {'__module__': cls.__module__})
-    return _CLASS_CACHE[key]
+class _ModuleRef:
+    """A module in a generated forward's globals, pickled by name (module objects do not pickle)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _portable_globals(namespace: dict) -> tuple:
+    return tuple(sorted((k, _ModuleRef(v.__name__) if isinstance(v, types.ModuleType) else v)
+                        for k, v in namespace.items()))
+
+
+def _resolve_globals(portable: tuple) -> dict:
+    return {k: importlib.import_module(v.name) if isinstance(v, _ModuleRef) else v for k, v in portable}
+
+
+def _global_key(v) -> object:
+    if isinstance(v, _ModuleRef):
+        return ('module', v.name)
+    qualname = getattr(v, '__qualname__', None)
+    return ('object', getattr(v, '__module__', None), qualname) if qualname else ('value', repr(v))
+
+
+def _step_key(step: tuple) -> tuple:
+    if step[0] == 'functional':
+        return ('functional', step[1], tuple((k, _global_key(v)) for k, v in step[2]))
+    return step
+
+
+def _dynamic_class(root: type, steps: tuple) -> type:
+    """The class made by applying ``steps`` to the importable class ``root`` (cached)."""
+    key = (root, tuple(_step_key(s) for s in steps))
+    cls = _CLASS_CACHE.get(key)
+    if cls is not None:
+        return cls
+    cls = root
+    for i, step in enumerate(steps):
+        kind = step[0]
+        name = f'{cls.__name__}{_SUFFIXES[kind]}'
+        attrs = {'__module__': root.__module__, '_dpp_root': root, '_dpp_steps': tuple(steps[:i + 1])}
+        if kind == 'functional':
+            namespace = _resolve_globals(step[2])
+            exec(compile(step[1], f'<dpp_surgery forward of {root.__name__}>', 'exec'), namespace)
+            attrs.update(forward=namespace['forward'], _dpp_placement='functional')
+            bases = (cls,) if issubclass(cls, _DynamicDPP) else (_DynamicDPP, cls)
+        else:
+            bases = (_MIXINS[kind], cls)
+        cls = type(name, bases, attrs)
+    _CLASS_CACHE[key] = cls
+    return cls
+
+
+def _derived_class(cls: type, step: tuple) -> type:
+    """``cls`` (importable, or itself made here) extended by one more step."""
+    if issubclass(cls, _DynamicDPP):
+        return _dynamic_class(cls._dpp_root, cls._dpp_steps + (step,))
+    return _dynamic_class(cls, (step,))
+
+
+def _new_dynamic(root: type, steps: tuple) -> nn.Module:
+    cls = _dynamic_class(root, steps)
+    return cls.__new__(cls)
 
 
 def dpp_layers(model: nn.Module) -> List[Tuple[str, DPP2d]]:
@@ -104,7 +182,7 @@ def _swap(module: nn.Module, mixin: type, dpp: DPP2d, undo: list) -> None:
         raise ConversionError(f'{type(module).__name__} already has an attribute named dpp')
     undo.append((module, '__class__', module.__class__))
     _add_child(module, 'dpp', dpp, undo)
-    module.__class__ = _swapped_class(type(module), mixin)
+    module.__class__ = _derived_class(type(module), (mixin._dpp_placement,))
 
 
 def _add_child(module: nn.Module, name: str, child: nn.Module, undo: list) -> None:
@@ -139,13 +217,9 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
         graph.erase_node(node)
     graph.lint()
     code = graph.python_code(root_module='self')
-    namespace = dict(code.globals)
-    exec(compile(code.src, f'<dpp_surgery forward of {type(owner).__name__}>', 'exec'), namespace)
     cls = type(owner)
-    new_cls = type(f'{cls.__name__}DPP', (cls,), {'forward': namespace['forward'], '_dpp_placement': 'functional',
-                                                  '__module__': cls.__module__})
     undo.append((owner, '__class__', cls))
-    owner.__class__ = new_cls
+    owner.__class__ = _derived_class(cls, ('functional', code.src, _portable_globals(code.globals)))
 
 
 def _output_shapes(model: nn.Module, input_size) -> Dict[str, Tuple[int, ...]]:
