@@ -4,26 +4,438 @@
 conversion applied (policy and input size, in order), the input preprocessing the weights expect (mean, std, size
 from ``pretrained_cfg``), and the dpp_surgery version. ``load(path)`` creates the timm
 model, replays the conversions and loads the weights strictly; nothing is unpickled.
+
+A checkpoint is data, never instructions: :func:`read_metadata` (and so :func:`load`) checks every metadata field
+before anything is built. The model name must be one that timm lists; the model kwargs come from a fixed allowlist
+(:data:`MODEL_KWARGS`) with type and range checks, so a file cannot name a file, URL, hub, layer class or callable;
+policies, input sizes (:func:`validate_input_size`), the number of conversions and the preprocessing are bounded
+by the constants below. :func:`save` applies the same checks, so it never writes a file that ``load`` refuses.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import math
 import os
+import re
+import sys
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ._text import first_line
 from .version import __version__
 
-__all__ = ['save', 'load', 'read_metadata', 'create', 'CheckpointError', 'atomic_write', 'FORMAT']
+if TYPE_CHECKING:
+    from .surgery import ConversionPolicy
 
-FORMAT = 'dpp_surgery.checkpoint.v1'
+__all__ = [
+    'save', 'load', 'read_metadata', 'create', 'CheckpointError', 'atomic_write', 'FORMAT', 'validate_input_size',
+    'validate_image_size', 'validate_policy', 'MODEL_KWARGS', 'MAX_CHANNELS', 'MAX_IMAGE_SIDE', 'MAX_CONVERSIONS',
+    'MAX_NUM_CLASSES',
+]
+
+FORMAT_VERSION = 1
+FORMAT = f'dpp_surgery.checkpoint.v{FORMAT_VERSION}'
+_FORMAT_PATTERN = re.compile(r'dpp_surgery\.checkpoint\.v(\d{1,6})')
+
+# bounds on what a checkpoint or a zoo recipe may ask for (the same wherever a size comes from a file or a recipe)
+MAX_CHANNELS = 16  # input channels (in_chans, the C of an input size, the length of mean/std)
+MAX_IMAGE_SIDE = 1024  # pixels, for the H and W of an input size and for an image size
+MAX_CONVERSIONS = 16  # conversions replayed by load
+MAX_NUM_CLASSES = 100_000
+MAX_POLICY_ENTRIES = 256  # entries of a policy's list fields (include, exclude, include_types, ...)
+MAX_NAME_LENGTH = 200  # a model name, a name pattern, a class name, a version string
+_REPR_LIMIT = 60  # characters of a refused value quoted in an error message
+
+# timm's global pooling types (SelectAdaptivePool2d and the transformers' token/map pooling); '' = no pooling
+GLOBAL_POOLS = ('', 'avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax',
+                'token', 'map')
+OUTPUT_STRIDES = (8, 16, 32)
+INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos', 'random')
+CROP_MODES = ('center', 'squash', 'border')
+# top-level metadata entries: required, then optional
+_REQUIRED_META = ('format', 'model_name', 'model_kwargs', 'conversions')
+_OPTIONAL_META = ('dpp_surgery_version', 'preprocessing', 'extra')
+_PREPROCESSING_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
+_MODEL_NAME = re.compile(r'[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?')  # timm 'arch' or 'arch.tag': no path, URL or hub prefix
+_IDENTIFIER = re.compile(r'[A-Za-z][A-Za-z0-9_]*')
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, not a dpp_surgery checkpoint, corrupted, or does not match its model."""
+    """A checkpoint file is missing, not a dpp_surgery checkpoint, corrupted, asks for something it may not, or does
+    not match its model."""
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, shortened to :data:`_REPR_LIMIT` characters, for error messages."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int of more digits than Python prints
+        text = f'<{type(value).__name__} too large to print>'
+    return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT - 5] + '...' + text[-2:]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite float, or an int (not a bool) small enough to become one (math.isfinite overflows on a larger)."""
+    if _is_int(value):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and low <= v <= high
+
+
+def _rate(value: Any) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def _img_size(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and all(_is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in value)
+    return _is_int(value) and 1 <= value <= MAX_IMAGE_SIDE
+
+
+# model kwarg -> (check, what is allowed). Nothing that names a file, a URL, a hub, a layer class or a callable:
+# checkpoint_path, pretrained_cfg(_overlay), cache_dir, act_layer, norm_layer, ... are refused. None (null) is the
+# architecture's default, as timm.create_model drops None kwargs.
+_MODEL_KWARG_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    'num_classes': (_int_in(0, MAX_NUM_CLASSES), f'an integer from 0 to {MAX_NUM_CLASSES}'),
+    'in_chans': (_int_in(1, MAX_CHANNELS), f'an integer from 1 to {MAX_CHANNELS}'),
+    'drop_rate': (_rate, 'a number in [0, 1)'),
+    'drop_path_rate': (_rate, 'a number in [0, 1)'),
+    'drop_block_rate': (_rate, 'a number in [0, 1)'),
+    'global_pool': (lambda v: isinstance(v, str) and v in GLOBAL_POOLS, 'one of ' + ', '.join(map(repr, GLOBAL_POOLS))),
+    'output_stride': (lambda v: _is_int(v) and v in OUTPUT_STRIDES, 'one of ' + ', '.join(map(str, OUTPUT_STRIDES))),
+    'img_size': (_img_size, f'an integer or a pair of integers from 1 to {MAX_IMAGE_SIDE} (pixels)'),
+}
+# the model kwargs a checkpoint may hold, with what each allows
+MODEL_KWARGS: Dict[str, str] = {k: allowed for k, (_, allowed) in _MODEL_KWARG_CHECKS.items()}
+
+
+def _field(parent: str, key: Any) -> str:
+    """``parent.key`` for an identifier key, else ``parent[repr(key)]``."""
+    if isinstance(key, str) and _IDENTIFIER.fullmatch(key):
+        return f'{parent}.{key}'
+    return f'{parent}[{_short(key)}]'
+
+
+def validate_input_size(size: Any, field: str = 'input_size') -> Tuple[int, int, int]:
+    """An input size ``(C, H, W)`` read from a file or a recipe, checked against the bounds.
+
+    Args:
+        size: 3 integers: 1 to :data:`MAX_CHANNELS` channels, a height and width of 1 to :data:`MAX_IMAGE_SIDE`
+            pixels.
+        field: the name of the field it came from, for the error message.
+
+    Returns:
+        ``size`` as a tuple.
+
+    Raises:
+        ValueError: naming the field, the value and what is allowed.
+    """
+    if (isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(v) for v in size)
+            and 1 <= size[0] <= MAX_CHANNELS and all(1 <= v <= MAX_IMAGE_SIDE for v in size[1:])):
+        return int(size[0]), int(size[1]), int(size[2])
+    raise ValueError(f'{field} must be 3 integers [channels, height, width] with 1 to {MAX_CHANNELS} channels and 1 '
+                     f'to {MAX_IMAGE_SIDE} pixels per side, but got {_short(size)}')
+
+
+def validate_image_size(side: Any, field: str = 'image_size') -> int:
+    """An image size in pixels (one side of a square image) read from a file or a recipe: an integer from 1 to
+    :data:`MAX_IMAGE_SIDE`, the bound of :func:`validate_input_size`.
+
+    Raises:
+        ValueError: naming the field, the value and what is allowed.
+    """
+    if _is_int(side) and 1 <= side <= MAX_IMAGE_SIDE:
+        return int(side)
+    raise ValueError(f'{field} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), but got {_short(side)}')
+
+
+def _choice(value: Any, field: str, allowed: Sequence[str], fold_case: bool = False) -> str:
+    """``value`` if it is one of ``allowed`` (in any case with ``fold_case``, as DPP2d reads its options)."""
+    if isinstance(value, str) and (value.lower() if fold_case else value) in allowed:
+        return value
+    raise ValueError(f'{field} must be one of {", ".join(map(repr, allowed))}, but got {_short(value)}')
+
+
+def _strings(value: Any, field: str, pattern: Optional[re.Pattern] = None, what: str = 'strings') -> Tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_POLICY_ENTRIES:
+        raise ValueError(f'{field} must be a list of at most {MAX_POLICY_ENTRIES} {what}, but got {_short(value)}')
+    for item in value:
+        if (not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH
+                or (pattern is not None and not pattern.fullmatch(item))):
+            raise ValueError(f'{field} must be a list of {what} (1 to {MAX_NAME_LENGTH} characters), but it holds '
+                             f'{_short(item)}')
+    return tuple(value)
+
+
+def _variant(value: Any, field: str) -> Dict[str, Any]:
+    """A DPPVariant dict of JSON values: known keys, known choices, init a preset or two finite positive numbers."""
+    from .layers import GUIDES, INIT_PRESETS, NORMS, REWARDS
+
+    keys = ('guide', 'reward', 'norm', 'init')
+    if not isinstance(value, dict):
+        raise ValueError(f'{field} must be an object with DPP variant options ({", ".join(keys)}), but got '
+                         f'{_short(value)}')
+    out = {}
+    for key, v in value.items():
+        where = _field(field, key)
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            raise ValueError(f'{field} has unknown DPP variant option {_short(key)}{hint}; allowed: {", ".join(keys)}')
+        if key == 'init':
+            if isinstance(v, str):
+                out[key] = _choice(v, where, tuple(INIT_PRESETS), fold_case=True)
+            elif isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) and x > 0 for x in v):
+                out[key] = (float(v[0]), float(v[1]))
+            else:
+                raise ValueError(f'{where} must be one of {", ".join(map(repr, INIT_PRESETS))} or two finite positive '
+                                 f'numbers [alpha, lambda], but got {_short(v)}')
+        else:
+            out[key] = _choice(v, where, {'guide': GUIDES, 'reward': REWARDS, 'norm': NORMS}[key], fold_case=True)
+    return out
+
+
+def _leaf_module(name: Any, field: str) -> type:
+    """The nn.Module subclass called ``name`` in torch.nn or timm.layers (looked up in their namespaces only)."""
+    import timm.layers
+
+    cls = None
+    if isinstance(name, str) and _IDENTIFIER.fullmatch(name):
+        for namespace in (vars(torch.nn), vars(timm.layers)):
+            candidate = namespace.get(name)
+            if isinstance(candidate, type) and issubclass(candidate, nn.Module):
+                cls = candidate
+                break
+    if cls is None:
+        raise ValueError(f'{field} names {_short(name)}, which is not an nn.Module class of torch.nn or timm.layers; '
+                         'allowed: such class names (for others, call dpp_surgery.convert(..., leaf_modules=[...]) '
+                         'yourself)')
+    return cls
+
+
+_POLICY_FLAGS = ('skip_stem', 'skip_patchify', 'skip_global', 'skip_stride1')
+
+
+def validate_policy(data: Any, field: str = 'policy') -> ConversionPolicy:
+    """The :class:`~dpp_surgery.ConversionPolicy` described by ``data``, a JSON object of its fields (as
+    ``ConversionPolicy.to_dict`` writes them; omitted fields keep their defaults), every field checked.
+
+    Checkpoints and zoo recipes both go through it: ``targets``, ``include``, ``exclude``, ``include_types`` and
+    ``exclude_types`` are lists of strings, the ``skip_*`` flags booleans, ``placement`` a known placement, the
+    variants objects of known options, and ``leaf_modules`` names of nn.Module classes in torch.nn or timm.layers.
+
+    Args:
+        data: the policy object.
+        field: the name of the field it came from, for error messages.
+
+    Raises:
+        ValueError: naming the field, the value and what is allowed.
+    """
+    from .surgery import ConversionPolicy
+    from .surgery.policy import PLACEMENTS, TARGETS
+
+    fields = [f.name for f in dataclasses.fields(ConversionPolicy)]
+    if not isinstance(data, dict):
+        raise ValueError(f'{field} must be an object of ConversionPolicy fields ({{}} for the default), but got '
+                         f'{_short(data)}')
+    kwargs: Dict[str, Any] = {}
+    for key, value in data.items():
+        where = _field(field, key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            raise ValueError(f'{field}: unknown policy field {_short(key)}{hint}; allowed: {", ".join(fields)}')
+        if key == 'placement':
+            kwargs[key] = _choice(value, where, PLACEMENTS)
+        elif key == 'targets':
+            kwargs[key] = tuple(_choice(t, where, TARGETS) for t in _strings(value, where, what='target names'))
+        elif key in TARGETS:
+            kwargs[key] = _variant(value, where)
+        elif key in _POLICY_FLAGS:
+            if not isinstance(value, bool):
+                raise ValueError(f'{where} must be true or false, but got {_short(value)}')
+            kwargs[key] = value
+        elif key in ('include', 'exclude'):
+            kwargs[key] = _strings(value, where, what='name patterns')
+        elif key in ('include_types', 'exclude_types'):
+            kwargs[key] = _strings(value, where, _IDENTIFIER, 'class names')
+        elif key == 'leaf_modules':
+            names = _strings(value, where, what='class names')
+            kwargs[key] = tuple(_leaf_module(name, where) for name in names)
+        else:  # a ConversionPolicy field this function does not know how to check: refuse rather than pass it on
+            raise ValueError(f'{where} cannot be read from a file; leave it out')
+    try:
+        return ConversionPolicy(**kwargs)
+    except (TypeError, ValueError) as e:  # cross-field rules (init='max' needs reward='asym')
+        raise ValueError(f'{field}: {e}') from e
+
+
+def _check_model_name(name: Any) -> str:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not _MODEL_NAME.fullmatch(name):
+        raise ValueError(f'model_name must be a timm model name (letters, digits and _, an optional .tag; no path, '
+                         f'URL or hub prefix), but got {_short(name)}')
+    arch, _, tag = name.partition('.')
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+        hint = f' (did you mean {close[0]!r}?)' if close else ''
+        raise ValueError(f'model_name {_short(name)} is not a timm model{hint}; allowed: a name from '
+                         f'timm.list_models() (timm {timm.__version__})')
+    if tag:
+        try:
+            known = get_pretrained_cfg(name, allow_unregistered=False) is not None
+        except RuntimeError:  # timm: invalid pretrained tag
+            known = False
+        if not known:
+            raise ValueError(f'model_name {_short(name)}: {tag!r} is not a pretrained tag of {arch}; allowed: {arch!r} '
+                             f'or a name from timm.list_pretrained({arch + ".*"!r})')
+    return name
+
+
+def _check_model_kwargs(kwargs: Any) -> Dict[str, Any]:
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'model_kwargs must be an object of model kwargs, but got {_short(kwargs)}')
+    out = {}
+    for key, value in kwargs.items():
+        where = _field('model_kwargs', key)
+        if key not in _MODEL_KWARG_CHECKS:
+            raise ValueError(f'{where} is not an allowed model kwarg (got {_short(value)}); allowed: '
+                             f'{", ".join(MODEL_KWARGS)} (a checkpoint never names files, URLs, hubs, layer classes '
+                             'or callables)')
+        check, allowed = _MODEL_KWARG_CHECKS[key]
+        if value is None:
+            continue  # the architecture's default (timm.create_model drops None kwargs)
+        if not check(value):
+            raise ValueError(f'{where} must be {allowed}, but got {_short(value)}')
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _check_conversions(conversions: Any) -> List[Dict[str, Any]]:
+    if not isinstance(conversions, list):
+        raise ValueError(f'conversions must be a list of {{"policy", "input_size"}} objects, but got '
+                         f'{_short(conversions)}')
+    if len(conversions) > MAX_CONVERSIONS:
+        raise ValueError(f'conversions holds {len(conversions)} conversions; allowed: at most {MAX_CONVERSIONS}')
+    out = []
+    for i, step in enumerate(conversions):
+        where = f'conversions[{i}]'
+        if not isinstance(step, dict) or set(step) != {'policy', 'input_size'}:
+            got = sorted(map(str, step)) if isinstance(step, dict) else step
+            raise ValueError(f'{where} must be an object with exactly "policy" and "input_size", but got {_short(got)}')
+        validate_policy(step['policy'], f'{where}.policy')
+        size = validate_input_size(step['input_size'], f'{where}.input_size')
+        out.append({'policy': step['policy'], 'input_size': list(size)})
+    return out
+
+
+def _channels(value: Any, field: str, positive: bool) -> List[float]:
+    if (isinstance(value, (list, tuple)) and 1 <= len(value) <= MAX_CHANNELS
+            and all(_is_number(v) and (v > 0 or not positive) for v in value)):
+        return [float(v) for v in value]
+    kind = 'positive finite numbers' if positive else 'finite numbers'
+    raise ValueError(f'{field} must be a list of 1 to {MAX_CHANNELS} {kind} (one per channel), but got '
+                     f'{_short(value)}')
+
+
+def _check_preprocessing(pre: Any) -> Dict[str, Any]:
+    if not isinstance(pre, dict):
+        raise ValueError(f'preprocessing must be an object with some of {", ".join(_PREPROCESSING_KEYS)}, but got '
+                         f'{_short(pre)}')
+    out: Dict[str, Any] = {}
+    for key, value in pre.items():
+        where = _field('preprocessing', key)
+        if key not in _PREPROCESSING_KEYS:
+            raise ValueError(f'preprocessing has unknown entry {_short(key)}; allowed: '
+                             f'{", ".join(_PREPROCESSING_KEYS)}')
+        if value is None:
+            continue  # unset in the model's pretrained_cfg
+        if key == 'input_size':
+            out[key] = list(validate_input_size(value, where))
+        elif key in ('mean', 'std'):
+            out[key] = _channels(value, where, positive=key == 'std')
+        elif key == 'interpolation':
+            out[key] = _choice(value, where, INTERPOLATIONS)
+        elif key == 'crop_mode':
+            out[key] = _choice(value, where, CROP_MODES)
+        elif key == 'crop_pct':
+            if not (_is_number(value) and 0 < value <= 2):
+                raise ValueError(f'{where} must be a number in (0, 2], but got {_short(value)}')
+            out[key] = value
+    channels = {k: len(out[k]) for k in ('mean', 'std') if k in out}
+    if 'input_size' in out:
+        channels['input_size'] = out['input_size'][0]
+    if len(set(channels.values())) > 1:
+        detail = ', '.join(f'{k} {n}' for k, n in channels.items())
+        raise ValueError(f'preprocessing: mean, std and input_size must have the same channel count, but got {detail}')
+    return out
+
+
+def _check_format(fmt: Any, path: str) -> None:
+    if fmt == FORMAT:
+        return
+    match = _FORMAT_PATTERN.fullmatch(fmt) if isinstance(fmt, str) else None
+    if match and int(match.group(1)) > FORMAT_VERSION:
+        raise CheckpointError(f'{path} was written by a newer dpp_surgery (format {fmt!r}; this dpp_surgery '
+                              f'{__version__} reads {FORMAT!r}): upgrade dpp_surgery to load it')
+    if isinstance(fmt, str) and fmt.startswith('dpp_surgery.checkpoint.'):
+        raise CheckpointError(f'{path}: unknown dpp_surgery checkpoint format {_short(fmt)}; this dpp_surgery '
+                              f'{__version__} reads {FORMAT!r}')
+    raise CheckpointError(f'{path} is a safetensors file but not a dpp_surgery checkpoint (no format={FORMAT!r})')
+
+
+def _json(raw: Dict[str, str], key: str, default: str) -> Any:
+    text = raw.get(key, default)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f'damaged dpp_surgery metadata: {key} is nested too deeply to read; allowed: JSON nested '
+                         'less than a few hundred levels') from None
+    except (TypeError, ValueError) as e:  # json.JSONDecodeError, ints of more digits than Python converts
+        raise ValueError(f'damaged dpp_surgery metadata: {key} is not valid JSON ({first_line(e)})') from e
+
+
+def _validate_metadata(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """The decoded metadata, every field checked (the format is checked before, by :func:`_check_format`).
+
+    Raises:
+        ValueError: naming the field, the value and what is allowed.
+    """
+    unknown = [k for k in raw if k not in _REQUIRED_META + _OPTIONAL_META]
+    if unknown:
+        raise ValueError(f'unknown metadata entry {_short(unknown[0])}; a {FORMAT} checkpoint has '
+                         f'{", ".join(_REQUIRED_META + _OPTIONAL_META)}')
+    missing = [k for k in _REQUIRED_META if k not in raw]
+    if missing:
+        raise ValueError(f'damaged dpp_surgery metadata: no {missing[0]!r} entry; a checkpoint has '
+                         f'{", ".join(_REQUIRED_META)} (and optionally {", ".join(_OPTIONAL_META)})')
+    version = raw.get('dpp_surgery_version')
+    if version is not None and (not isinstance(version, str) or len(version) > MAX_NAME_LENGTH):
+        raise ValueError(f'dpp_surgery_version must be a version string of at most {MAX_NAME_LENGTH} characters, but '
+                         f'got {_short(version)}')
+    name = _check_model_name(raw['model_name'])
+    kwargs = _check_model_kwargs(_json(raw, 'model_kwargs', '{}'))
+    conversions = _check_conversions(_json(raw, 'conversions', '[]'))
+    preprocessing = _check_preprocessing(_json(raw, 'preprocessing', '{}'))
+    extra = _json(raw, 'extra', '{}')
+    if not isinstance(extra, dict):
+        raise ValueError(f'extra must be a JSON object, but got {_short(extra)}')
+    return {'format': raw['format'], 'dpp_surgery_version': version, 'model_name': name, 'model_kwargs': kwargs,
+            'conversions': conversions, 'preprocessing': preprocessing, 'extra': extra}
 
 
 def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -54,14 +466,12 @@ def _model_spec(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
     return name, kwargs
 
 
-_PREPROCESSING_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
-
-
 def _preprocessing(model: nn.Module) -> Dict[str, Any]:
     cfg = getattr(model, 'pretrained_cfg', None)
     if not isinstance(cfg, dict):
         return {}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in _PREPROCESSING_KEYS}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()
+            if k in _PREPROCESSING_KEYS and v is not None}
 
 
 def atomic_write(path: str, write_fn, overwrite: bool) -> None:
@@ -94,6 +504,11 @@ def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optiona
 
     Returns:
         ``path``.
+
+    Raises:
+        CheckpointError: the model cannot be described by a checkpoint that :func:`load` accepts (model kwargs
+            outside :data:`MODEL_KWARGS`, more than :data:`MAX_CONVERSIONS` conversions, an input size beyond the
+            bounds, ...); the message names the field and what is allowed.
     """
     from safetensors.torch import save_file
 
@@ -101,15 +516,20 @@ def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optiona
         model = model.module
     name, kwargs = _model_spec(model)
     history = getattr(model, '_dpp_surgery_history', [])
-    meta = {
-        'format': FORMAT,
-        'dpp_surgery_version': __version__,
-        'model_name': name,
-        'model_kwargs': json.dumps(kwargs),
-        'conversions': json.dumps([{'policy': pol.to_dict(), 'input_size': list(size)} for pol, size in history]),
-        'preprocessing': json.dumps(_preprocessing(model)),
-        'extra': json.dumps(metadata or {}),
-    }
+    try:
+        _check_model_kwargs(kwargs)  # before JSON: a layer class or a callable is refused by name, not by json
+        meta = {
+            'format': FORMAT,
+            'dpp_surgery_version': __version__,
+            'model_name': name,
+            'model_kwargs': json.dumps(kwargs),
+            'conversions': json.dumps([{'policy': pol.to_dict(), 'input_size': list(size)} for pol, size in history]),
+            'preprocessing': json.dumps(_preprocessing(model)),
+            'extra': json.dumps(metadata or {}),
+        }
+        _validate_metadata(meta)  # what load() checks: never write a file that load() refuses
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'cannot save {name} to {path}: {first_line(e)}') from e
     # safetensors refuses shared storage; clone every tensor to a contiguous CPU copy
     tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite)
@@ -117,10 +537,12 @@ def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optiona
 
 
 def read_metadata(path: str) -> Dict[str, Any]:
-    """The decoded metadata of a dpp_surgery checkpoint.
+    """The decoded metadata of a dpp_surgery checkpoint, every field checked (see the module docstring).
 
     Raises:
-        CheckpointError: missing file, not safetensors (truncated, corrupted, another format), or not ours.
+        CheckpointError: missing file, not safetensors (truncated, corrupted, another format), not ours, written by
+            a newer dpp_surgery, or a field that is malformed or asks for what a checkpoint may not (the message
+            names the field, the value and what is allowed).
     """
     from safetensors import safe_open
 
@@ -132,48 +554,18 @@ def read_metadata(path: str) -> Dict[str, Any]:
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f'{path} is not a readable safetensors file (truncated, corrupted or another format): '
                               f'{e}') from e
-    if raw.get('format') != FORMAT:
-        raise CheckpointError(f'{path} is a safetensors file but not a dpp_surgery checkpoint (no format={FORMAT!r})')
+    _check_format(raw.get('format'), path)
     try:
-        return {
-            'format': raw['format'],
-            'dpp_surgery_version': raw.get('dpp_surgery_version'),
-            'model_name': raw['model_name'],
-            'model_kwargs': json.loads(raw['model_kwargs']),
-            'conversions': json.loads(raw['conversions']),
-            'preprocessing': json.loads(raw.get('preprocessing', '{}')),
-            'extra': json.loads(raw.get('extra', '{}')),
-        }
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f'{path} has damaged dpp_surgery metadata: {e}') from e
-
-
-def _policy_from_dict(d: Dict[str, Any]):
-    from .surgery import ConversionPolicy
-
-    d = dict(d)
-    leaves = d.pop('leaf_modules', []) or []
-    if leaves:
-        import timm.layers
-        resolved = []
-        for name in leaves:
-            cls = getattr(torch.nn, name, None) or getattr(timm.layers, name, None)
-            if cls is None:
-                raise CheckpointError(f'checkpoint policy names leaf module {name!r}, which is not in torch.nn or '
-                                      'timm.layers; rebuild with dpp_surgery.convert(..., leaf_modules=[...]) yourself')
-            resolved.append(cls)
-        d['leaf_modules'] = tuple(resolved)
-    for key in ('targets', 'include', 'exclude', 'include_types', 'exclude_types'):
-        if key in d and isinstance(d[key], list):
-            d[key] = tuple(d[key])
-    for kind in ('max_pool', 'avg_pool', 'strided_conv'):
-        if kind in d and isinstance(d[kind].get('init'), list):
-            d[kind] = dict(d[kind], init=tuple(d[kind]['init']))
-    return ConversionPolicy(**d)
+        return _validate_metadata(raw)
+    except ValueError as e:
+        raise CheckpointError(f'{path}: {e}') from e
 
 
 def load(path: str, map_location: str = 'cpu') -> nn.Module:
     """Rebuild the model saved by :func:`save` (create, convert with the stored policy, strict load).
+
+    The metadata is checked first (:func:`read_metadata`); nothing is built, and no file other than ``path`` is
+    read, for a checkpoint that fails the checks.
 
     Raises:
         CheckpointError: see :func:`read_metadata`, or weights that do not match the rebuilt model.
@@ -185,20 +577,29 @@ def load(path: str, map_location: str = 'cpu') -> nn.Module:
     from .surgery import NoEffectWarning, convert
 
     meta = read_metadata(path)
+    policies = [validate_policy(step['policy']) for step in meta['conversions']]  # checked: cannot fail
     try:
         state = load_file(path, device=str(map_location))
     except Exception as e:
         raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
-    model = create(meta['model_name'], pretrained=False, **meta['model_kwargs'])
-    for step in meta['conversions']:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', NoEffectWarning)
-            convert(model, input_size=step['input_size'], policy=_policy_from_dict(step['policy']))
+    try:
+        model = create(meta['model_name'], pretrained=False, **meta['model_kwargs'])
+        for step, policy in zip(meta['conversions'], policies):
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', NoEffectWarning)
+                convert(model, input_size=step['input_size'], policy=policy)
+    except Exception as e:  # noqa: BLE001 - e.g. conversion input channels that the model does not take
+        raise CheckpointError(f'{path}: cannot rebuild {meta["model_name"]} from its metadata '
+                              f'({type(e).__name__}: {first_line(e)})') from e
     if meta['preprocessing'] and isinstance(getattr(model, 'pretrained_cfg', None), dict):
         # the input normalisation the weights expect (it may differ from timm's default for this architecture)
         model.pretrained_cfg = dict(model.pretrained_cfg, **{
             k: tuple(v) if isinstance(v, list) else v for k, v in meta['preprocessing'].items()})
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        detail = ' '.join(str(e).split())[:300]
+        raise CheckpointError(f'{path} does not match the rebuilt {meta["model_name"]}: {detail}') from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f'{path} does not match the rebuilt {meta["model_name"]}: {len(result.missing_keys)} missing keys '

@@ -68,6 +68,42 @@ def test_errors_are_one_line(args, message):
     assert 'Traceback' not in res.stderr
 
 
+def _crafted_checkpoint(path, **changes):
+    """A safetensors file with dpp_surgery metadata that a checkpoint may not hold (see tests/test_checkpoint.py)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dpp_surgery.checkpoint import FORMAT
+    meta = dict({'format': FORMAT, 'model_name': 'resnet18', 'model_kwargs': '{}', 'conversions': '[]'}, **changes)
+    save_file({'w': torch.zeros(1)}, str(path), metadata=meta)
+    return str(path)
+
+
+@pytest.mark.parametrize('command, changes, message', [
+    ('eval', {'model_kwargs': json.dumps({'checkpoint_path': '/etc/passwd'})},
+     "model_kwargs.checkpoint_path is not an allowed model kwarg (got '/etc/passwd'); allowed: num_classes"),
+    ('export', {'format': 'dpp_surgery.checkpoint.v2'}, 'was written by a newer dpp_surgery'),
+])
+def test_crafted_checkpoint_is_a_one_line_error(tmp_path, command, changes, message):
+    path = _crafted_checkpoint(tmp_path / 'crafted.safetensors', **changes)
+    onnx = tmp_path / 'out.onnx'
+    res = _run(command, path, *(['-o', str(onnx)] if command == 'export' else []))
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert err[-1].startswith(f'dpp-surgery: error: {path}') and message in err[-1], res.stderr[-1500:]
+    assert 'Traceback' not in res.stderr and not onnx.exists()
+
+
+def test_crafted_checkpoint_as_pretrained_file_is_a_one_line_error(tmp_path, capsys):
+    path = _crafted_checkpoint(tmp_path / 'crafted.safetensors',
+                               conversions=json.dumps([{'policy': {}, 'input_size': [3, 12000, 12000]}]))
+    out = tmp_path / 'converted.safetensors'
+    assert cli.main(['convert', 'resnet18_dpp', '--pretrained-file', path, '-o', str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('dpp-surgery: error:') and '\n' not in err, err
+    assert 'conversions[0].input_size must be 3 integers' in err and not out.exists()
+
+
 def test_unknown_flag_exits_with_usage():
     res = _run('finetune', '--epoch', '1')
     assert res.returncode == 2 and 'unrecognized arguments' in res.stderr

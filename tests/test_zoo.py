@@ -219,8 +219,9 @@ def _set(path, value):
     (_set(('weights', 'source'), 'hub'), "weights.source must be one of offline, timm, but got 'hub'"),
     (_set(('weights', 'source'), 'offline'), "'offline' has weights for efficientnet_lite0 only"),
     (_set(('policy', 'placment'), 'post'), "unknown policy field.*'placment'"),
-    (_set(('policy', 'placement'), 'middle'), "invalid policy: unknown placement 'middle'"),
-    (_set(('policy', 'max_pool'), {'guide': 'huge'}), 'invalid policy'),
+    (_set(('policy', 'placement'), 'middle'), r"policy\.placement must be one of 'post', 'pre', 'block', but got "
+                                              "'middle'"),
+    (_set(('policy', 'max_pool'), {'guide': 'huge'}), r"policy\.max_pool\.guide must be one of 'lite', 'full'"),
     (_set(('finetune', 'lr_rate'), 0.1), "unknown finetune field.*'lr_rate'"),
     (_set(('finetune', 'output'), 'x'), "'output' are set by the runner"),
     (_set(('finetune', 'epochs'), 'two'), 'finetune.epochs must be a number'),
@@ -238,6 +239,66 @@ def test_recipe_errors(change, message):
     change(recipe)
     with pytest.raises(RecipeError, match=message):
         validate_recipe(recipe, 'zoo/resnet18_dpp.json')
+
+
+# crafted recipes: the policy goes through the checkpoint's policy checks, every image size through its bounds
+@pytest.mark.parametrize('change, fragment', [
+    (_set(('policy',), ['max_pool']), 'policy must be an object of ConversionPolicy fields'),
+    (_set(('policy', 'targets'), 'max_pool'), 'policy.targets must be a list of at most 256 target names'),
+    (_set(('policy', 'include'), 'layer*'), 'policy.include must be a list'),
+    (_set(('policy', 'exclude'), [3]), 'policy.exclude must be a list of name patterns'),
+    (_set(('policy', 'include_types'), ['os.system']), 'policy.include_types must be a list of class names'),
+    (_set(('policy', 'skip_stem'), 'yes'), "policy.skip_stem must be true or false, but got 'yes'"),
+    (_set(('policy', 'skip_stride1'), 0), 'policy.skip_stride1 must be true or false, but got 0'),
+    (_set(('policy', 'max_pool'), {'colour': 'red'}), "policy.max_pool has unknown DPP variant option 'colour'"),
+    (_set(('policy', 'strided_conv'), {'init': [1.0, float('nan')]}), 'policy.strided_conv.init must be one of'),
+    (_set(('policy', 'strided_conv'), {'init': [True, 1]}), 'policy.strided_conv.init must be one of'),
+    (_set(('policy', 'max_pool'), {'init': 'max', 'reward': 'sym'}), "policy: init='max' needs reward='asym'"),
+    (_set(('policy', 'leaf_modules'), ['Parameter']), "policy.leaf_modules names 'Parameter', which is not an "
+                                                      'nn.Module class of torch.nn or timm.layers'),
+    (_set(('policy', 'leaf_modules'), ['os']), "policy.leaf_modules names 'os'"),
+    (_set(('policy', 'leaf_modules'), ['__class__']), "policy.leaf_modules names '__class__'"),
+    (_set(('finetune', 'image_size'), 100000), 'finetune.image_size must be an integer from 1 to 1024 (pixels), but '
+                                               'got 100000'),
+    (_set(('finetune', 'image_size'), 0), 'finetune.image_size must be an integer from 1 to 1024'),
+    (_set(('finetune', 'image_size'), 64.5), 'finetune.image_size must be an integer from 1 to 1024'),
+    (_set(('latency', 'image_size'), 5000), 'latency.image_size must be an integer from 1 to 1024 (pixels), but got '
+                                            '5000'),
+    (_set(('latency', 'image_size'), 1025), 'latency.image_size must be an integer from 1 to 1024'),
+])
+def test_crafted_recipe_is_refused(change, fragment):
+    recipe = copy.deepcopy(_tiny_recipe(name='resnet18_dpp', architecture='resnet18',
+                                        latency={'image_size': 1024, 'repeat': 3}))
+    recipe['policy'] = {'leaf_modules': ['BatchNorm2d', 'BlurPool2d'], 'include_types': ['MaxPool2d'],
+                        'strided_conv': {'init': [1.0, 2.0]}}
+    validate_recipe(copy.deepcopy(recipe), 'resnet18_dpp.json')  # valid before the change, at the largest size
+    change(recipe)
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(recipe, 'zoo/resnet18_dpp.json')
+    assert str(info.value).startswith('zoo/resnet18_dpp.json: ' + fragment.split(' ')[0]), str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_crafted_checkpoint_file_of_a_zoo_model_is_refused_before_building(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from dpp_surgery.checkpoint import FORMAT
+    from dpp_surgery.zoo.registry import create_zoo_model
+    base = {'format': FORMAT, 'model_name': 'resnet18', 'model_kwargs': '{}', 'conversions': '[]'}
+    cases = [({'format': 'dpp_surgery.checkpoint.v2'}, 'written by a newer dpp_surgery'),
+             ({'model_kwargs': json.dumps({'checkpoint_path': str(tmp_path / 'w.pth')})},
+              'model_kwargs.checkpoint_path is not an allowed model kwarg'),
+             ({'conversions': json.dumps([{'policy': {}, 'input_size': [3, 12000, 12000]}])},
+              'conversions[0].input_size must be 3 integers')]
+    built = []
+    monkeypatch.setattr(timm, 'create_model', lambda *a, **k: built.append(a))
+    for i, (change, fragment) in enumerate(cases):
+        path = str(tmp_path / f'crafted{i}.safetensors')
+        save_file({'w': torch.zeros(1)}, path, metadata=dict(base, **change))
+        with pytest.raises(dpp_surgery.CheckpointError) as info:
+            create_zoo_model('resnet18_dpp', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+        assert fragment in str(info.value)
+    assert built == []
 
 
 def test_recipe_file_errors(tmp_path):

@@ -100,9 +100,9 @@ class Recipe:
 
     def conversion_policy(self) -> ConversionPolicy:
         """The recipe's :class:`ConversionPolicy` (defaults plus the recipe's fields)."""
-        from ..checkpoint import _policy_from_dict
+        from ..checkpoint import validate_policy
 
-        return _policy_from_dict(self.policy)
+        return validate_policy(self.policy)
 
     def latency_settings(self) -> Dict[str, int]:
         return {**LATENCY_DEFAULTS, **self.latency}
@@ -145,6 +145,7 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
     """
     import timm
 
+    from ..checkpoint import validate_image_size, validate_policy
     from ..train import FinetuneConfig
 
     if not isinstance(data, dict):
@@ -173,13 +174,10 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
                            "use 'timm'")
 
     policy = data['policy']
-    if not isinstance(policy, dict):
-        raise _fail(where, f'policy must be an object of ConversionPolicy fields ({{}} for the default), but got '
-                           f'{type(policy).__name__}')
-    policy_fields = [f.name for f in dataclasses.fields(ConversionPolicy)]
-    bad = [k for k in policy if k not in policy_fields]
-    if bad:
-        raise _fail(where, f'unknown policy field(s) {", ".join(map(repr, bad))}; valid: {", ".join(policy_fields)}')
+    try:  # the same checks as a checkpoint's policies
+        validate_policy(policy, 'policy')
+    except ValueError as e:
+        raise _fail(where, str(e)) from e
 
     finetune = data['finetune']
     if not isinstance(finetune, dict):
@@ -205,6 +203,8 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
             raise _fail(where, f'finetune.{key} must be a number, but got {value!r}')
         elif isinstance(default, str) and not isinstance(value, str):
             raise _fail(where, f'finetune.{key} must be a string, but got {value!r}')
+    if 'image_size' in finetune:
+        _check_size(validate_image_size, finetune['image_size'], 'finetune.image_size', where)
 
     data_spec = data['data']
     if not isinstance(data_spec, dict) or not isinstance(data_spec.get('name'), str):
@@ -218,19 +218,24 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
     for key, value in latency.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(where, f'latency.{key} must be an integer >= 1, but got {value!r}')
+    if 'image_size' in latency:
+        _check_size(validate_image_size, latency['image_size'], 'latency.image_size', where)
     results = data.get('results')
     if results is not None and not isinstance(results, dict):
         raise _fail(where, f'results must be an object written by the runner (or null), but got '
                            f'{type(results).__name__}')
-    recipe = Recipe(name=name, architecture=arch, weights=dict(weights), policy=dict(policy),
-                    finetune=dict(finetune), data=dict(data_spec), description=data.get('description', ''),
-                    notes=data.get('notes', ''), latency=dict(latency), results=results,
-                    path=where if where.endswith('.json') else None, raw=data)
+    return Recipe(name=name, architecture=arch, weights=dict(weights), policy=dict(policy),
+                  finetune=dict(finetune), data=dict(data_spec), description=data.get('description', ''),
+                  notes=data.get('notes', ''), latency=dict(latency), results=results,
+                  path=where if where.endswith('.json') else None, raw=data)
+
+
+def _check_size(check: Callable[[Any, str], Any], value: Any, field: str, where: str) -> None:
+    """An image or input size of a recipe through the checkpoint bounds (:mod:`dpp_surgery.checkpoint`)."""
     try:
-        recipe.conversion_policy()
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise _fail(where, f'invalid policy: {e}') from e
-    return recipe
+        check(value, field)
+    except ValueError as e:
+        raise _fail(where, str(e)) from e
 
 
 def load_recipe(path: str) -> Recipe:
@@ -361,13 +366,12 @@ def register_recipes(zoo_dir: Optional[str] = None, strict: bool = False) -> Lis
 def _is_dpp_checkpoint(path: str) -> bool:
     from safetensors import safe_open
 
-    from ..checkpoint import FORMAT
-
     if not str(path).endswith('.safetensors'):
         return False
     try:
         with safe_open(path, framework='pt') as f:
-            return (f.metadata() or {}).get('format') == FORMAT
+            # any dpp_surgery format: read_metadata explains one it cannot read (a newer dpp_surgery wrote it)
+            return str((f.metadata() or {}).get('format', '')).startswith('dpp_surgery.checkpoint.')
     except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours either
         return False
 
@@ -387,7 +391,7 @@ def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]
     """The converted model rebuilt from a dpp_surgery checkpoint, and the preprocessing stored with it."""
     import timm
 
-    from ..checkpoint import CheckpointError, _policy_from_dict, read_metadata
+    from ..checkpoint import CheckpointError, read_metadata, validate_policy
 
     meta = read_metadata(path)
     if meta['model_name'] not in (recipe.architecture, recipe.name):
@@ -405,7 +409,7 @@ def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]
         with warnings.catch_warnings():
             # a checkpoint of a registered zoo model replays a conversion its entry point already applied
             warnings.simplefilter('ignore', NoEffectWarning)
-            convert(model, input_size=step['input_size'], policy=_policy_from_dict(step['policy']))
+            convert(model, input_size=step['input_size'], policy=validate_policy(step['policy']))
     state = _read_tensors(path)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
