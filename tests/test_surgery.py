@@ -371,3 +371,20 @@ def test_sequential_block_gets_dpp_as_last_child():
     assert isinstance(proj[2].dpp, DPP2d) and list(proj[2]._modules)[-1] == 'dpp'
     with torch.no_grad():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize('placement', ['block', 'post'])
+@pytest.mark.parametrize('name', ['mixnet_s', 'tf_mixnet_s'])
+def test_containers_keep_their_children(name, placement):
+    """MixedConv2d is a ModuleDict whose forward runs every child: DPP never becomes one more of its children."""
+    model = _make(name)
+    containers = {n: list(m._modules) for n, m in model.named_modules() if type(m).__name__ == 'MixedConv2d'}
+    assert containers
+    _check_converted(name, 64, placement=placement)
+    model = _make(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', NoEffectWarning)
+        convert(model, input_size=(3, 64, 64), placement=placement)
+    assert {n: list(model.get_submodule(n)._modules) for n in containers} == containers
+    assert all(type(model.get_submodule(n)).__name__ == 'MixedConv2d' for n in containers)
+    assert dpp_layers(model)

@@ -394,10 +394,20 @@ def _size_preserving_at_stride1(m: nn.Conv2d) -> bool:
     return all(2 * pi == di * (ki - 1) for ki, pi, di in zip(k, p, d))
 
 
+def _iterating_container(m: nn.Module) -> bool:
+    """A ModuleDict/ModuleList, or a Sequential subclass with a forward of its own: a module whose forward may run
+    over all of its children, so an added child would change it."""
+    if isinstance(m, (nn.ModuleDict, nn.ModuleList)):
+        return True
+    return isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward
+
+
 def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], str]:
     """The enclosing block for the 'block' placement: (qualified name or None, how it was found / why not)."""
     conv_stack = g.stack(node)
-    ancestors = conv_stack[:-1]  # modules that contain the conv, outermost first
+    # modules that contain the conv, outermost first; containers whose own forward iterates or indexes their
+    # children (timm's MixedConv2d is a ModuleDict) cannot own a DPP child without changing what they compute
+    ancestors = [p for p in conv_stack[:-1] if not _iterating_container(g.model.get_submodule(p))]
     if not ancestors:
         return None, 'the conv is not inside a block module'
     # data flow: the first add downstream of the conv that also takes a path not through the conv
