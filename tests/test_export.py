@@ -165,6 +165,76 @@ def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, mo
         ort_kernel._reset()
 
 
+def _native_and_function_sessions(path):
+    """Two sessions for one custom-mode file: the native kernel's and the ONNX functions' (skips if the kernel
+    cannot be built here)."""
+    from dpp_surgery import ort_kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', ort_kernel.OrtKernelWarning)
+        status = ort_kernel.ort_kernel_status()
+    if not status['loaded']:
+        pytest.skip(f'the native onnxruntime DPP2d kernel cannot be built here: {status["error"]}')
+    return onnx_session(path, threads=2, native=True), onnx_session(path, threads=2, native=False)
+
+
+def _assert_same_outputs(native, function, x):
+    name = native.get_inputs()[0].name
+    outs = native.run(None, {name: x}), function.run(None, {name: x})
+    assert len(outs[0]) == len(outs[1]) >= 1
+    for a, b in zip(*outs):
+        assert a.shape == b.shape
+        # float32 the two ways: the fused kernel and the decomposition agree to a few roundings of the outputs
+        err = np.abs(a - b).max() / np.abs(b).max()
+        assert np.isfinite(a).all() and err <= 2e-6, (x.shape, a.shape, err)
+
+
+class _DPPBranches(torch.nn.Module):
+    """A conv and the DPP geometries and variants resnet18's file lacks: timm's 'same' padding (split unevenly at
+    some sizes) with a Full guide and norm='none', and a non-square ceil_mode window with stride 1 across and
+    norm='sum'. Side by side, each its own output (so that torch.export keeps the spatial sizes dynamic)."""
+
+    def __init__(self):
+        super().__init__()
+        from dpp_surgery import DPP2d
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.pools = torch.nn.ModuleList([DPP2d(6, 3, 2, 'same', guide='full', norm='none'),
+                                          DPP2d(6, (3, 2), (2, 1), 0, ceil_mode=True, reward='asym', norm='sum')])
+
+    def forward(self, x):
+        y = self.conv(x)
+        return tuple(pool(y) for pool in self.pools)
+
+
+def test_native_kernel_matches_function_in_onnxruntime(custom_export, tmp_path):
+    """The same custom-mode file run by the native kernel and by its ONNX functions gives the same outputs, compared
+    with each other (not only each with PyTorch): resnet18's DPP layers (3x3 Full/asym with padding, 2x2 ceil_mode)
+    and the rest of the geometries and variants, at even and odd sizes (they change the windows that hang over the
+    edge and how 'same' padding is split)."""
+    _, path = custom_export
+    native, function = _native_and_function_sessions(path)
+    assert 'DPP2d' in _profiled_ops(path, True, tmp_path)  # the kernel runs the nodes, the function does not
+    assert 'DPP2d' not in _profiled_ops(path, False, tmp_path)
+    gen = np.random.default_rng(0)
+    for shape in [(2, 3, 64, 64), (1, 3, 65, 65), (1, 3, 67, 96)]:
+        _assert_same_outputs(native, function, gen.standard_normal(shape, dtype=np.float32))
+
+    net = _DPPBranches().eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for pool in net.pools:
+            pool.theta_alpha.copy_(torch.randn(pool.theta_alpha.shape, generator=g))
+            pool.theta_lambda.copy_(torch.randn(pool.theta_lambda.shape, generator=g) * 0.5)
+            if pool.guide_weight is not None:
+                pool.guide_weight.add_(0.1 * torch.randn(pool.guide_weight.shape, generator=g))
+    path = export_onnx(net, str(tmp_path / 'branches.onnx'), mode='custom', example_input=torch.randn(1, 3, 32, 32),
+                       min_size=8)
+    from dpp_surgery.export import dpp_nodes
+    assert len(dpp_nodes(onnx.load(path))) == len(net.pools)
+    native, function = _native_and_function_sessions(path)
+    for shape in [(2, 3, 32, 32), (1, 3, 33, 33), (3, 3, 31, 48), (1, 3, 9, 20)]:
+        _assert_same_outputs(native, function, gen.standard_normal(shape, dtype=np.float32) * 10)
+
+
 def test_kernel_build_failure_warns_and_falls_back(custom_export, tmp_path, monkeypatch):
     from dpp_surgery import ort_kernel
     _, path = custom_export

@@ -12,8 +12,10 @@ import torch
 import dpp_surgery
 from dpp_surgery import data as data_mod
 from dpp_surgery.train import FinetuneConfig, build_model, build_optimizer, finetune
+from groups import check_param_groups
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA),
+# only the tests that read Fashion-MNIST skip without it; the others (options, optimizer groups, weights) run anyway
+needs_data = pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA),
                                 reason='apt-get install dataset-fashion-mnist (CI installs it)')
 
 SMALL = dict(image_size=32, train_subset=64, test_subset=32, batch_size=16, epochs=2, progress=False, threads=2)
@@ -27,6 +29,7 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
+@needs_data
 def test_finetune_writes_metrics_and_checkpoints(tmp_path):
     out = str(tmp_path / 'run')
     metrics = finetune(output=out, ema=True, accum_steps=2, label_smoothing=0.1, **SMALL)
@@ -49,6 +52,7 @@ def test_finetune_writes_metrics_and_checkpoints(tmp_path):
         finetune(output=out, **SMALL)
 
 
+@needs_data
 def test_default_policy_dpp_parameters_learn(tmp_path):
     """Fine-tuning the default conversion moves every DPP layer's alpha and lambda (with init='avg' they would sit
     where their gradients nearly vanish: the reason the default init is the authors')."""
@@ -65,15 +69,17 @@ def test_default_policy_dpp_parameters_learn(tmp_path):
 
 
 def test_dpp_parameters_are_not_weight_decayed():
-    cfg = FinetuneConfig(image_size=32, weight_decay=0.05, dpp_lr_scale=3.0)
+    """The optimizer finetune builds, with the scheduler it builds: every parameter of the converted model in exactly
+    one group, theta_alpha and theta_lambda of every DPP layer in one group without weight decay at lr * 3."""
+    from timm.scheduler import create_scheduler_v2
+    cfg = FinetuneConfig(image_size=32, weight_decay=0.05, dpp_lr_scale=3.0, lr=0.02)
     model, _ = build_model(cfg, num_classes=10)
+    assert len(dpp_surgery.dpp_layers(model)) == 4
     opt = build_optimizer(model, cfg)
-    dpp = {id(p) for _, p in dpp_surgery.dpp_parameters(model)}
-    assert dpp
-    for group in opt.param_groups:
-        ids = {id(p) for p in group['params']}
-        if ids & dpp:
-            assert ids == dpp and group['weight_decay'] == 0.0 and group['lr_scale'] == 3.0
+    check_param_groups(model, opt.param_groups, weight_decay=0.05, dpp_lr_scale=3.0)
+    # timm's scheduler applies lr_scale from its first value on (finetune steps the optimizer before the scheduler)
+    create_scheduler_v2(opt, sched=cfg.sched, num_epochs=1, updates_per_epoch=4, step_on_epochs=False)
+    check_param_groups(model, opt.param_groups, weight_decay=0.05, dpp_lr_scale=3.0, lr=0.02)
 
 
 def test_offline_weights_are_imagenet_weights():
@@ -86,12 +92,14 @@ def test_offline_weights_are_imagenet_weights():
     assert 281 <= pred <= 285  # an ImageNet cat class for scikit-image's cat photo
 
 
+@needs_data
 def test_seeded_runs_repeat(tmp_path):
     a = finetune(output=str(tmp_path / 'a'), amp='none', **dict(SMALL, epochs=1))
     b = finetune(output=str(tmp_path / 'b'), amp='none', **dict(SMALL, epochs=1))
     assert a['test_loss'] == b['test_loss'] and a['train_loss'] == b['train_loss']
 
 
+@needs_data
 def test_distillation_heals_without_labels(tmp_path):
     out = str(tmp_path / 'heal')
     metrics = finetune(output=out, distill=True, distill_alpha=1.0, **dict(SMALL, epochs=1))
@@ -113,6 +121,7 @@ def test_bad_options():
         finetune(amp='fp8')
 
 
+@needs_data
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     """Kill the process with SIGKILL after a mid-epoch checkpoint; --resume continues from it and ends where an
     uninterrupted run ends."""
@@ -150,20 +159,111 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         finetune(output=str(tmp_path / 'none'), resume=True, **SMALL)
 
 
+DDP_RANKS, DDP_SUBSET = 2, 96  # per-rank batch 16 (CLI_SMALL): 3 steps of global batch 32
+
+
+def _single_process_reference(init, cfg):
+    """The DDP run's training redone in this process with batch 2 x 16: the model from ``init`` with its BatchNorm
+    frozen as in the workers (see ddp_worker.freeze_batchnorm: with train-mode BatchNorm each rank would normalise
+    over its own half-batch, which one process with the global batch does not), the optimizer and scheduler finetune
+    builds, and per step the union of the ranks' batches, from DistributedSampler's split of the same permutation.
+
+    DDP averages the ranks' gradients; with the mean loss on each rank and equal batch sizes that is the gradient of
+    the mean loss over the union. Returns the final state_dict and the global batches (as subset indices).
+    """
+    from timm.scheduler import create_scheduler_v2
+    from torch.utils.data import DistributedSampler
+
+    from dpp_surgery import train as train_mod
+    from ddp_worker import freeze_batchnorm
+    data = data_mod.load_datasets(cfg.data, cfg.image_size)
+    train_set = train_mod._subset(data.train, cfg.train_subset, cfg.seed)
+    model, _ = build_model(cfg, data.num_classes)
+    model.load_state_dict(init)
+    freeze_batchnorm(model)
+    optimizer = build_optimizer(model, cfg)
+    rank_order = []
+    for rank in range(DDP_RANKS):
+        sampler = DistributedSampler(train_set, num_replicas=DDP_RANKS, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        sampler.set_epoch(0)
+        rank_order.append(list(sampler))
+    steps = len(rank_order[0]) // cfg.batch_size
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
+                                       warmup_epochs=cfg.warmup_epochs, updates_per_epoch=steps, step_on_epochs=False)
+    transform = data_mod.BatchTransform(cfg.image_size, model.pretrained_cfg['mean'], model.pretrained_cfg['std'])
+    model.train()
+    global_batches = []
+    for step in range(steps):
+        batch = [i for order in rank_order for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+        global_batches.append(batch)
+        images = torch.stack([train_set[i][0] for i in batch])
+        labels = torch.stack([train_set[i][1] for i in batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(transform(images)), labels,
+                                                 label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(num_updates=step + 1)
+    return model.state_dict(), global_batches
+
+
+@needs_data
 def test_torchrun_ddp_two_processes(tmp_path):
-    out = str(tmp_path / 'ddp')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'dpp_surgery',
-           'finetune', '--output', out, '--train-subset', '128', '--epochs', '1'] + CLI_SMALL
+    """Real 2-process DDP (gloo) through the CLI: the ranks end with the same weights, and those are the weights of
+    a single process with the global batch (the union of the ranks' batches)."""
+    out, states = str(tmp_path / 'ddp'), str(tmp_path / 'states')
+    worker = os.path.join(os.path.dirname(__file__), 'ddp_worker.py')  # finetune, then saves its rank's model
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(DDP_RANKS), worker,
+           states, '--output', out, '--train-subset', str(DDP_SUBSET), '--epochs', '1', '--lr', '0.1',
+           '--dpp-lr-scale', '10'] + CLI_SMALL  # updates well above float32 rounding, the DPP thetas' too
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = _metrics(out)
     assert len(lines) == 1  # rank 0 alone writes the log
     m = lines[0]
     assert m['world_size'] == 2 and m['test_count'] == 32  # accuracy reduced over both ranks' halves
-    assert m['step'] == 128 // (16 * 2)  # each rank sees half of the data per step
+    steps = DDP_SUBSET // (16 * DDP_RANKS)  # each rank sees half of the data per step
+    assert m['step'] == steps == 3
     model = dpp_surgery.load(os.path.join(out, 'last.safetensors'))
     assert dpp_surgery.dpp_layers(model)
     assert sum(1 for line in res.stderr.splitlines() if line.startswith('checkpoint:')) == 1
+
+    ranks = [torch.load(os.path.join(states, f'rank{r}.pt'), weights_only=True) for r in range(DDP_RANKS)]
+    init, final = ranks[0]['init'], ranks[0]['final']
+    # the ranks stay in step: the whole state_dict equal, bit for bit
+    assert set(ranks[1]['final']) == set(final)
+    for name, value in final.items():
+        assert torch.equal(ranks[1]['final'][name], value), name
+    # the saved checkpoint is that model
+    assert set(model.state_dict()) == set(final)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, final[name]), name
+
+    # a single process with the global batches ends with the same weights
+    with open(os.path.join(out, 'config.json')) as f:
+        cfg = FinetuneConfig(**json.load(f))
+    ref, global_batches = _single_process_reference(init, cfg)
+    assert len(global_batches) == steps and all(len(set(b)) == 2 * 16 for b in global_batches)
+    assert sorted(i for b in global_batches for i in b) == list(range(DDP_SUBSET))  # each image once
+    params = {name for name, _ in model.named_parameters()}
+    assert len([name for name, _ in dpp_surgery.dpp_parameters(model)]) == 8 and len(params) > 100
+    ulp = torch.finfo(torch.float32).eps
+    for name, value in final.items():
+        if not value.is_floating_point():
+            assert torch.equal(ref[name], value), name
+            continue
+        scale = max(value.abs().max().item(), init[name].abs().max().item())
+        moved = (value - init[name]).abs().max().item()
+        err = (ref[name] - value).abs().max().item()
+        # the same update to within 0.01%, give or take a few roundings of the values (a batch of 32 and two of
+        # 16 add up in different orders) ...
+        tol = 1e-4 * moved + 4 * ulp * scale
+        assert err <= tol, (name, err, moved)
+        if name in params:  # ... and every parameter, the DPP thetas too, moved by far more than that
+            assert moved > 10 * tol, (name, moved, tol)
+        else:  # the frozen BatchNorm statistics
+            assert moved == 0, name
 
 
 def test_pretrained_file(tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpp_surgery import DPP2d, INIT_PRESETS, dpp2d, dpp_parameters, kernel_status, param_groups
+from dpp_surgery import DPP2d, INIT_PRESETS, dpp2d, kernel_status, param_groups
+from groups import check_param_groups
 
 
 def test_kernel_builds_here():
@@ -132,29 +133,30 @@ def test_repr_shows_variant_norm_and_geometry():
 
 
 def test_param_groups_keep_dpp_free_of_weight_decay():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), DPP2d(8, guide='full'))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), DPP2d(8, guide='full'),
+                                torch.nn.Conv2d(8, 4, 1), DPP2d(4, 3, 2, 1, reward='asym'))
     groups = param_groups(model, weight_decay=0.05, dpp_lr_scale=0.5)
-    dpp_ids = {id(p) for _, p in dpp_parameters(model)}
-    assert len(dpp_ids) == 2
-    for g in groups:
-        ids = {id(p) for p in g['params']}
-        if ids & dpp_ids:
-            assert ids == dpp_ids and g['weight_decay'] == 0.0 and g['lr_scale'] == 0.5
+    # every parameter in exactly one group; theta_alpha and theta_lambda of both layers in the DPP group only,
+    # without weight decay and with lr_scale 0.5; the Full guide filter decayed like a conv weight
+    check_param_groups(model, groups, weight_decay=0.05, dpp_lr_scale=0.5)
     decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
-    assert decayed == {id(model[0].weight), id(model[2].guide_weight)}
-    n_params = sum(len(g['params']) for g in groups)
-    assert n_params == len(list(model.parameters()))
+    assert decayed == {id(model[0].weight), id(model[2].guide_weight), id(model[3].weight)}
     opt = torch.optim.SGD(groups, lr=0.1)
     assert len(opt.param_groups) == 3
 
 
 def test_timm_optimizer_factory_skips_dpp_weight_decay():
+    """timm's optimizer factory keeps the groups as they are, and timm's schedulers apply the DPP lr_scale."""
     from timm.optim import create_optimizer_v2
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DPP2d(8))
-    opt = create_optimizer_v2(param_groups(model, weight_decay=1e-4), 'sgd', lr=0.1, momentum=0.9)
-    for g in opt.param_groups:
-        if any(p is model[1].theta_alpha for p in g['params']):
-            assert g['weight_decay'] == 0.0
+    from timm.scheduler import create_scheduler_v2
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DPP2d(8), DPP2d(8, 3, 1, guide='full'))
+    opt = create_optimizer_v2(param_groups(model, weight_decay=1e-4, dpp_lr_scale=4.0), 'sgd', lr=0.1,
+                              momentum=0.9)
+    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0)
+    sched, _ = create_scheduler_v2(opt, sched='step', num_epochs=2, decay_epochs=1, decay_rate=0.5)
+    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0, lr=0.1)
+    sched.step(1)
+    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0, lr=0.05)
 
 
 # --- errors -----------------------------------------------------------------------------------------------

@@ -9,15 +9,30 @@ from hypothesis import strategies as st
 from dpp_surgery import DPP2d, dpp2d
 from reference import window_bounds
 
+# (kernel, stride, padding, ceil_mode); 'same' is timm's dynamic padding
 GEOMS = [((2, 2), None, 0, False), ((3, 3), (2, 2), 1, False), ((3, 3), (2, 2), 0, True),
-         ((3, 3), (2, 2), 'same', False)]
+         ((3, 3), (2, 2), 'same', False), ((2, 2), (2, 2), 'same', False), ((3, 2), (1, 2), 'same', False),
+         ((3, 2), (2, 1), (1, 0), True)]
+MAX_SIZE = 7
+
+
+def min_size(k, s, p, ceil_mode):
+    """The smallest input side with an output position, from torch's pooling output size (dilation 1):
+    floor((size + 2p - k) / s) + 1 >= 1, or with ceil_mode ceil(...) + 1 >= 1 (the last window may hang over the far
+    edge). timm's 'same' padding has ceil(size / s) >= 1 outputs for any size."""
+    if p == 'same':
+        return 1
+    return max(1, k - 2 * p - (s - 1 if ceil_mode else 0))
 
 
 @st.composite
-def inputs(draw):
-    """Small 4-D arrays mixing magnitudes 1e-6..1e4, both signs, exact zeros and constant blocks."""
-    h = draw(st.integers(2, 7))
-    w = draw(st.integers(2, 7))
+def inputs(draw, geom):
+    """Small 4-D arrays, of a size with at least one window for ``geom``, mixing magnitudes 1e-6..1e4, both signs,
+    exact zeros and constant blocks."""
+    kernel, stride, padding, ceil_mode = geom
+    stride = stride or kernel
+    pads = (padding, padding) if padding == 'same' or isinstance(padding, int) else padding
+    h, w = (draw(st.integers(min_size(k, s, p, ceil_mode), MAX_SIZE)) for k, s, p in zip(kernel, stride, pads))
     c = draw(st.integers(1, 3))
     shape = (1, c, h, w)
     mode = draw(st.sampled_from(['mixed', 'constant', 'zeros', 'single_scale']))
@@ -34,16 +49,36 @@ def inputs(draw):
     return (np.array(signs) * 10.0 ** np.array(mags)).astype(np.float32).reshape(shape)
 
 
+@st.composite
+def geometry_and_input(draw):
+    geom = draw(st.sampled_from(GEOMS))
+    return geom, draw(inputs(geom))
+
+
+def test_min_size_is_the_smallest_valid_input():
+    """The strategy's sizes are exactly the valid ones: one less than min_size is the layer's error case."""
+    for kernel, stride, padding, ceil_mode in GEOMS:
+        stride_ = stride or kernel
+        pads = (padding, padding) if padding == 'same' or isinstance(padding, int) else padding
+        h, w = (min_size(k, s, p, ceil_mode) for k, s, p in zip(kernel, stride_, pads))
+        layer = DPP2d(1, kernel, stride, padding, ceil_mode)
+        assert layer(torch.ones(1, 1, h, w)).numel() >= 1
+        for bad in ((h - 1, w), (h, w - 1)):
+            if min(bad) >= 1:
+                with pytest.raises(ValueError, match='larger than the padded input'):
+                    layer(torch.ones(1, 1, *bad))
+
+
 @pytest.mark.parametrize('impl', ['kernel', 'torch'])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(arr=inputs(), geom=st.sampled_from(GEOMS), guide=st.sampled_from(['lite', 'full']),
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # 7 geometries
+@given(case=geometry_and_input(), guide=st.sampled_from(['lite', 'full']),
        reward=st.sampled_from(['sym', 'asym']), norm=st.sampled_from(['mean', 'none', 'sum']),
        theta=st.tuples(st.floats(-3, 3), st.floats(-3, 3)))
-def test_finite_and_within_window(impl, arr, geom, guide, reward, norm, theta):
-    kernel, stride, padding, ceil_mode = geom
-    if arr.shape[2] + 2 * (0 if padding == 'same' else padding) < kernel[0] or \
-            arr.shape[3] + 2 * (0 if padding == 'same' else padding) < kernel[1]:
-        return  # window larger than the padded input: an error case, tested elsewhere
+def test_finite_and_within_window(impl, case, guide, reward, norm, theta):
+    """Every example is checked (its size has a window by construction): the output has the shape of the reference's
+    windows ('same' padding and ceil_mode included), it is finite, and it lies within the min and max of each
+    window's valid positions; the gradients are finite."""
+    (kernel, stride, padding, ceil_mode), arr = case
     c = arr.shape[1]
     layer = DPP2d(c, kernel, stride, padding, ceil_mode, guide=guide, reward=reward, norm=norm, impl=impl)
     with torch.no_grad():
@@ -51,8 +86,9 @@ def test_finite_and_within_window(impl, arr, geom, guide, reward, norm, theta):
         layer.theta_lambda.fill_(theta[1])
     x = torch.from_numpy(arr).requires_grad_(True)
     out = layer(x)
-    assert torch.isfinite(out).all()
     lo, hi = window_bounds(x.detach().double(), kernel, stride, padding, ceil_mode)
+    assert out.shape == lo.shape
+    assert torch.isfinite(out).all()
     tol = 1e-6 * torch.maximum(lo.abs(), hi.abs()) + 1e-30
     assert (out.double() >= lo - tol).all() and (out.double() <= hi + tol).all()
     out.sum().backward()
