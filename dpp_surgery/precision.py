@@ -4,7 +4,11 @@ bfloat16 autocast pays only where the CPU computes bfloat16 natively (AVX-512 BF
 extension on Arm). Elsewhere oneDNN emulates it, and a training step can be more than 10x slower than float32
 (EfficientNet-Lite0, batch 32, 64 px: 5.5 s against 0.42 s on a 2-core AVX2 CPU). So ``'auto'`` is:
 
-* CPU: bfloat16 where it is native, float32 otherwise;
+* CPU: bfloat16 where it is native *and* faster for the model at hand, float32 otherwise. Native bfloat16 is not
+  faster for every model: oneDNN's bfloat16 backward of strided depthwise convolutions is slow, so the original
+  EfficientNet-Lite0 trains slower under bfloat16 than in float32 even on an AVX-512 BF16 CPU. Given a probe
+  (:func:`probe_cpu_bf16`: a few forward+backward passes of a copy of the model on one real batch, in both
+  precisions), ``'auto'`` takes bfloat16 only when it measured at least ``1 - PROBE_MARGIN`` faster;
 * CUDA: bfloat16 where the GPU supports it, else float16 with a ``GradScaler``;
 * any other device: float32.
 
@@ -13,16 +17,19 @@ will be slow and why.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import statistics
+import time
 import platform
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ['AMP_CHOICES', 'AmpChoice', 'PrecisionWarning', 'cpu_bf16_native', 'cpu_description', 'cpu_model',
+__all__ = ['AMP_CHOICES', 'PROBE_MARGIN', 'AmpChoice', 'PrecisionWarning', 'probe_cpu_bf16', 'cpu_bf16_native', 'cpu_description', 'cpu_model',
            'resolve_amp']
 
 _logger = logging.getLogger(__name__)
@@ -33,6 +40,8 @@ _NAMES = {'none': 'float32', 'bf16': 'bfloat16 autocast', 'fp16': 'float16 autoc
 # CPU flags (Linux /proc/cpuinfo) that mean bfloat16 arithmetic in hardware
 _X86_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 _ARM_BF16_FLAGS = ('bf16',)
+# 'auto' takes bfloat16 on a CPU only if a probed training step ran at most this fraction of float32's time
+PROBE_MARGIN = 0.95
 
 
 class PrecisionWarning(UserWarning):
@@ -125,8 +134,41 @@ class AmpChoice:
         return {'amp': self.amp, 'requested': self.requested, 'precision': _NAMES[self.amp], 'reason': self.reason}
 
 
-def resolve_amp(amp: str, device) -> AmpChoice:
+def probe_cpu_bf16(model: torch.nn.Module, example: torch.Tensor, steps: int = 2) -> Dict[str, float]:
+    """Median milliseconds of a forward+backward pass of a copy of ``model`` on ``example``, in float32 and under
+    bfloat16 autocast (after one warm-up pass each, timed in turn). ``model`` and the RNG state are left as they were.
+
+    Returns:
+        ``{'none': ms, 'bf16': ms}``.
+    """
+    rng = torch.get_rng_state()
+    clone = copy.deepcopy(model).train()
+    times: Dict[str, list] = {'none': [], 'bf16': []}
+    try:
+        for i in range(steps + 1):
+            for amp in times:
+                t0 = time.perf_counter()
+                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp == 'bf16'):
+                    out = clone(example)
+                    out = out if isinstance(out, torch.Tensor) else out[0]
+                out.float().mean().backward()
+                clone.zero_grad(set_to_none=True)
+                if i:  # the first pass of each warms up (oneDNN primitives, allocations)
+                    times[amp].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_rng_state(rng)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def resolve_amp(amp: str, device, probe: Optional[Callable[[], Dict[str, float]]] = None) -> AmpChoice:
     """The precision for ``amp`` (``'auto'``, ``'none'``, ``'bf16'``, ``'fp16'``) on ``device``.
+
+    Args:
+        amp: the requested precision.
+        device: where the model runs.
+        probe: for ``'auto'`` on a CPU with native bfloat16: a function returning the measured step times
+            ``{'none': ms, 'bf16': ms}`` (for example a :func:`probe_cpu_bf16` call); bfloat16 is then taken only
+            if it ran at most ``PROBE_MARGIN`` of float32's time. Without one, native bfloat16 is taken.
 
     Raises:
         ValueError: an unknown ``amp``, or ``'fp16'`` on a CPU.
@@ -140,7 +182,14 @@ def resolve_amp(amp: str, device) -> AmpChoice:
     if device.type == 'cpu':
         native, why = cpu_bf16_native()
         if amp == 'auto':
-            return AmpChoice('bf16' if native else 'none', amp, why)
+            if not native or probe is None:
+                return AmpChoice('bf16' if native else 'none', amp, why)
+            times = probe()
+            faster = times['bf16'] <= PROBE_MARGIN * times['none']
+            measured = (f"a probed training step took {times['bf16']:.0f} ms in bfloat16, {times['none']:.0f} ms in "
+                        'float32')
+            return AmpChoice('bf16' if faster else 'none', amp,
+                             f'{why}; {measured}' + ('' if faster else ', so float32 is faster for this model'))
         if amp == 'fp16':
             raise ValueError("amp 'fp16' needs a GPU (CPU autocast has no float16 GradScaler); on the CPU use "
                              "'auto', 'bf16' or 'none'")

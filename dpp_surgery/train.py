@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import checkpoint as ckpt
 from .data import BatchTransform, load_datasets
 from .layers import DPP2d, param_groups
-from .precision import AMP_CHOICES, resolve_amp
+from .precision import AMP_CHOICES, AmpChoice, probe_cpu_bf16, resolve_amp
 
 __all__ = ['FinetuneConfig', 'finetune', 'evaluate', 'build_model', 'build_optimizer', 'dpp_stats']
 
@@ -293,13 +293,9 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
                                        step_on_epochs=False)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     ddp_model = nn.parallel.DistributedDataParallel(model) if distributed else model
-    precision = resolve_amp(cfg.amp, device)
-    amp_dtype = precision.dtype
-    scaler = torch.amp.GradScaler('cuda') if precision.grad_scaler else None
-    if is_main:
-        print(f'precision: {precision.description}', file=sys.stderr, flush=True)
 
     start_epoch, start_batch, global_step, best_acc = 0, 0, 0, -1.0
+    state = None
     if cfg.resume:
         state = torch.load(state_path, map_location='cpu', weights_only=True)
         model.load_state_dict(state['model'])
@@ -313,6 +309,11 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
         if is_main:
             print(f'resumed from {state_path}: epoch {start_epoch}, batch {start_batch}, step {global_step}',
                   file=sys.stderr)
+    precision = _precision(cfg, device, model, train_set, transform, state)
+    amp_dtype = precision.dtype
+    scaler = torch.amp.GradScaler('cuda') if precision.grad_scaler else None
+    if is_main:
+        print(f'precision: {precision.description}', file=sys.stderr, flush=True)
 
     def save_state(epoch, batch):
         if not is_main:
@@ -322,7 +323,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
         _write_state(state_path, {
             'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'ema': ema.module.state_dict() if ema is not None else None, 'epoch': epoch, 'batch': batch,
-            'global_step': global_step, 'best_acc': best_acc, 'rng': torch.get_rng_state()})
+            'global_step': global_step, 'best_acc': best_acc, 'rng': torch.get_rng_state(), 'amp': precision.amp})
         print(f'checkpoint: epoch {epoch} batch {batch} step {global_step}', file=sys.stderr, flush=True)
 
     loader_gen = torch.Generator()
@@ -416,6 +417,22 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
         dist.barrier()
     metrics['best_test_accuracy'] = best_acc
     return metrics
+
+
+def _precision(cfg: FinetuneConfig, device: torch.device, model: nn.Module, train_set, transform,
+               state: Optional[dict]) -> AmpChoice:
+    """The run's precision: a resumed run keeps the one it started with; ``'auto'`` on a CPU with native bfloat16
+    probes the model on one training batch (the times summed over ranks, so every rank decides alike)."""
+    if cfg.amp == 'auto' and state is not None and state.get('amp') in AMP_CHOICES:
+        return AmpChoice(state['amp'], 'auto', 'kept from the start of the resumed run')
+
+    def probe() -> Dict[str, float]:
+        images = next(iter(DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False)))[0]
+        times = probe_cpu_bf16(model, transform(images.to(device)))
+        none, bf16 = _reduce([times['none'], times['bf16']], device)
+        return {'none': none, 'bf16': bf16}
+
+    return resolve_amp(cfg.amp, device, probe=probe if device.type == 'cpu' else None)
 
 
 def _loss(cfg: FinetuneConfig, logits, y, teacher, x):

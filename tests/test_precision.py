@@ -83,19 +83,76 @@ def test_this_cpu_and_an_emulated_avx2_cpu():
     assert limited[2] is False and limited[0] == 'none' and 'no native bfloat16' in limited[1]
 
 
+@pytest.mark.parametrize('times, expected', [
+    ({'none': 300.0, 'bf16': 200.0}, 'bf16'),
+    ({'none': 200.0, 'bf16': 300.0}, 'none'),  # native but slower for this model (strided depthwise convs)
+    ({'none': 200.0, 'bf16': 195.0}, 'none'),  # within the margin: not worth the precision
+])
+def test_auto_on_a_native_cpu_follows_the_probe(monkeypatch, times, expected):
+    _fake_cpu(monkeypatch, True, {'avx512_bf16'})
+    calls = []
+    choice = resolve_amp('auto', 'cpu', probe=lambda: calls.append(1) or times)
+    assert calls == [1] and choice.amp == expected
+    assert f"{times['bf16']:.0f} ms in bfloat16" in choice.reason
+    # no probe where bfloat16 is not native, and never for an explicit choice
+    _fake_cpu(monkeypatch, False, {'avx2'})
+    assert resolve_amp('auto', 'cpu', probe=lambda: pytest.fail('probed')).amp == 'none'
+    assert resolve_amp('none', 'cpu', probe=lambda: pytest.fail('probed')).amp == 'none'
+
+
+def test_probe_leaves_model_and_rng_alone():
+    import timm
+
+    model = timm.create_model('resnet10t', num_classes=5).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    rng = torch.get_rng_state()
+    times = precision.probe_cpu_bf16(model, x, steps=1)
+    assert set(times) == {'none', 'bf16'} and all(t > 0 for t in times.values())
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _lines(out):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
 @needs_data
 def test_finetune_prints_and_records_the_precision(tmp_path, capsys):
     from dpp_surgery.checkpoint import read_metadata
     from dpp_surgery.train import finetune
 
-    expected = resolve_amp('auto', 'cpu')
     out = str(tmp_path / 'run')
-    metrics = finetune(output=out, image_size=32, train_subset=32, test_subset=16, batch_size=16, epochs=1,
-                       progress=False, threads=2, max_steps=1)
-    assert f'precision: {expected.description}' in capsys.readouterr().err
-    assert metrics['amp'] == expected.amp and metrics['precision'] == expected.description
-    with open(os.path.join(out, 'metrics.jsonl')) as f:
-        line = json.loads(f.readline())
-    assert line['amp'] == expected.amp and line['precision'] == expected.description
+    small = dict(image_size=32, train_subset=32, test_subset=16, batch_size=16, progress=False, threads=2)
+    metrics = finetune(output=out, epochs=2, max_steps=1, **small)
+    err = capsys.readouterr().err
+    assert f"precision: {metrics['precision']}" in err
+    # bfloat16 only where the CPU has it natively; then the probe measured it (its times are in the reason)
+    assert metrics['amp'] in (('bf16', 'none') if cpu_bf16_native()[0] else ('none',))
+    if cpu_bf16_native()[0]:
+        assert 'a probed training step took' in metrics['precision']
+    assert _lines(out)[-1]['amp'] == metrics['amp'] and _lines(out)[-1]['precision'] == metrics['precision']
     for name in ('last.safetensors', 'best.safetensors'):
-        assert read_metadata(os.path.join(out, name))['extra']['amp'] == expected.to_dict()
+        assert read_metadata(os.path.join(out, name))['extra']['amp']['amp'] == metrics['amp']
+    assert torch.load(os.path.join(out, 'train_state.pt'), weights_only=True)['amp'] == metrics['amp']
+    # a resumed run keeps the precision it started with, without probing again
+    resumed = finetune(output=out, epochs=2, resume=True, **small)
+    assert resumed['amp'] == metrics['amp'] and 'kept from the start of the resumed run' in resumed['precision']
+
+
+@needs_data
+def test_finetune_auto_is_float32_without_native_bf16(tmp_path, monkeypatch):
+    from dpp_surgery.train import finetune
+
+    _fake_cpu(monkeypatch, False, {'avx2'})
+    metrics = finetune(output=str(tmp_path / 'run'), image_size=32, train_subset=32, test_subset=16, batch_size=16,
+                       epochs=1, max_steps=1, progress=False, threads=2)
+    assert metrics['amp'] == 'none' and metrics['precision'].startswith('float32 (amp=auto: oneDNN reports no bf')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        metrics = finetune(output=str(tmp_path / 'bf16'), amp='bf16', image_size=32, train_subset=32, test_subset=16,
+                           batch_size=16, epochs=1, max_steps=1, progress=False, threads=1)
+    assert metrics['amp'] == 'bf16' and any(issubclass(w.category, PrecisionWarning) for w in caught)
