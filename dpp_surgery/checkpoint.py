@@ -191,9 +191,7 @@ def _variant(value: Any, field: str) -> Dict[str, Any]:
     for key, v in value.items():
         where = _field(field, key)
         if key not in keys:
-            close = difflib.get_close_matches(str(key), keys, n=1)
-            hint = f' (did you mean {close[0]!r}?)' if close else ''
-            raise ValueError(f'{field} has unknown DPP variant option {_short(key)}{hint}; allowed: {", ".join(keys)}')
+            raise ValueError(f'{field} has unknown DPP variant option {_unknown(key, keys)}')
         if key == 'init':
             if isinstance(v, str):
                 out[key] = _choice(v, where, tuple(INIT_PRESETS), fold_case=True)
@@ -205,6 +203,13 @@ def _variant(value: Any, field: str) -> Dict[str, Any]:
         else:
             out[key] = _choice(v, where, {'guide': GUIDES, 'reward': REWARDS, 'norm': NORMS}[key], fold_case=True)
     return out
+
+
+def _unknown(key: Any, allowed) -> str:
+    """``key``, a close match among ``allowed`` if there is one, and the allowed names: for an unknown-key error."""
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    hint = f' (did you mean {close[0]!r}?)' if close else ''
+    return f'{_short(key)}{hint}; allowed: {", ".join(allowed)}'
 
 
 def _leaf_module(name: Any, field: str) -> type:
@@ -254,9 +259,7 @@ def validate_policy(data: Any, field: str = 'policy') -> ConversionPolicy:
     for key, value in data.items():
         where = _field(field, key)
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f' (did you mean {close[0]!r}?)' if close else ''
-            raise ValueError(f'{field}: unknown policy field {_short(key)}{hint}; allowed: {", ".join(fields)}')
+            raise ValueError(f'{field}: unknown policy field {_unknown(key, fields)}')
         if key == 'placement':
             kwargs[key] = _choice(value, where, PLACEMENTS)
         elif key == 'targets':

@@ -445,7 +445,7 @@ def _summary_lines(summary: Dict[str, Any], stages: Dict[str, float], total: flo
         ft = summary['finetune']
         lines.append(f"| fine-tune | {args.train_subset} images, {args.epochs} epoch(s), {args.image_size} px, batch "
                      f"{ft['batch_size']}, SGD lr {ft['lr']} (DPP x{ft['dpp_lr_scale']:g}), "
-                     f"{ft['images_per_second']:.1f} images/s |")
+                     f"{ft['images_per_second']:.1f} images/s, {ft['precision']} |")
         lines.append(f"| test accuracy after fine-tuning | {100 * summary['accuracy_after']:.2f}% "
                      f"({summary['test_count']} images; float32, reloaded checkpoint) |")
         lines.append(f"| checkpoint | {ft['checkpoint']} |")

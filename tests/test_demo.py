@@ -61,7 +61,13 @@ def test_quick_job_summary_and_onnx(quick_run):
     for stage in summary['stage_seconds'].values():
         assert stage >= 0
     assert f"| DPP layers | {summary['dpp_layers']} (" in text
-    assert 'Machine: ' in text and 'cores' in text
+    assert 'Machine: ' in text and 'cores' in text and 'CPU capability' in text
+    # the precision stated is the one fine-tuning ran with, as finetune recorded it
+    with open(out / 'finetune' / 'metrics.jsonl') as f:
+        ran = json.loads(f.readline())['precision']
+    assert summary['finetune']['precision'] == ran
+    assert f'in training under {ran})' in text
+    assert f'images/s, {ran} |' in (out / 'summary.md').read_text()
 
 
 @needs_data
