@@ -44,8 +44,8 @@ def machine_description() -> str:
     versions."""
     from .precision import cpu_description
 
-    return (f'{cpu_description()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, '
-            f'Python {platform.python_version()}, fused kernel {"on" if kernel_status()["loaded"] else "off"}')
+    return (f'{cpu_description()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, '
+            f'torch {torch.__version__}, Python {platform.python_version()}, fused kernel {"on" if kernel_status()["loaded"] else "off"}')
 
 
 def peak_training_memory(module: torch.nn.Module, x: torch.Tensor) -> float:

@@ -18,7 +18,6 @@ will be slow and why.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import statistics
 import time
@@ -29,10 +28,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ['AMP_CHOICES', 'PROBE_MARGIN', 'AmpChoice', 'PrecisionWarning', 'probe_cpu_bf16', 'cpu_bf16_native', 'cpu_description', 'cpu_model',
-           'resolve_amp']
-
-_logger = logging.getLogger(__name__)
+__all__ = ['AMP_CHOICES', 'PROBE_MARGIN', 'AmpChoice', 'PrecisionWarning', 'probe_cpu_bf16', 'cpu_bf16_native',
+           'cpu_description', 'cpu_model', 'resolve_amp']
 
 AMP_CHOICES = ('auto', 'none', 'bf16', 'fp16')
 _DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
