@@ -388,3 +388,47 @@ def test_containers_keep_their_children(name, placement):
     assert {n: list(model.get_submodule(n)._modules) for n in containers} == containers
     assert all(type(model.get_submodule(n)).__name__ == 'MixedConv2d' for n in containers)
     assert dpp_layers(model)
+
+
+@pytest.mark.parametrize('fail_in', ['apply', 'check'])
+def test_any_exception_becomes_a_conversion_error_and_the_model_is_restored(monkeypatch, fail_in):
+    import importlib
+    convert_module = importlib.import_module('dpp_surgery.surgery.convert')
+    model = _make('resnet18').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    classes = [(n, type(m)) for n, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    strides = {n: m.stride for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    calls = {'n': 0}
+    if fail_in == 'apply':
+        real = convert_module._make_dpp
+
+        def broken(*args, **kwargs):
+            calls['n'] += 1
+            if calls['n'] == 3:
+                raise IndexError('tuple index out of range')
+            return real(*args, **kwargs)
+        monkeypatch.setattr(convert_module, '_make_dpp', broken)
+        match = r"convert failed while placing DPP after block 'layer\d\.0'.*IndexError: tuple index out of range"
+    else:
+        real = convert_module._output_shapes
+
+        def broken(m, size):
+            calls['n'] += 1
+            if calls['n'] == 2:
+                raise IndexError('tuple index out of range')
+            return real(m, size)
+        monkeypatch.setattr(convert_module, '_output_shapes', broken)
+        match = r'convert failed while checking the converted model.*IndexError.*restored'
+    with pytest.raises(ConversionError, match=match) as info:
+        convert(model, input_size=(3, 64, 64))
+    assert isinstance(info.value.__cause__, IndexError)
+    assert [(n, type(m)) for n, m in model.named_modules()] == classes
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+    assert {n: m.stride for n, m in model.named_modules() if isinstance(m, nn.Conv2d)} == strides
+    assert not hasattr(model, '_dpp_surgery_history')
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._text import first_line
 from ..layers import DPP2d
 from .plan import Plan, Site, _block_stride1, _pair, device_dtype, plan
 from .policy import ConversionPolicy
@@ -273,8 +274,10 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
     before_shapes = _output_shapes(model, p.input_size)
     device, dtype = device_dtype(model)
     undo: list = []
+    where = {'step': 'applying the plan'}  # what convert was doing, for the error message
     try:
-        _apply(model, p, todo, device, dtype, undo)
+        _apply(model, p, todo, device, dtype, undo, where)
+        where['step'] = 'checking the converted model (a forward pass at the plan\'s input size)'
         after_shapes = _output_shapes(model, p.input_size)
         # inside a 'block' placement the block's own layers run at the larger size by design; its output and
         # everything outside it must keep their sizes
@@ -284,9 +287,14 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
         if changed:
             detail = '; '.join(f'{n or "<output>"}: {a} -> {b}' for n, a, b in changed[:5])
             raise ConversionError(f'conversion changed feature-map sizes ({detail}); the model was restored.')
-    except Exception:
+    except ConversionError:
         _restore(undo)
         raise
+    except Exception as e:  # noqa: BLE001 - any failure leaves the model as it was and says where it happened
+        _restore(undo)
+        raise ConversionError(f"convert failed while {where['step']}: {type(e).__name__}: {first_line(e)}; the "
+                              'model was restored. Leave that site alone with exclude=[...] or choose another '
+                              "placement, and see dpp_surgery.plan(model) for what each site gets.") from e
     _logger.info('converted %d of %d downsampling sites of %s', len(todo), len(p.sites), p.model_name)
     # every conversion applied, in order: checkpoints replay them to rebuild the model
     history = list(getattr(model, '_dpp_surgery_history', []))
@@ -303,11 +311,12 @@ def _restore(undo) -> None:
             setattr(obj, attr, old)
 
 
-def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: list) -> None:
+def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: list, where: dict) -> None:
     policy = p.policy
     functional: Dict[str, List[Site]] = {}
     blocks: Dict[str, Site] = {}
     for site in todo:
+        where['step'] = f'replacing site {site.name!r} ({site.placement})'
         if site.placement == 'block':
             blocks.setdefault(site.block, site)
             continue
@@ -331,8 +340,10 @@ def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: lis
         else:
             raise ConversionError(f'unknown placement {site.placement!r} for {site.name}')
     for owner, sites in functional.items():
+        where['step'] = f'rewriting the forward of {owner!r} (functional pools {[s.name for s in sites]})'
         _rewrite_functional(model, owner, sites, policy, device, dtype, undo)
     for block_name, site in blocks.items():
+        where['step'] = f'placing DPP after block {block_name!r} (block placement)'
         block = model.get_submodule(block_name)
         try:
             _block_stride1(block, undo)
