@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpp_surgery import DPP2d
-from test_layer_properties import GEOMS, inputs
+from test_layer_properties import geometry_and_input
 from test_layer_reference import GEOMETRIES, VARIANTS
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,9 @@ def test_kernel_matches_torch_path_at_network_sizes(geometry):
 
 @pytest.mark.parametrize('impl', ['kernel', 'torch'])
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(arr=inputs(), geom=st.sampled_from(GEOMS), guide=st.sampled_from(['lite', 'full']),
+@given(case=geometry_and_input(), guide=st.sampled_from(['lite', 'full']),
        reward=st.sampled_from(['sym', 'asym']), norm=st.sampled_from(['mean', 'none', 'sum']),
        theta=st.tuples(st.floats(-5, 5), st.floats(-5, 4)))
-def test_finite_and_within_window_many(impl, arr, geom, guide, reward, norm, theta):
+def test_finite_and_within_window_many(impl, case, guide, reward, norm, theta):
     from test_layer_properties import test_finite_and_within_window
-    test_finite_and_within_window.hypothesis.inner_test(impl, arr, geom, guide, reward, norm, theta)
+    test_finite_and_within_window.hypothesis.inner_test(impl, case, guide, reward, norm, theta)
