@@ -217,3 +217,17 @@ def test_fashion_mnist_experiment_keeps_existing_results(tmp_path, capsys):
     assert err.startswith('dpp_surgery.experiments: error: ') and '--overwrite' in err and len(err.splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ['fashion_mnist.md']
     assert (tmp_path / 'fashion_mnist.md').read_text() == 'earlier results\n'
+
+
+def test_fashion_mnist_table_states_the_precision_of_every_run():
+    from dpp_surgery.experiments import fashion_mnist_table
+
+    args = dict(train_subset=100, epochs=1, image_size=64, batch_size=32, lr=0.02, test_subset=50, seeds=[0, 1])
+    runs = [dict(seed=s, converted=c, test_accuracy=0.5 + 0.1 * s + 0.01 * c, images_per_second=10.0 + c,
+                 amp=amp, precision='...') for s, (c, amp) in
+            [(0, (False, 'none')), (0, (True, 'bf16')), (1, (False, 'none')), (1, (True, 'none'))]]
+    table = fashion_mnist_table({'args': args, 'runs': runs, 'machine': 'a CPU', 'command': 'cmd'})
+    rows = {line.split(' | ')[0]: line for line in table.splitlines() if line.startswith('| ')}
+    assert rows['| original'].endswith('| float32, float32 |') and '50.00%, 60.00%' in rows['| original']
+    assert rows['| converted (default policy)'].endswith('| bfloat16, float32 |')
+    assert 'Command: `cmd`' in table and 'Machine: a CPU.' in table
