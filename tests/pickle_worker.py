@@ -1,10 +1,12 @@
-"""Runs in a spawned process: receives a pickled model, returns its output and class names."""
+"""Runs in a spawned process: receives pickled models, returns their outputs and class names."""
 
 
-def run_model(model, x, queue) -> None:
+def run_models(cases, queue) -> None:
     import torch
 
+    results = []
     with torch.no_grad():
-        y = model.eval()(x)
-    # as numpy: sent by value (a shared tensor would need this process alive until the parent reads it)
-    queue.put((y.numpy(), [type(m).__qualname__ for m in model.modules()]))
+        for model, x in cases:
+            # as numpy: sent by value (a shared tensor would need this process alive until the parent reads it)
+            results.append((model.eval()(x).numpy(), [type(m).__qualname__ for m in model.modules()]))
+    queue.put(results)

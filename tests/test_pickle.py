@@ -14,7 +14,7 @@ from torch.nn import functional as F
 import dpp_surgery
 from dpp_surgery import DPP2d, convert, dpp_layers
 
-from pickle_worker import run_model
+from pickle_worker import run_models
 
 # (model, input side, convert options, a dynamic class the conversion must have made)
 CASES = [
@@ -106,18 +106,17 @@ def test_unpickled_model_keeps_working_with_the_library(converted, tmp_path):
 
 def test_spawned_worker_round_trip():
     """Models sent to a spawned process (as DataLoader workers or torch.multiprocessing pools do)."""
-    models = [(_converted(*case[:3]), case[1]) for case in CASES[:4]]
+    cases = [(_converted(*case[:3]), torch.randn(1, 3, case[1], case[1])) for case in CASES[:4]]
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
-    for model, side in models:
-        x = torch.randn(1, 3, side, side)
-        proc = ctx.Process(target=run_model, args=(model, x, queue))
-        proc.start()
-        try:
-            y, names = queue.get(timeout=120)
-        finally:
-            proc.join(timeout=60)
-        assert proc.exitcode == 0
+    proc = ctx.Process(target=run_models, args=(cases, queue))
+    proc.start()
+    try:
+        results = queue.get(timeout=180)
+    finally:
+        proc.join(timeout=60)
+    assert proc.exitcode == 0 and len(results) == len(cases)
+    for (model, x), (y, names) in zip(cases, results):
         assert names == [type(m).__qualname__ for m in model.modules()]
         with torch.no_grad():
             assert torch.equal(torch.from_numpy(y), model(x))
