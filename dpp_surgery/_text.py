@@ -1,8 +1,9 @@
 """Text helpers shared by the command lines, benchmarks and reports."""
+import difflib
 import re
-from typing import Optional
+from typing import Iterable, Optional
 
-__all__ = ['first_line']
+__all__ = ['first_line', 'did_you_mean']
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')
 
@@ -14,3 +15,9 @@ def first_line(error: BaseException, fallback: Optional[str] = None) -> str:
     if text:
         return text.splitlines()[0]
     return type(error).__name__ if fallback is None else fallback
+
+
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``valid`` to ``name``, or ``''`` when none is close."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ''

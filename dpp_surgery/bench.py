@@ -44,8 +44,9 @@ def machine_description() -> str:
     versions."""
     from .precision import cpu_description
 
+    kernel = 'on' if kernel_status()['loaded'] else 'off'
     return (f'{cpu_description()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, '
-            f'torch {torch.__version__}, Python {platform.python_version()}, fused kernel {"on" if kernel_status()["loaded"] else "off"}')
+            f'torch {torch.__version__}, Python {platform.python_version()}, fused kernel {kernel}')
 
 
 def peak_training_memory(module: torch.nn.Module, x: torch.Tensor) -> float:
@@ -477,13 +478,12 @@ def bench_train(args) -> dict:
 
     import timm
 
-    from .precision import probe_cpu_bf16, resolve_amp
+    from .precision import PRECISION_NAMES as names, probe_cpu_bf16, resolve_amp
     from .surgery import ConversionPolicy, convert
     from .zoo.run import measure_cost
 
     device = torch.device(args.device)
     size, batch = args.size, args.batch
-    names = {'none': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
     rows, choices = [], {}
     for name in args.models:
         torch.manual_seed(0)

@@ -14,7 +14,6 @@ by the constants below. :func:`save` applies the same checks, so it never writes
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import torch
 from torch import nn
 
-from ._text import first_line
+from ._text import did_you_mean, first_line
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -207,9 +206,7 @@ def _variant(value: Any, field: str) -> Dict[str, Any]:
 
 def _unknown(key: Any, allowed) -> str:
     """``key``, a close match among ``allowed`` if there is one, and the allowed names: for an unknown-key error."""
-    close = difflib.get_close_matches(str(key), list(allowed), n=1)
-    hint = f' (did you mean {close[0]!r}?)' if close else ''
-    return f'{_short(key)}{hint}; allowed: {", ".join(allowed)}'
+    return f'{_short(key)}{did_you_mean(key, allowed)}; allowed: {", ".join(allowed)}'
 
 
 def _leaf_module(name: Any, field: str) -> type:
@@ -294,8 +291,7 @@ def _check_model_name(name: Any) -> str:
                          f'URL or hub prefix), but got {_short(name)}')
     arch, _, tag = name.partition('.')
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
-        hint = f' (did you mean {close[0]!r}?)' if close else ''
+        hint = did_you_mean(arch, timm.list_models())
         raise ValueError(f'model_name {_short(name)} is not a timm model{hint}; allowed: a name from '
                          f'timm.list_models() (timm {timm.__version__})')
     if tag:

@@ -77,11 +77,10 @@ def fashion_mnist(args) -> dict:
     return {'runs': runs}
 
 
-_PRECISION_NAMES = {'none': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
-
-
 def fashion_mnist_table(record: Dict[str, object]) -> str:
     """The markdown table of an ``experiments fashion-mnist`` record, with the precision each run trained in."""
+    from .precision import PRECISION_NAMES
+
     a, runs = record['args'], record['runs']
     lines = [f"Fine-tuning ImageNet EfficientNet-Lite0 on Fashion-MNIST ({a['train_subset'] or 60000} training "
              f"images, {a['epochs']} epoch(s), {a['image_size']} px, batch {a['batch_size']}, SGD lr {a['lr']}, "
@@ -96,7 +95,7 @@ def fashion_mnist_table(record: Dict[str, object]) -> str:
         accs = [r['test_accuracy'] for r in mine]
         speed = statistics.mean(r['images_per_second'] for r in mine)
         label = 'converted (default policy)' if converted else 'original'
-        ran = ', '.join(_PRECISION_NAMES[r['amp']] for r in mine)
+        ran = ', '.join(PRECISION_NAMES[r['amp']] for r in mine)
         lines.append(f"| {label} | {', '.join(f'{100 * x:.2f}%' for x in accs)} | {100 * statistics.mean(accs):.2f}% "
                      f"| {100 * (max(accs) - min(accs)):.2f} | {speed:.1f} | {ran} |")
     return '\n'.join(lines)

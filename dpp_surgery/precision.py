@@ -28,12 +28,14 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ['AMP_CHOICES', 'PROBE_MARGIN', 'AmpChoice', 'PrecisionWarning', 'probe_cpu_bf16', 'cpu_bf16_native',
-           'cpu_description', 'cpu_model', 'resolve_amp']
+__all__ = ['AMP_CHOICES', 'PRECISION_NAMES', 'PROBE_MARGIN', 'AmpChoice', 'PrecisionWarning', 'probe_cpu_bf16',
+           'cpu_bf16_native', 'cpu_description', 'cpu_model', 'resolve_amp']
 
 AMP_CHOICES = ('auto', 'none', 'bf16', 'fp16')
 _DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-_NAMES = {'none': 'float32', 'bf16': 'bfloat16 autocast', 'fp16': 'float16 autocast'}
+# amp choice -> the dtype it computes in, for tables
+PRECISION_NAMES = {'none': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+_NAMES = {amp: name if amp == 'none' else f'{name} autocast' for amp, name in PRECISION_NAMES.items()}
 # CPU flags (Linux /proc/cpuinfo) that mean bfloat16 arithmetic in hardware
 _X86_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 _ARM_BF16_FLAGS = ('bf16',)

@@ -55,9 +55,6 @@ class _DynamicDPP:
     def __reduce_ex__(self, protocol):
         return _new_dynamic, (type(self)._dpp_root, type(self)._dpp_steps), self.__dict__
 
-    def __reduce__(self):
-        return self.__reduce_ex__(2)
-
 
 class _PostDPP(_DynamicDPP):
     """Mixin: the module's own forward, then its ``dpp`` child."""

@@ -2,23 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Mapping, Optional, Tuple, Type, Union
 
 from torch import nn
 
+from .._text import did_you_mean
 from ..layers import DPP2d
 
 __all__ = ['DPPVariant', 'ConversionPolicy', 'TARGETS', 'PLACEMENTS', 'resolve_policy']
 
 TARGETS = ('max_pool', 'avg_pool', 'strided_conv')
 PLACEMENTS = ('post', 'pre', 'block')
-
-
-def _suggest(name: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ''
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,7 @@ class DPPVariant:
             fields = [f.name for f in dataclasses.fields(cls)]
             for key in value:
                 if key not in fields:
-                    raise ValueError(f'unknown DPP variant option {key!r} for {what}{_suggest(key, fields)}; '
+                    raise ValueError(f'unknown DPP variant option {key!r} for {what}{did_you_mean(key, fields)}; '
                                      f'valid: {", ".join(fields)}')
             return cls(**value)
         raise TypeError(f'{what} must be a DPPVariant or a dict of its options, but got {type(value).__name__}')
@@ -100,11 +95,11 @@ class ConversionPolicy:
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         for t in targets:
             if t not in TARGETS:
-                raise ValueError(f'unknown target {t!r}{_suggest(str(t), TARGETS)}; '
+                raise ValueError(f'unknown target {t!r}{did_you_mean(str(t), TARGETS)}; '
                                  f'valid targets: {", ".join(TARGETS)}')
         object.__setattr__(self, 'targets', targets)
         if self.placement not in PLACEMENTS:
-            raise ValueError(f'unknown placement {self.placement!r}{_suggest(str(self.placement), PLACEMENTS)}; '
+            raise ValueError(f'unknown placement {self.placement!r}{did_you_mean(str(self.placement), PLACEMENTS)}; '
                              f'valid placements: {", ".join(PLACEMENTS)}')
         for kind in TARGETS:
             object.__setattr__(self, kind, DPPVariant.coerce(getattr(self, kind), kind))
@@ -147,6 +142,7 @@ def resolve_policy(policy: Optional[ConversionPolicy] = None, **kwargs) -> Conve
     fields = [f.name for f in dataclasses.fields(ConversionPolicy)]
     for key in kwargs:
         if key not in fields:
-            raise TypeError(f'unknown policy option {key!r}{_suggest(key, fields)}; valid options: {", ".join(fields)}')
+            raise TypeError(f'unknown policy option {key!r}{did_you_mean(key, fields)}; '
+                            f'valid options: {", ".join(fields)}')
     base = policy or ConversionPolicy()
     return dataclasses.replace(base, **kwargs) if kwargs else base

@@ -145,7 +145,7 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
     """
     import timm
 
-    from ..checkpoint import validate_image_size, validate_policy
+    from ..checkpoint import validate_policy
     from ..train import FinetuneConfig
 
     if not isinstance(data, dict):
@@ -204,7 +204,7 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
         elif isinstance(default, str) and not isinstance(value, str):
             raise _fail(where, f'finetune.{key} must be a string, but got {value!r}')
     if 'image_size' in finetune:
-        _check_size(validate_image_size, finetune['image_size'], 'finetune.image_size', where)
+        _check_image_size(finetune['image_size'], 'finetune.image_size', where)
 
     data_spec = data['data']
     if not isinstance(data_spec, dict) or not isinstance(data_spec.get('name'), str):
@@ -219,7 +219,7 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(where, f'latency.{key} must be an integer >= 1, but got {value!r}')
     if 'image_size' in latency:
-        _check_size(validate_image_size, latency['image_size'], 'latency.image_size', where)
+        _check_image_size(latency['image_size'], 'latency.image_size', where)
     results = data.get('results')
     if results is not None and not isinstance(results, dict):
         raise _fail(where, f'results must be an object written by the runner (or null), but got '
@@ -230,10 +230,12 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
                   path=where if where.endswith('.json') else None, raw=data)
 
 
-def _check_size(check: Callable[[Any, str], Any], value: Any, field: str, where: str) -> None:
-    """An image or input size of a recipe through the checkpoint bounds (:mod:`dpp_surgery.checkpoint`)."""
+def _check_image_size(value: Any, field: str, where: str) -> None:
+    """A recipe's image size, within the bound checkpoints have (:func:`dpp_surgery.checkpoint.validate_image_size`)."""
+    from ..checkpoint import validate_image_size
+
     try:
-        check(value, field)
+        validate_image_size(value, field)
     except ValueError as e:
         raise _fail(where, str(e)) from e
 
