@@ -313,19 +313,22 @@ def bench_coverage(args) -> dict:
 
     checks = [] if args.no_export else [functools.partial(export_check, timeout=args.export_timeout)]
     results = run_coverage(args.families or None, size=args.size, csv_path=args.csv, progress=True,
-                           extra_checks=checks)
-    print(f'\nCoverage of convert() across timm (default policy, pretrained=False, {args.size} px unless the model '
-          f'has a fixed input size; forward and backward after conversion'
-          + ('' if args.no_export else '; ONNX export in each mode, verified in onnxruntime') + ')')
+                           extra_checks=checks, per_family=args.per_family)
+    print(f'\nCoverage of convert() across timm (default policy, pretrained=False, up to {args.per_family} models per '
+          f'family, {args.size} px unless the model has a fixed input size; forward and backward after conversion'
+          + ('' if args.no_export else "; ONNX export in each mode, verified in onnxruntime, for each family's first "
+             'model') + ')')
     print(f'machine: {machine_description()}\n')
     modes = [] if args.no_export else list(SUPPORTED_MODES)
-    head = ['family', 'model', 'sites', 'convertible', 'converted', 'fwd', 'bwd', 'shape', 'status']
+    head = ['family', 'model', 'sites', 'convertible', 'converted', 'census', 'census converted', 'census policy',
+            'census limited', 'census missed', 'fwd', 'bwd', 'shape', 'status']
     head += [f'onnx {m}' for m in modes] + [f'parity {m}' for m in modes] + ['note']
     print('| ' + ' | '.join(head) + ' |')
     print('|' + '---|' * len(head))
     for r in results:
         yn = lambda b: 'yes' if b else 'no'  # noqa: E731
-        cells = [r.family, r.model, r.sites, r.convertible, r.converted, yn(r.forward_ok), yn(r.backward_ok),
+        cells = [r.family, r.model, r.sites, r.convertible, r.converted, r.census, r.census_converted,
+                 r.census_policy, r.census_limited, r.census_missed, yn(r.forward_ok), yn(r.backward_ok),
                  yn(r.shape_ok), r.status]
         cells += [r.extra.get(f'onnx_{m}', '') for m in modes] + [r.extra.get(f'parity_{m}', '') for m in modes]
         cells.append(r.reason)
@@ -574,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=96, help='input size for models without a fixed one (default 96)')
     p.add_argument('--csv', default='results/coverage.csv', help='CSV output path (default results/coverage.csv)')
     p.add_argument('--families', nargs='*', help='only these timm families (module names)')
+    p.add_argument('--per-family', type=int, default=2,
+                   help='models per family: the smallest of each architecture line, up to this many (default 2)')
     p.add_argument('--no-export', action='store_true', help='skip the ONNX export and parity columns')
     p.add_argument('--export-timeout', type=float, default=300,
                    help='seconds per model and mode for the export and its check before it counts as failed '

@@ -1,7 +1,10 @@
-"""Coverage of convert() across timm: one small model of every timm family (``timm.list_modules()``).
+"""Coverage of convert() across timm: small models of every timm family (``timm.list_modules()``).
 
-For each family: create a small model (pretrained=False), plan, convert with the default policy, run forward and
-backward at a small input size, and record what happened; a failure keeps its reason. Used by
+For each family: create its smallest model of each distinct architecture line (pretrained=False; by default two
+per family where the family has two), plan, convert with the default policy, run forward and backward at a small
+input size, and record what happened; a failure keeps its reason. Per model, the downsampling sites of the module
+census (:func:`dpp_surgery.surgery.census`, independent of tracing) are counted as converted, skipped by a policy
+choice, skipped by a stated limitation, or missed (not listed by the plan at all). Used by
 ``python -m dpp_surgery.bench coverage``.
 """
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import signal
 import threading
 import time
@@ -21,8 +25,8 @@ import torch
 
 from ._text import first_line
 
-__all__ = ['FamilyResult', 'pick_model', 'check_family', 'run_coverage', 'export_check', 'CONVERTIBLE_REASONS',
-           'EXPORT_TIMEOUT', 'ExportTimeout']
+__all__ = ['FamilyResult', 'pick_model', 'pick_models', 'check_family', 'check_model', 'run_coverage',
+           'export_check', 'site_recall', 'CONVERTIBLE_REASONS', 'EXPORT_TIMEOUT', 'ExportTimeout']
 
 # name fragments of small variants, most preferred first
 _SMALL = ['atto', 'femto', 'pico', 'nano', 'xxs', 'tiny', 'mini', 'xs', 'small', '_s', 'lite0', 'b0', '_t', '18', '050',
@@ -47,6 +51,13 @@ class FamilyResult:
     seconds: float = 0.0
     status: str = ''  # ok | no_site | failed
     reason: str = ''
+    # census sites (every strided conv-like module and pool with stride > 1, found without tracing)
+    census: int = 0
+    census_converted: int = 0
+    census_policy: int = 0  # skipped by a policy choice (stem, patch embedding, exclude, ...)
+    census_limited: int = 0  # skipped by a stated limitation (reason in limited_reasons)
+    census_missed: int = 0  # not listed by plan at all
+    limited_reasons: str = ''
     extra: Dict[str, str] = field(default_factory=dict)
 
 
@@ -57,14 +68,63 @@ def pick_model(family: str) -> Optional[str]:
     names = timm.list_models(module=family)
     if not names:
         return None
+    return _smallest(names)
 
-    def score(name):
-        for i, frag in enumerate(_SMALL):
-            if frag in name:
-                return i, len(name), name
-        return len(_SMALL), len(name), name
 
-    return min(names, key=score)
+_SIZE_WORDS = {'atto', 'femto', 'pico', 'nano', 'xxs', 'tiny', 'mini', 'xs', 'small', 's', 'm', 'l', 'xl', 't',
+               'medium', 'large', 'base', 'huge', 'giant', 'micro', 'a', 'b', 'c', 'd'}
+
+
+def _line(name: str) -> str:
+    """The architecture line of a model name: its leading words before sizes and numbers (``nf_regnet_b0`` ->
+    ``nf_regnet``, ``seresnet50`` -> ``seresnet``, ``mobilenetv3_small_050`` -> ``mobilenetv3``)."""
+    words = []
+    for token in name.split('_'):
+        head = re.match(r'[a-z]+v\d|[a-z]+', token)
+        if head is None or head.group(0) in _SIZE_WORDS or len(head.group(0)) == 1:
+            break
+        words.append(head.group(0))
+        if head.group(0) != token:
+            break
+    return '_'.join(words) or name
+
+
+def pick_models(family: str, per_family: int = 2) -> List[str]:
+    """Small models of a timm family: the smallest (by :func:`pick_model`'s preference) of each architecture line
+    (:func:`_line`), up to ``per_family``; the first is :func:`pick_model`'s."""
+    import timm
+
+    first = pick_model(family)
+    if first is None:
+        return []
+    lines: Dict[str, List[str]] = {}
+    for name in timm.list_models(module=family):
+        lines.setdefault(_line(name), []).append(name)
+    picked = [first]
+    done = {_line(first)}
+    smallest = {line: _smallest(names) for line, names in lines.items()}
+    for line in sorted(lines, key=lambda k: _size_score(smallest[k])):
+        if len(picked) >= per_family:
+            break
+        if line not in done:
+            picked.append(smallest[line])
+            done.add(line)
+    return picked
+
+
+def _size_score(name: str) -> tuple:
+    """Sort key of small models: the most preferred size fragment of :data:`_SMALL` (a number fragment must not run
+    on into more digits: '26' is not in 'densenet264d'), then the smallest first number, then the shortest name."""
+    number = re.search(r'\d+', name)
+    number = int(number.group(0)) if number else 0
+    for i, frag in enumerate(_SMALL):
+        if re.search(re.escape(frag) + (r'(?!\d)' if frag[-1].isdigit() else ''), name):
+            return i, number, len(name), name
+    return len(_SMALL), number, len(name), name
+
+
+def _smallest(names: Sequence[str]) -> str:
+    return min(names, key=_size_score)
 
 
 def _input_sizes(model, small: int) -> List[tuple]:
@@ -78,8 +138,39 @@ def _input_sizes(model, small: int) -> List[tuple]:
     return [first] if own == first else [first, own]
 
 
+def site_recall(model: torch.nn.Module, p) -> Dict[str, object]:
+    """How plan ``p`` treats the census sites of ``model`` (see :class:`FamilyResult`'s census fields)."""
+    from .surgery import census
+
+    by_name = {s.name: s for s in p.sites}
+    counts = dict(census=0, census_converted=0, census_policy=0, census_limited=0, census_missed=0)
+    limited = set()
+    for name, _ in census(model):
+        counts['census'] += 1
+        site = by_name.get(name)
+        if site is None:
+            counts['census_missed'] += 1
+        elif site.action == 'replace':
+            counts['census_converted'] += 1
+        elif site.policy_skip:
+            counts['census_policy'] += 1
+        else:
+            counts['census_limited'] += 1
+            limited.add(site.reason)
+    counts['limited_reasons'] = '; '.join(sorted(limited))[:300]
+    return counts
+
+
 def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] = ()) -> FamilyResult:
-    """plan + convert + forward + backward of one small model of ``family``; never raises."""
+    """plan + convert + forward + backward of one small model of ``family`` (:func:`pick_model`); never raises."""
+    name = pick_model(family)
+    if name is None:
+        return FamilyResult(family=family, status='no_site', reason='family registers no model')
+    return check_model(name, family, size, extra_checks)
+
+
+def check_model(name: str, family: str = '', size: int = 96, extra_checks: Sequence[Callable] = ()) -> FamilyResult:
+    """plan + convert + forward + backward of timm model ``name``; never raises."""
     import timm
 
     from .surgery import NoEffectWarning, convert, plan
@@ -87,10 +178,6 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
     result = FamilyResult(family=family)
     t0 = time.time()
     try:
-        name = pick_model(family)
-        if name is None:
-            result.status, result.reason = 'no_site', 'family registers no model'
-            return result
         result.model = name
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False)
@@ -109,6 +196,8 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
                 if i == len(sizes) - 1:
                     raise
         result.traced = True
+        for key, value in site_recall(model, p).items():
+            setattr(result, key, value)
         result.sites = len(p.sites)
         downsampling = [s for s in p.sites if s.kind in ('max_pool', 'avg_pool', 'strided_conv') and s.stride != (1, 1)]
         convertible = [s for s in downsampling if not (s.action == 'skip' and s.reason.startswith(CONVERTIBLE_REASONS))]
@@ -223,40 +312,76 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
 
 
 def run_coverage(families: Optional[Sequence[str]] = None, size: int = 96, csv_path: Optional[str] = None,
-                 progress: bool = True, extra_checks: Sequence[Callable] = ()) -> List[FamilyResult]:
-    """:func:`check_family` for every timm family (or ``families``); optionally writes a CSV."""
+                 progress: bool = True, extra_checks: Sequence[Callable] = (), per_family: int = 1,
+                 overwrite: bool = True) -> List[FamilyResult]:
+    """:func:`check_model` for up to ``per_family`` models (:func:`pick_models`) of every timm family (or
+    ``families``); ``extra_checks`` run on each family's first model only. Optionally writes a CSV (atomically)."""
     import timm
 
+    from .checkpoint import atomic_write
+
     families = list(families) if families else sorted(timm.list_modules())
+    todo = []
+    for fam in families:
+        names = pick_models(fam, per_family)
+        todo += [(fam, n, i == 0) for i, n in enumerate(names)] or [(fam, None, True)]
     results = []
-    iterator = families
+    iterator = todo
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(families, desc='coverage', unit='family')
-    for fam in iterator:
-        res = check_family(fam, size, extra_checks)
+        iterator = tqdm(todo, desc='coverage', unit='model')
+    for fam, name, first in iterator:
+        if name is None:
+            res = FamilyResult(family=fam, status='no_site', reason='family registers no model')
+        else:
+            res = check_model(name, fam, size, extra_checks if first else ())
         results.append(res)
         if progress:
-            iterator.set_postfix_str(f'{fam}: {res.status}')
+            iterator.set_postfix_str(f'{name or fam}: {res.status}')
     if csv_path:
-        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
         extra_keys = sorted({k for r in results for k in r.extra})
-        with open(csv_path, 'w', newline='') as f:
-            fields = [k for k in asdict(results[0]) if k != 'extra'] + extra_keys
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for r in results:
-                row = {k: v for k, v in asdict(r).items() if k != 'extra'}
-                row.update(r.extra)
-                writer.writerow(row)
+
+        def write(tmp):
+            with open(tmp, 'w', newline='') as f:
+                fields = [k for k in asdict(results[0]) if k != 'extra'] + extra_keys
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                for r in results:
+                    row = {k: v for k, v in asdict(r).items() if k != 'extra'}
+                    row.update(r.extra)
+                    writer.writerow(row)
+        atomic_write(csv_path, write, overwrite=overwrite)
     return results
 
 
 def summarize(results: List[FamilyResult]) -> str:
+    by_family: Dict[str, List[FamilyResult]] = {}
+    for r in results:
+        by_family.setdefault(r.family, []).append(r)
+    models = [r for r in results if r.model]
+    fam_applicable = [f for f, rs in by_family.items() if any(r.status != 'no_site' for r in rs)]
+    fam_ok = [f for f in fam_applicable if all(r.status in ('ok', 'no_site') for r in by_family[f])]
     applicable = [r for r in results if r.status != 'no_site']
     ok = [r for r in applicable if r.status == 'ok']
-    lines = [f'{len(results)} timm families; {len(applicable)} have a convertible downsampling site; '
-             f'{len(ok)} of them convert and train ({100 * len(ok) / max(1, len(applicable)):.1f}%).']
+    raw = [r for r in results if r.status == 'failed' and not r.reason.split(':')[0].endswith(
+        ('ConversionError', 'TraceError'))]
+    lines = [f'{len(by_family)} timm families, {len(models)} models; {len(fam_applicable)} families have a '
+             f'convertible downsampling site; {len(fam_ok)} of them convert and train in every model tried '
+             f'({100 * len(fam_ok) / max(1, len(fam_applicable)):.1f}%).',
+             f'Models: {len(applicable)} with a convertible site; {len(ok)} convert, run forward and backward and keep '
+             f'their output size ({100 * len(ok) / max(1, len(applicable)):.1f}%); {len(raw)} failed with an error '
+             'other than ConversionError/TraceError.']
+    census = sum(r.census for r in models)
+    if census:
+        conv, pol = sum(r.census_converted for r in models), sum(r.census_policy for r in models)
+        lim, miss = sum(r.census_limited for r in models), sum(r.census_missed for r in models)
+        lines.append(f'Census sites (strided convs and pools found from the modules): {census}; converted {conv}, '
+                     f'skipped by policy {pol}, skipped by a stated limitation {lim}, missed {miss}; site recall '
+                     f'(converted or skipped by policy) {100 * (conv + pol) / census:.1f}%.')
+        limited = [r for r in models if r.census_limited]
+        if limited:
+            lines.append('Sites skipped by a limitation:')
+            lines += [f'- {r.model}: {r.census_limited} ({r.limited_reasons})' for r in limited]
     failed = [r for r in applicable if r.status != 'ok']
     if failed:
         lines.append('Failures:')

@@ -3,7 +3,7 @@ from timm.layers import register_notrace_module
 
 from ..layers import DPP2d
 from .convert import ConversionError, NoEffectWarning, convert, dpp_layers
-from .plan import Plan, Site, default_input_size, plan
+from .plan import Plan, Site, census, default_input_size, is_conv_like, plan
 from .policy import PLACEMENTS, TARGETS, ConversionPolicy, DPPVariant
 from .tracer import TraceError, trace
 
@@ -11,4 +11,5 @@ from .tracer import TraceError, trace
 register_notrace_module(DPP2d)
 
 __all__ = ['plan', 'convert', 'Plan', 'Site', 'ConversionPolicy', 'DPPVariant', 'TARGETS', 'PLACEMENTS',
-           'NoEffectWarning', 'ConversionError', 'TraceError', 'dpp_layers', 'trace', 'default_input_size']
+           'NoEffectWarning', 'ConversionError', 'TraceError', 'dpp_layers', 'trace', 'default_input_size', 'census',
+           'is_conv_like']

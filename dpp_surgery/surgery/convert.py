@@ -25,7 +25,7 @@ from torch import nn
 
 from .._text import first_line
 from ..layers import DPP2d
-from .plan import Plan, Site, _block_stride1, _pair, device_dtype, plan
+from .plan import Plan, Site, _block_stride1, _pair, block_host, device_dtype, plan
 from .policy import ConversionPolicy
 from .tracer import trace
 
@@ -169,9 +169,17 @@ class _GlobalDPP2d(DPP2d):
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module, undo: list) -> None:
+    """Replace submodule ``name`` by ``new`` (the same attribute, so a container keeps its order and length); the
+    hooks registered on the old module (timm's FeatureHookNet, users' own) move to the new one."""
     parent_name, _, child = name.rpartition('.')
     parent = model.get_submodule(parent_name) if parent_name else model
-    undo.append((parent, child, getattr(parent, child)))
+    old = getattr(parent, child)
+    for attr in ('_forward_hooks', '_forward_pre_hooks', '_forward_hooks_with_kwargs', '_forward_pre_hooks_with_kwargs',
+                 '_forward_hooks_always_called'):
+        hooks = getattr(old, attr, None)
+        if hooks:
+            getattr(new, attr).update(hooks)
+    undo.append((parent, child, old))
     setattr(parent, child, new)
 
 
@@ -221,7 +229,10 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
 
 
 def _output_shapes(model: nn.Module, input_size) -> Dict[str, Tuple[int, ...]]:
-    """Output shape of every module (tensor outputs only) for one example input, in eval mode."""
+    """Output shape of every module (tensor outputs only) for one example input, in eval mode, and under
+    ``'<outputs>'`` the shapes of every tensor the model returns (lists, tuples and dicts of features included)."""
+    from torch.utils._pytree import tree_leaves
+
     shapes: Dict[str, Tuple[int, ...]] = {}
     hooks = []
     for name, m in model.named_modules():
@@ -234,11 +245,13 @@ def _output_shapes(model: nn.Module, input_size) -> Dict[str, Tuple[int, ...]]:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+            out = model(torch.zeros(1, *input_size, device=device, dtype=dtype))
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
+    shapes['<outputs>'] = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                                for t in tree_leaves(out))
     return shapes
 
 
@@ -347,12 +360,9 @@ def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: lis
         except ValueError as e:
             raise ConversionError(f'block {block_name!r}: {e}') from e
         dpp = _make_dpp(site, policy, site.block_channels, _downsample_geometry(site.stride), device, dtype)
-        if isinstance(block, nn.Sequential) and type(block).forward is nn.Sequential.forward:
-            # a plain Sequential runs its children in order: appending DPP as its last child places it after
-            # the block (a forward that wrapped Sequential's would run it twice)
-            if hasattr(block, 'dpp'):
-                raise ConversionError(f'{block_name} already has an attribute named dpp')
-            _add_child(block, 'dpp', dpp, undo)
-        else:
-            _swap(block, _PostDPP, dpp, undo)
+        target = block_host(block)
+        if target is None:
+            raise ConversionError(f'block {block_name!r} cannot take a DPP without changing how it iterates its '
+                                  "children; use placement='post' for its convs")
+        _swap(target, _PostDPP, dpp, undo)
 

@@ -12,6 +12,7 @@ import fnmatch
 import io
 import logging
 import operator
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,9 +24,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..layers import DPP2d
 from .policy import ConversionPolicy, resolve_policy
-from .tracer import trace
+from .._text import first_line
+from .tracer import TraceError, trace
 
-__all__ = ['Site', 'Plan', 'plan', 'DPP_FLOPS_PER_ELEMENT', 'default_input_size']
+__all__ = ['Site', 'Plan', 'plan', 'census', 'is_conv_like', 'DPP_FLOPS_PER_ELEMENT', 'default_input_size']
 
 _logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ _FUNCTIONAL_GLOBAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
 _KIND_LABEL = {
     'max_pool': 'max pool', 'avg_pool': 'avg pool', 'strided_conv': 'strided conv', 'global_pool': 'global pool',
-    'dpp': 'DPP (converted)',
+    'dpp': 'DPP (converted)', 'pool': 'pool (other)',
 }
 
 
@@ -55,7 +57,7 @@ class Site:
     owner module's name and the fx node name (``Mixed_6a.max_pool2d``).
     """
     name: str
-    kind: str  # max_pool | avg_pool | strided_conv | global_pool | dpp
+    kind: str  # max_pool | avg_pool | strided_conv | pool (another pooling type) | global_pool | dpp
     module_type: str
     functional: bool
     kernel: Tuple[int, int]
@@ -68,6 +70,7 @@ class Site:
     out_size: Tuple[int, int]
     action: str = 'skip'  # replace | skip
     reason: str = ''
+    policy_skip: bool = False  # skipped by a policy choice (stem, targets, exclude, ...), not by a limitation
     placement: str = ''  # pool | post | pre | block | functional | global
     block: str = ''  # the enclosing block (placement 'block')
     block_channels: int = 0  # its output channels
@@ -163,7 +166,8 @@ def _shape(node) -> Optional[torch.Size]:
 
 
 def _is_same_padding(m: nn.Module) -> bool:
-    return type(m).__name__.endswith('Same') or bool(getattr(m, 'same_pad', False))
+    return type(m).__name__.endswith('Same') or bool(getattr(m, 'same_pad', False)) or \
+        bool(getattr(m, 'dynamic_padding', False))
 
 
 def _conv_flops(cin: int, cout: int, groups: int, k: Tuple[int, int], out: Tuple[int, int]) -> int:
@@ -182,18 +186,144 @@ def _dpp_placement_of(m: nn.Module) -> Optional[str]:
     return getattr(type(m), '_dpp_placement', None)
 
 
+def _pair2(v) -> Optional[Tuple[int, int]]:
+    """``v`` as an (int, int) pair if it is an int or a 2-sequence of ints, else None."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    return None
+
+
+def is_conv_like(m: nn.Module) -> bool:
+    """An ``nn.Conv2d`` (any subclass), or a module that is a 2-D conv without being one (timm's ``CondConv2d``):
+    it has ``in_channels``, ``out_channels`` and 2-D ``kernel_size`` and ``stride``, holds no conv-like module
+    itself, and is neither a pool nor a 1-D/3-D conv."""
+    if isinstance(m, nn.Conv2d):
+        return True
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, DPP2d)):
+        return False
+    if not all(hasattr(m, a) for a in ('in_channels', 'out_channels')) or _pair2(getattr(m, 'stride', None)) is None \
+            or _pair2(getattr(m, 'kernel_size', None)) is None:
+        return False
+    return not any(is_conv_like(c) for c in m.children())
+
+
+_OTHER_POOL_TYPES = (nn.LPPool2d, nn.FractionalMaxPool2d)
+
+
+def _other_pool(m: nn.Module) -> bool:
+    """A downsampling pool that is not a max/average pool (``nn.LPPool2d``, timm's ``BlurPool2d``, ...): a pooling
+    class (by type or by name) with a stride above 1."""
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, DPP2d)) or is_conv_like(m):
+        return False
+    if not (isinstance(m, _OTHER_POOL_TYPES) or 'pool' in type(m).__name__.lower()):
+        return False
+    stride = _pair2(getattr(m, 'stride', None))
+    return stride is not None and stride != (1, 1)
+
+
+def census(model: nn.Module) -> List[Tuple[str, str]]:
+    """Every downsampling module of ``model``, found from its modules alone (no tracing): (qualified name, kind)
+    for each conv-like module (:func:`is_conv_like`) with stride > 1 (``'strided_conv'``) and each pooling module
+    with stride > 1 (``'max_pool'``, ``'avg_pool'``, or ``'pool'`` for other pooling types). Converted sites (DPP)
+    are not downsampling modules of their own and are not listed. :func:`plan` lists every census site."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, DPP2d):
+            continue
+        if is_conv_like(m) and _pair(m.stride) != (1, 1):
+            out.append((name, 'strided_conv'))
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and _pair(m.stride or m.kernel_size) != (1, 1):
+            out.append((name, 'max_pool' if isinstance(m, nn.MaxPool2d) else 'avg_pool'))
+        elif _other_pool(m):
+            out.append((name, 'pool'))
+    return out
+
+
 def device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
     """Device and dtype of the model's first floating-point parameter (CPU float32 if it has none)."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     return (p.device, p.dtype) if p is not None else (torch.device('cpu'), torch.float32)
 
 
+@dataclass
+class ModuleRecord:
+    """What one eager forward pass saw of a module: its first call's tensor shapes and how often it ran."""
+    calls: int = 0
+    order: int = -1  # index of its first call among all module calls
+    in_shape: Optional[Tuple[int, ...]] = None  # first tensor positional argument of the first call
+    tensor_args: int = 0  # tensor positional arguments of the first call
+    out_shape: Optional[Tuple[int, ...]] = None  # output of the first call, if a tensor
+    after_conv: bool = False  # a conv-like or linear module started before it
+
+
+def _eager_records(model: nn.Module, example: torch.Tensor) -> Dict[str, ModuleRecord]:
+    """Per-module :class:`ModuleRecord` from one forward pass of ``model`` on ``example`` (hooks, no graph)."""
+    records: Dict[str, ModuleRecord] = {}
+    state = {'order': 0, 'conv': False}
+    hooks = []
+
+    def pre(mod, args, name):
+        rec = records.setdefault(name, ModuleRecord())
+        rec.calls += 1
+        if rec.calls == 1:
+            rec.order, rec.after_conv = state['order'], state['conv']
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            rec.tensor_args = len(tensors)
+            rec.in_shape = tuple(tensors[0].shape) if tensors else None
+        state['order'] += 1
+        if is_conv_like(mod) or isinstance(mod, nn.Linear):
+            state['conv'] = True
+
+    def post(mod, args, out, name):
+        rec = records[name]
+        if rec.out_shape is None and rec.calls == 1 and isinstance(out, torch.Tensor):
+            rec.out_shape = tuple(out.shape)
+
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: pre(mod, args, name)))
+        hooks.append(m.register_forward_hook(lambda mod, args, out, name=name: post(mod, args, out, name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return records
+
+
+def _trace_tolerant(model: nn.Module, leaf_modules) -> Tuple[Optional[fx.GraphModule], List[Tuple[str, str]], str]:
+    """Trace ``model``; a submodule whose forward does not trace becomes a leaf (its sites are then found by the
+    module census) and the trace is retried. Returns (graph module or None if the model's own forward does not
+    trace, [(qualified name, class name) made leaves], note)."""
+    extra = list(leaf_modules)
+    auto: List[Tuple[str, str]] = []
+    for _ in range(32):
+        try:
+            return trace(model, extra), auto, ''
+        except TraceError as e:
+            cls = e.module_type
+            if not e.module_name or cls is None or cls in extra or cls is type(model):
+                return None, auto, (f"the model's forward does not trace with torch.fx ({first_line(e)[:160]}); "
+                                    "sites come from the module census and an eager run, so functional pools are "
+                                    "not analysed and 'block' uses eager sizes")
+            extra.append(cls)
+            auto.append((e.module_name, cls.__name__))
+    return None, auto, 'torch.fx tracing kept failing; sites come from the module census and an eager run'
+
+
 class _Graph:
-    """The traced model with shapes and module regions."""
+    """The traced model (where it traces) with shapes and module regions, plus an eager record of every module."""
 
     def __init__(self, model: nn.Module, input_size, leaf_modules):
-        self.gm = trace(model, leaf_modules)
-        self.nodes = list(self.gm.graph.nodes)
+        self.model = model
+        self.gm, auto, self.note = _trace_tolerant(model, leaf_modules)
+        if auto:
+            made = ', '.join(f'{n} ({c})' for n, c in auto)
+            self.note = '; '.join(x for x in (f'traced with {made} as FX leaves (their forward does not trace); '
+                                              'the sites inside them come from the module census', self.note) if x)
+        self.nodes = list(self.gm.graph.nodes) if self.gm is not None else []
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.device, self.dtype = device_dtype(model)
         # block name -> (FLOPs before, FLOPs at stride 1) or the reason it cannot run at stride 1
@@ -201,19 +331,10 @@ class _Graph:
         example = torch.randn(1, *input_size, device=self.device, dtype=self.dtype)
         was_training = model.training
         model.eval()
-        self.note = ''
         try:
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
-                ShapeProp(self.gm).propagate(example)
-        except Exception as e:  # noqa: BLE001 - fall back to shapes from an eager run
-            # the traced graph does not run as the model does (shape-dependent Python in some forward); take
-            # every module's shapes from a real forward pass instead
-            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            self.note = (f'the traced graph does not run ({first}); shapes come from an eager run, so functional '
-                         "pools are not analysed and 'block' falls back to 'post'")
-            for n in self.gm.graph.nodes:
-                n.meta.pop('tensor_meta', None)
-            self._eager_shapes(model, example)
+            self.eager = _eager_records(model, example)
+            if self.gm is not None:
+                self._propagate(example)
         finally:
             model.train(was_training)
         # module regions: qualified name -> nodes (in graph order) executed inside it
@@ -225,29 +346,39 @@ class _Graph:
         for n in self.nodes:
             if n.op == 'call_module':
                 self.call_counts[n.target] = self.call_counts.get(n.target, 0) + 1
-        self.model = model
         self._owner_names: Dict[tuple, List[str]] = {}
 
-    def _eager_shapes(self, model: nn.Module, example: torch.Tensor) -> None:
-        from types import SimpleNamespace
-
-        seen: Dict[str, tuple] = {}
-        hooks = []
-        for name, m in model.named_modules():
-            def hook(mod, args, out, name=name):
-                if name not in seen and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                    seen[name] = (tuple(args[0].shape), tuple(out.shape))
-            hooks.append(m.register_forward_hook(hook))
+    def _propagate(self, example: torch.Tensor) -> None:
         try:
-            with torch.no_grad():
-                model(example)
-        finally:
-            for h in hooks:
-                h.remove()
-        for n in self.gm.graph.nodes:
-            if n.op == 'call_module' and n.target in seen:
-                n.meta['tensor_meta'] = SimpleNamespace(shape=torch.Size(seen[n.target][1]))
-                n.meta['dpp_in_shape'] = torch.Size(seen[n.target][0])
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
+                ShapeProp(self.gm).propagate(example)
+        except Exception as e:  # noqa: BLE001 - fall back to shapes from the eager run
+            # the traced graph does not run as the model does (shape-dependent Python in some forward); take
+            # every module's shapes from the real forward pass instead
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            self.note = '; '.join(x for x in (self.note, (
+                f'the traced graph does not run ({first}); shapes come from an eager run, so functional pools are '
+                "not analysed and 'block' falls back to 'post'")) if x)
+            for n in self.gm.graph.nodes:
+                n.meta.pop('tensor_meta', None)
+            for n in self.gm.graph.nodes:
+                rec = self.eager.get(n.target) if n.op == 'call_module' else None
+                if rec is not None and rec.out_shape is not None:
+                    n.meta['tensor_meta'] = SimpleNamespace(shape=torch.Size(rec.out_shape))
+                    if rec.in_shape is not None:
+                        n.meta['dpp_in_shape'] = torch.Size(rec.in_shape)
+
+    def calls(self, name: str, node: Optional[fx.Node]) -> int:
+        """How often module ``name`` runs in forward (graph calls where the graph has it, else eager calls)."""
+        if node is not None:
+            return self.call_counts.get(name, 1)
+        rec = self.eager.get(name)
+        return rec.calls if rec is not None else 0
+
+    def block_shapes(self, block: str) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """Input and output shape of a (single-input, called-once) block module."""
+        rec = self.eager[block]
+        return rec.in_shape, rec.out_shape
 
     def owner_node_names(self, owner: str, target) -> List[str]:
         """Names of the calls of ``target`` in a trace of module ``owner`` alone, in order ([] if it fails)."""
@@ -307,15 +438,24 @@ class _Graph:
 
 def _site_for_module(g: _Graph, node: fx.Node, m: nn.Module) -> Optional[Site]:
     in_shape = node.meta.get('dpp_in_shape') or (_shape(node.args[0]) if node.args else None)
-    out_shape = _shape(node)
-    if in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4:
+    return _module_site(node.target, m, in_shape, _shape(node), node=node.name)
+
+
+def _module_site(name: str, m: nn.Module, in_shape, out_shape, node: Optional[str] = None,
+                 census: bool = False) -> Optional[Site]:
+    """The site of module ``m`` (None if it is not one), with the shapes of its input and output. A ``census``
+    site (found from the modules, not the graph) is made even without shapes, which then read as 0x0."""
+    if not census and (in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4):
         return None
-    common = dict(name=node.target, module_type=type(m).__name__, functional=False, in_channels=int(in_shape[1]),
-                  out_channels=int(out_shape[1]), in_size=(int(in_shape[2]), int(in_shape[3])),
-                  out_size=(int(out_shape[2]), int(out_shape[3])), node=node.name)
-    if isinstance(m, DPP2d) or _dpp_placement_of(m):
-        k = m.kernel_size if isinstance(m, DPP2d) else _pair(m.kernel_size)
-        return Site(kind='dpp', kernel=_pair(k), stride=_pair(m.stride), padding=(0, 0), ceil_mode=False,
+    known = in_shape is not None and out_shape is not None and len(in_shape) == 4 and len(out_shape) == 4
+    ins = tuple(int(v) for v in in_shape) if known else (0, 0, 0, 0)
+    outs = tuple(int(v) for v in out_shape) if known else (0, 0, 0, 0)
+    common = dict(name=name, module_type=type(m).__name__, functional=False, in_channels=ins[1],
+                  out_channels=outs[1], in_size=(ins[2], ins[3]), out_size=(outs[2], outs[3]), node=node)
+    if isinstance(m, DPP2d) or _dpp_placement_of(m) in ('post', 'pre'):
+        dpp = m if isinstance(m, DPP2d) else getattr(m, 'dpp', None)
+        geometry = (_pair(dpp.kernel_size), _pair(dpp.stride)) if isinstance(dpp, DPP2d) else ((1, 1), (1, 1))
+        return Site(kind='dpp', kernel=geometry[0], stride=geometry[1], padding=(0, 0), ceil_mode=False,
                     reason='already converted', **common)
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         kind = 'max_pool' if isinstance(m, nn.MaxPool2d) else 'avg_pool'
@@ -328,13 +468,19 @@ def _site_for_module(g: _Graph, node: fx.Node, m: nn.Module) -> Optional[Site]:
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return Site(kind='global_pool', kernel=common['in_size'], stride=(1, 1), padding=(0, 0), ceil_mode=False,
                     **common)
-    if isinstance(m, nn.Conv2d) and _pair(m.stride) != (1, 1):
+    if is_conv_like(m) and _pair(m.stride) != (1, 1):
         padding = 'same' if _is_same_padding(m) else (m.padding if isinstance(m.padding, str) else _pair(m.padding))
         site = Site(kind='strided_conv', kernel=_pair(m.kernel_size), stride=_pair(m.stride), padding=padding,
                     ceil_mode=False, **common)
-        if _pair(m.dilation) != (1, 1):
+        if _pair(getattr(m, 'dilation', 1)) != (1, 1):
             site.reason = 'dilated strided conv is not supported'
         return site
+    if _other_pool(m):
+        stride = _pair2(getattr(m, 'stride', None)) or (0, 0)
+        kernel = _pair2(getattr(m, 'kernel_size', None) or getattr(m, 'filt_size', None)) or stride
+        return Site(kind='pool', kernel=kernel, stride=stride, padding=(0, 0), ceil_mode=False,
+                    reason=f'{type(m).__name__} is a pooling type DPP does not replace (max and average pools only)',
+                    **common)
     return None
 
 
@@ -385,12 +531,12 @@ def _type_matches(type_name: str, module: Optional[nn.Module], types) -> Optiona
     return None
 
 
-def _size_preserving_at_stride1(m: nn.Conv2d) -> bool:
-    if _is_same_padding(m) or m.padding == 'same':
+def _size_preserving_at_stride1(m: nn.Module) -> bool:
+    if _is_same_padding(m) or getattr(m, 'padding', None) == 'same':
         return True
     if isinstance(m.padding, str):
         return False
-    k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
+    k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(getattr(m, 'dilation', 1))
     return all(2 * pi == di * (ki - 1) for ki, pi, di in zip(k, p, d))
 
 
@@ -402,12 +548,25 @@ def _iterating_container(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward
 
 
+def block_host(block: nn.Module) -> Optional[nn.Module]:
+    """The module that owns the DPP applied to ``block``'s output: the block itself, or for a plain
+    ``nn.Sequential`` (which returns its last child's output) its last child, recursively, so that the container
+    keeps its length, indexing and iteration. None where the host would be a container that iterates its
+    children (an added child would become one more step of its forward)."""
+    host = block
+    while isinstance(host, nn.Sequential) and type(host).forward is nn.Sequential.forward and len(host):
+        host = host[-1]
+    if _iterating_container(host) or isinstance(host, nn.Sequential):
+        return None
+    return host
+
+
 def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], str]:
     """The enclosing block for the 'block' placement: (qualified name or None, how it was found / why not)."""
     conv_stack = g.stack(node)
     # modules that contain the conv, outermost first; containers whose own forward iterates or indexes their
     # children (timm's MixedConv2d is a ModuleDict) cannot own a DPP child without changing what they compute
-    ancestors = [p for p in conv_stack[:-1] if not _iterating_container(g.model.get_submodule(p))]
+    ancestors = [p for p in conv_stack[:-1] if block_host(g.model.get_submodule(p)) is not None]
     if not ancestors:
         return None, 'the conv is not inside a block module'
     # data flow: the first add downstream of the conv that also takes a path not through the conv
@@ -449,6 +608,24 @@ def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], st
     return None, 'no enclosing block with the same input and output sizes'
 
 
+def _find_block_eager(g: _Graph, site: Site) -> Tuple[Optional[str], str]:
+    """The enclosing block of a site the graph does not show (inside an FX leaf, or no graph at all): the innermost
+    enclosing module, called once with one tensor input, whose input and output sizes are the site's (from the
+    eager run), that is not a container iterating its children."""
+    parts = site.name.split('.')
+    for i in range(len(parts) - 1, 0, -1):
+        path = '.'.join(parts[:i])
+        if block_host(g.model.get_submodule(path)) is None:
+            continue
+        rec = g.eager.get(path)
+        if rec is None or rec.calls != 1 or rec.tensor_args != 1 or rec.in_shape is None or rec.out_shape is None \
+                or len(rec.in_shape) != 4 or len(rec.out_shape) != 4:
+            continue
+        if tuple(rec.in_shape[2:]) == site.in_size and tuple(rec.out_shape[2:]) == site.out_size:
+            return path, 'block from eager sizes'
+    return None, 'no enclosing block with the same input and output sizes'
+
+
 def _owner_traces_consistently(model: nn.Module, owner: str) -> Optional[str]:
     """None if the owner's forward traces to the same graph in train and eval mode, else why not."""
     mod = model.get_submodule(owner)
@@ -468,16 +645,19 @@ def _owner_traces_consistently(model: nn.Module, owner: str) -> Optional[str]:
     return None
 
 
-def _flops_of(module: nn.Module, input_shape, dtype, device) -> int:
+def _flops_of(module: nn.Module, input_shape, dtype, device, outputs: Optional[list] = None) -> int:
+    """FLOPs of one eval-mode call of ``module`` on zeros of ``input_shape`` (its output appended to ``outputs``)."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros(*input_shape, dtype=dtype, device=device)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(x)
+            out = module(x)
     finally:
         module.train(was_training)
+    if outputs is not None:
+        outputs.append(out)
     return int(counter.get_total_flops())
 
 
@@ -488,7 +668,7 @@ def _block_stride1(block: nn.Module, undo: List[Tuple[nn.Module, str, Any]]) -> 
     for name, m in list(block.named_modules()):
         if m is block:
             continue
-        if isinstance(m, nn.Conv2d) and _pair(m.stride) != (1, 1):
+        if is_conv_like(m) and _pair(m.stride) != (1, 1):
             if not _size_preserving_at_stride1(m) and not (_pair(m.kernel_size) == (1, 1)):
                 raise ValueError(f'conv {name} does not keep its size at stride 1')
             undo.append((m, 'stride', m.stride))
@@ -514,12 +694,19 @@ def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int]
     cannot run; computed once per block."""
     if block not in g.block_trials:
         module = model.get_submodule(block)
-        inputs, _ = g.region_io(block)
-        shape = tuple(_shape(inputs[0]))
+        shape, out_shape = g.block_shapes(block)
         try:
             clone = copy.deepcopy(module)
             _block_stride1(clone, [])
-            after = _flops_of(clone, shape, g.dtype, g.device)
+            outs: list = []
+            after = _flops_of(clone, shape, g.dtype, g.device, outs)
+            got = tuple(outs[0].shape) if isinstance(outs[0], torch.Tensor) else None
+            want = (out_shape[0], out_shape[1], *shape[2:])
+            if got != want:
+                # something the stride-1 switch cannot reach (a functional pool, a size-dependent forward)
+                # still downsamples: DPP after the block would get the wrong size
+                raise ValueError(f'at stride 1 it gives {got}, not {want} (it downsamples in a way that cannot '
+                                 'be switched off)')
             g.block_trials[block] = (_flops_of(module, shape, g.dtype, g.device), after)
         except ValueError as e:
             g.block_trials[block] = f'block {block}: {e}'
@@ -530,8 +717,8 @@ def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int]
 
 def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Optional[nn.Module],
             policy: ConversionPolicy) -> None:
-    def skip(reason):
-        site.action, site.reason = 'skip', reason
+    def skip(reason, policy=False):
+        site.action, site.reason, site.policy_skip = 'skip', reason, policy
 
     if site.kind == 'dpp':
         return skip('already converted')
@@ -539,44 +726,49 @@ def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Opti
         return skip(site.reason)
     if site.kind == 'global_pool':
         if policy.skip_global:
-            return skip('global/adaptive pool (skip_global=True)')
+            return skip('global/adaptive pool (skip_global=True)', policy=True)
         if site.out_size != (1, 1) or site.functional:
             return skip('adaptive pool with output larger than 1x1 or functional: not supported')
         site.placement = 'global'
     elif site.kind in ('max_pool', 'avg_pool'):
         if site.kind not in policy.targets:
-            return skip(f'{site.kind} not in targets')
+            return skip(f'{site.kind} not in targets', policy=True)
         if site.stride == (1, 1) and policy.skip_stride1:
-            return skip('stride-1 pool, does not downsample (skip_stride1=True)')
+            return skip('stride-1 pool, does not downsample (skip_stride1=True)', policy=True)
         site.placement = 'functional' if site.functional else 'pool'
     else:  # strided conv
         if 'strided_conv' not in policy.targets:
-            return skip('strided_conv not in targets')
-        if policy.skip_stem and g.reads_image(node):
-            return skip('stem conv reads the image (skip_stem=True)')
+            return skip('strided_conv not in targets', policy=True)
+        stem = g.reads_image(node) if node is not None else not g.eager[site.name].after_conv
+        if policy.skip_stem and stem:
+            return skip('stem conv reads the image (skip_stem=True)', policy=True)
         if policy.skip_patchify and site.kernel == site.stride and site.padding in ((0, 0), 'valid'):
-            return skip('patch-embedding conv, kernel == stride (skip_patchify=True)')
+            return skip('patch-embedding conv, kernel == stride (skip_patchify=True)', policy=True)
         site.placement = policy.placement
-    if not site.functional and g.call_counts.get(site.name, 1) > 1:
-        return skip(f'module is called {g.call_counts[site.name]} times in forward; cannot give each call its own DPP')
+    calls = 1 if site.functional else g.calls(site.name, node)
+    if calls > 1:
+        return skip(f'module is called {calls} times in forward; cannot give each call its own DPP')
     pattern = _matches(site.name, policy.exclude)
     if pattern:
-        return skip(f'excluded by pattern {pattern!r}')
+        return skip(f'excluded by pattern {pattern!r}', policy=True)
     t = _type_matches(site.module_type, module, policy.exclude_types)
     if t:
-        return skip(f'excluded by type {t}')
+        return skip(f'excluded by type {t}', policy=True)
     if policy.include and not _matches(site.name, policy.include):
-        return skip('not matched by include')
+        return skip('not matched by include', policy=True)
     if policy.include_types and not _type_matches(site.module_type, module, policy.include_types):
-        return skip('not matched by include_types')
+        return skip('not matched by include_types', policy=True)
     if site.functional:
+        if site.owner and _iterating_container(model.get_submodule(site.owner)):
+            return skip(f'functional pool in {site.owner}, a container whose forward runs over its children: '
+                        'a DPP child would change what it computes')
         if not site.owner:
             return skip("functional pool in the model's own forward: forward_features/forward_head would disagree")
         why = _owner_traces_consistently(model, site.owner)
         if why:
             return skip(f'functional pool: {why}')
     if site.placement == 'block':
-        block, how = _find_block(g, node, site)
+        block, how = _find_block(g, node, site) if node is not None else _find_block_eager(g, site)
         if block is not None:
             trial = _try_block(model, g, block)
             if isinstance(trial, str):
@@ -584,8 +776,7 @@ def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Opti
         if block is None:  # fall back to DPP right after the conv
             site.placement, site.reason = 'post', f'no block ({how})'
         else:
-            _, last = g.region_io(block)
-            site.block, site.block_channels = block, int(_shape(last)[1])
+            site.block, site.block_channels = block, int(g.block_shapes(block)[1][1])
     if site.placement == 'pre' and not _size_preserving_at_stride1(module):
         return skip("placement 'pre' needs a conv that keeps its size at stride 1 (padding (k-1)/2 or 'same')")
     site.action = 'replace'
@@ -594,7 +785,7 @@ def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Opti
 def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block_cache) -> None:
     c_in, c_out, out = site.in_channels, site.out_channels, site.out_size
     window = site.kernel[0] * site.kernel[1]
-    if site.kind in ('max_pool', 'avg_pool', 'global_pool', 'dpp'):
+    if site.kind in ('max_pool', 'avg_pool', 'pool', 'global_pool', 'dpp'):
         site.flops_before = c_in * out[0] * out[1] * window
     else:
         groups = getattr(module, 'groups', 1)
@@ -607,7 +798,7 @@ def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block
     if site.placement in ('pool', 'functional', 'global'):
         site.flops_after = dpp_flops(c_in, out, window, full)
     elif site.placement == 'post':
-        groups = module.groups
+        groups = getattr(module, 'groups', 1)
         h1 = tuple(n * s for n, s in zip(out, site.stride))  # conv at stride 1 (about s times the outputs per side)
         site.flops_after = _conv_flops(c_in, c_out, groups, site.kernel, h1) + dpp_flops(
             c_out, out, site.stride[0] * site.stride[1], full)
@@ -620,10 +811,38 @@ def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block
             site.flops_before = site.flops_after = 0
             return
         before, after = _try_block(model, g, site.block)
-        last_shape = _shape(g.region_io(site.block)[1])
+        last_shape = g.block_shapes(site.block)[1]
         after += dpp_flops(int(last_shape[1]), tuple(last_shape[2:]), site.stride[0] * site.stride[1], full)
         block_cache[site.block] = True
         site.flops_before, site.flops_after = before, after
+
+
+def _census_sites(g: _Graph, known: set) -> List[Site]:
+    """Sites of the census modules that graph discovery did not list (see :func:`census`)."""
+    out = []
+    for name, _ in census(g.model):
+        if name in known:
+            continue
+        module = g.model.get_submodule(name)
+        rec = g.eager.get(name)
+        site = _module_site(name, module, rec.in_shape if rec else None, rec.out_shape if rec else None, census=True)
+        if rec is None:
+            site.reason = site.reason or 'not run by the forward pass at this input size (eager run)'
+        elif site.in_size == (0, 0) or site.out_size == (0, 0):
+            site.reason = site.reason or 'its input or output is not an (N, C, H, W) tensor'
+        out.append(site)
+    return out
+
+
+def _insert_in_order(g: _Graph, sites: List[Site], site: Site) -> None:
+    """Insert a census site before the first listed site whose module runs after it (eager order)."""
+    def order(s):
+        rec = g.eager.get(s.owner if s.functional else s.name)
+        return rec.order if rec is not None else float('inf')
+
+    mine = order(site)
+    at = next((i for i, s in enumerate(sites) if order(s) > mine and not (s.functional and not s.owner)), len(sites))
+    sites.insert(at, site)
 
 
 def _unwrap_check(model: nn.Module) -> None:
@@ -671,23 +890,28 @@ def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: O
             site = _site_for_function(g, n)
         if site is None:
             continue
-        if site.kind in ('max_pool', 'avg_pool', 'strided_conv', 'dpp', 'global_pool'):
+        if site.kind in ('max_pool', 'avg_pool', 'strided_conv', 'pool', 'dpp', 'global_pool'):
             sites.append(site)
             modules[site.name] = module
             nodes[site.name] = n
+    # the module census: downsampling the graph does not show (inside FX leaves, conv-like modules traced through,
+    # or no graph at all), with shapes from the eager run
+    for site in _census_sites(g, {s.name for s in sites}):
+        modules[site.name] = model.get_submodule(site.name)
+        _insert_in_order(g, sites, site)
     for pattern in policy.include:
         if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sites):
             names = ', '.join(s.name for s in sites[:12]) + (' ...' if len(sites) > 12 else '')
             raise ValueError(f'include pattern {pattern!r} matches no downsampling site; sites are: {names}')
     block_cache: Dict[str, bool] = {}
     for site in sites:
-        _decide(model, g, site, nodes[site.name], modules[site.name], policy)
+        _decide(model, g, site, nodes.get(site.name), modules[site.name], policy)
     # with the block placement, every downsampling site inside a converted block runs at stride 1 too; a block
     # with a site the policy leaves alone (excluded, not targeted) falls back to 'post' for its convs
     blocks = {s.block: s for s in sites if s.action == 'replace' and s.placement == 'block'}
     for block, owner in blocks.items():
         inner = [s for s in sites if s.name.startswith(block + '.') and s.stride != (1, 1)
-                 and s.kind in ('max_pool', 'avg_pool', 'strided_conv')]
+                 and s.kind in ('max_pool', 'avg_pool', 'strided_conv', 'pool')]
         kept = [s for s in inner if s.action == 'skip']
         for site in inner:
             if kept:

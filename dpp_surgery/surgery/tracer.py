@@ -22,7 +22,15 @@ LEAF_TYPES: Tuple[Type[nn.Module], ...] = (
 
 
 class TraceError(RuntimeError):
-    """torch.fx could not trace the model; the message names the module and how to mark it as a leaf."""
+    """torch.fx could not trace the model; the message names the module and how to mark it as a leaf.
+
+    ``module_name`` is the qualified name of the innermost module being traced ('' for the root) and ``module_type``
+    its class."""
+
+    def __init__(self, message: str, module_name: str = '', module_type: Optional[type] = None):
+        super().__init__(message)
+        self.module_name = module_name
+        self.module_type = module_type
 
 
 def _timm_leaves():
@@ -64,12 +72,14 @@ def trace(module: nn.Module, extra_leaves: Sequence[Type[nn.Module]] = (), leaf_
         graph = tracer.trace(module)
     except Exception as e:
         stack = list(tracer.module_stack.values())
-        where, cls = stack[-1] if stack else ('', type(module))
-        cls = getattr(cls, '__name__', str(cls))
-        where = where or (name or '<root>')
+        qualified, module_type = stack[-1] if stack else ('', type(module))
+        if not isinstance(module_type, type):
+            module_type = type(module)
+        cls = module_type.__name__
+        where = qualified or (name or '<root>')
         raise TraceError(
             f'torch.fx could not trace module {where!r} ({cls}): {type(e).__name__}: '
             f'{str(e).splitlines()[0] if str(e) else ""}. '
             f'Mark it as a leaf, either with timm.layers.register_notrace_module({cls}) or by passing '
-            f'leaf_modules=[{cls}] to plan()/convert().') from e
+            f'leaf_modules=[{cls}] to plan()/convert().', module_name=qualified or '', module_type=module_type) from e
     return fx.GraphModule(tracer.root, graph, module.__class__.__name__)

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -435,6 +436,65 @@ def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
 
 
+# timm.create_model's feature-extraction arguments (build_model_with_cfg reads them)
+_FEATURE_KWARGS = ('out_indices', 'feature_cls', 'output_fmt', 'flatten_sequential', 'feature_cfg')
+_FEATURE_CLASSES = ('FeatureListNet', 'FeatureDictNet', 'FeatureHookNet', 'FeatureGetterNet', 'FeatureGraphNet')
+_FEATURES_LOCK = threading.Lock()
+
+
+def _features_model(recipe: Recipe, model: nn.Module, feature_kwargs: Dict[str, Any],
+                    kwargs: Dict[str, Any]) -> nn.Module:
+    """The features-only version of the converted ``model``, built the way timm builds the architecture's.
+
+    timm wraps a built model in a feature wrapper (FeatureListNet and the others) inside ``build_model_with_cfg``;
+    while it does so for a throwaway model of the architecture, the wrapper is handed the converted model instead, so
+    the architecture's own feature configuration (return layers, flattening, hooks, getter) applies to it. An
+    architecture with a features class of its own (EfficientNetFeatures) is built by timm, converted with the
+    recipe's policy and given the converted model's weights by name."""
+    import timm
+    from timm.models import _builder
+    from timm.models._builder import pretrained_cfg_for_features
+
+    used = []
+
+    def handing_over(cls):
+        class Wrapper(cls):
+            def __new__(klass, _fresh, *args, **cfg):
+                used.append(cls)
+                return cls(model, *args, **cfg)
+        Wrapper.__name__ = Wrapper.__qualname__ = cls.__name__
+        return Wrapper
+
+    build = dict(kwargs, features_only=True, **feature_kwargs)
+    with _FEATURES_LOCK:
+        originals = {n: getattr(_builder, n) for n in _FEATURE_CLASSES if hasattr(_builder, n)}
+        try:
+            for n, cls in originals.items():
+                setattr(_builder, n, handing_over(cls))
+            features = timm.create_model(recipe.architecture, pretrained=False, **build)
+        finally:
+            for n, cls in originals.items():
+                setattr(_builder, n, cls)
+    if not used:
+        # timm built a features class of its own: convert it as the recipe says, then take the converted weights
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', NoEffectWarning)
+            for policy, input_size in getattr(model, '_dpp_surgery_history', []):
+                convert(features, input_size=input_size, policy=policy)
+        state = model.state_dict()
+        wanted = features.state_dict()
+        missing = [k for k, v in wanted.items() if k not in state or state[k].shape != v.shape]
+        if missing:
+            raise ValueError(f'{recipe.name} with features_only=True: its features model ({type(features).__name__}) '
+                             f'has {len(missing)} tensors the converted model lacks or shapes differently, such as '
+                             f'{missing[:3]}; create the model without features_only and use forward_intermediates')
+        features.load_state_dict({k: state[k] for k in wanted})
+        features.train(model.training)
+    features.pretrained_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    features.default_cfg = features.pretrained_cfg
+    return features
+
+
 def create_zoo_model(
         name: str,
         pretrained: bool = False,
@@ -451,7 +511,9 @@ def create_zoo_model(
             file in ``pretrained_cfg_overlay['file']`` (a converted dpp_surgery checkpoint, or original weights).
         pretrained_cfg, pretrained_cfg_overlay: timm's pretrained-cfg arguments.
         cache_dir: timm's download cache folder.
-        **kwargs: passed to the architecture (``num_classes``, ``in_chans``, ``drop_rate``, ...).
+        **kwargs: passed to the architecture (``num_classes``, ``in_chans``, ``drop_rate``, ...), and timm's
+            ``features_only=True`` with ``out_indices``, ``feature_cls``, ``output_fmt``: the feature extractor of
+            the converted model, as timm builds it for the architecture.
 
     Returns:
         The converted model; its ``pretrained_cfg`` is the architecture's (mean, std, input size), named ``name``.
@@ -462,9 +524,11 @@ def create_zoo_model(
     recipe = _REGISTERED.get(name)
     if recipe is None:
         raise ValueError(f'{name!r} is not a registered zoo model; registered: {", ".join(_REGISTERED) or "none"}')
-    if kwargs.get('features_only'):
-        raise ValueError(f'{name} does not support features_only=True; create it normally and use '
-                         'forward_features or timm.create_model(..., features_only=True) on the architecture')
+    if kwargs.pop('features_only', False):
+        feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
+        model = create_zoo_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
+                                 pretrained_cfg_overlay=pretrained_cfg_overlay, cache_dir=cache_dir, **kwargs)
+        return _features_model(recipe, model, feature_kwargs, kwargs)
     cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
     arch = recipe.architecture
