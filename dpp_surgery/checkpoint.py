@@ -513,6 +513,12 @@ def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optiona
 
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
+    if hasattr(model, 'feature_info') and not hasattr(model, 'forward_head'):
+        # a features_only extractor: load() rebuilds classification models from their name and kwargs
+        raise CheckpointError(
+            f'cannot save {type(model).__name__}, a features_only extractor, to {path}: save the converted model it '
+            'was built from and build the extractor again with timm.create_model(..., features_only=True) (zoo '
+            'models: pretrained_cfg_overlay=dict(file=...)), or save its state_dict with safetensors')
     name, kwargs = _model_spec(model)
     history = getattr(model, '_dpp_surgery_history', [])
     try:

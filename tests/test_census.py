@@ -316,3 +316,14 @@ def test_coverage_picks_one_model_per_architecture_line():
     assert len(two) == 2 and len({_line(n) for n in two}) == 2
     assert pick_models('hrnet', 5) == ['hrnet_w18_small']  # one line only
     assert pick_model('densenet') == 'densenet121'  # '26' is not a size fragment of densenet264d
+
+
+def test_saving_a_features_extractor_is_refused_with_the_fix(tmp_path):
+    from dpp_surgery import CheckpointError, save
+
+    for model in (_make('resnet18', features_only=True), _make('efficientnet_lite0', features_only=True)):
+        convert(model, input_size=SIZE)
+        path = tmp_path / 'features.safetensors'
+        with pytest.raises(CheckpointError, match='features_only extractor.*save the converted model it was built'):
+            save(model, str(path))
+        assert not path.exists()
