@@ -552,13 +552,24 @@ def block_host(block: nn.Module) -> Optional[nn.Module]:
     """The module that owns the DPP applied to ``block``'s output: the block itself, or for a plain
     ``nn.Sequential`` (which returns its last child's output) its last child, recursively, so that the container
     keeps its length, indexing and iteration. None where the host would be a container that iterates its
-    children (an added child would become one more step of its forward)."""
+    children (an added child would become one more step of its forward), or where the block has entry points
+    besides ``forward`` (see :func:`_other_entry_points`)."""
+    if _other_entry_points(block):
+        return None
     host = block
     while isinstance(host, nn.Sequential) and type(host).forward is nn.Sequential.forward and len(host):
         host = host[-1]
     if _iterating_container(host) or isinstance(host, nn.Sequential):
         return None
     return host
+
+
+def _other_entry_points(m: nn.Module) -> List[str]:
+    """Methods other than ``forward`` through which callers run the module (xception's ``forward_with_tap``, which
+    ``forward_intermediates`` calls): a DPP wrapped around ``forward`` would be bypassed there."""
+    cls = type(m)
+    return [n for n in dir(cls) if n.startswith('forward_') and callable(getattr(cls, n, None))
+            and not hasattr(nn.Module, n)]
 
 
 def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], str]:
