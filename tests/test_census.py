@@ -87,13 +87,48 @@ def test_conv_like_module_that_is_not_a_conv2d():
     _run_and_grad(model)
 
 
+class _LPNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.lp = nn.LPPool2d(2, 2)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.down(self.lp(self.stem(x)))
+
+
 def test_other_pooling_types_are_listed_with_the_reason():
-    model = _make('resnetblur18')
-    p = plan(model, input_size=SIZE)
+    model = _LPNet()
+    p = plan(model, input_size=(3, 16, 16))
     _census_listed(model, p)
-    blur = [s for s in p.sites if s.module_type == 'BlurPool2d']
-    assert blur and all(s.kind == 'pool' and s.action == 'skip' and not s.policy_skip for s in blur)
-    assert 'BlurPool2d is a pooling type DPP does not replace' in blur[0].reason
+    lp = next(s for s in p.sites if s.name == 'lp')
+    assert lp.kind == 'pool' and lp.action == 'skip' and not lp.policy_skip
+    assert 'LPPool2d is a pooling type DPP does not replace' in lp.reason
+
+
+def test_blur_pools_and_dilated_strided_convs_convert():
+    """timm's anti-aliased downsampling (BlurPool2d) becomes DPP of the same window, stride and padding; a dilated
+    strided conv keeps its dilation and runs at stride 1 (skresnet's selective kernels)."""
+    from timm.layers import BlurPool2d
+
+    for name in ('resnetblur18', 'skresnet18'):
+        model = _make(name)
+        x = torch.randn(2, *SIZE)
+        with torch.no_grad():
+            ref = model(x)
+        p = plan(model, input_size=SIZE)
+        _census_listed(model, p)
+        downsampling = {n for n, _ in census(model)}
+        left = [(s.name, s.reason) for s in p.sites if s.name in downsampling and s.action == 'skip'
+                and not s.policy_skip]
+        assert not left, f'{name}: {left}'
+        convert(model, input_size=SIZE)
+        with torch.no_grad():
+            assert model(x).shape == ref.shape
+        blur = [n for n, m in model.named_modules() if isinstance(m, BlurPool2d) and m.stride not in (1, (1, 1))]
+        assert not blur, f'{name}: blur pools still downsampling: {blur}'
+        _run_and_grad(model)
 
 
 def test_policy_skips_are_told_apart_from_limitations():
@@ -292,13 +327,13 @@ def test_functional_pool_in_an_iterating_container_is_left_alone():
 def test_site_recall_counts_every_census_site_once():
     from dpp_surgery.coverage import site_recall
 
-    model = _make('resnetblur18')
-    p = plan(model, input_size=SIZE)
+    model = _LPNet()
+    p = plan(model, input_size=(3, 16, 16))
     counts = site_recall(model, p)
     total = len(census(model))
-    assert counts['census'] == total
+    assert total == 2 and counts['census'] == total
     assert counts['census_converted'] + counts['census_policy'] + counts['census_limited'] == total
-    assert counts['census_limited'] >= 1 and 'BlurPool2d' in counts['limited_reasons']
+    assert counts['census_limited'] == 1 and 'LPPool2d' in counts['limited_reasons']
     assert counts['census_missed'] == 0
     # a plan that leaves a census site out counts it as missed
     dropped = census(model)[-1][0]

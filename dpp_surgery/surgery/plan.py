@@ -212,14 +212,26 @@ def is_conv_like(m: nn.Module) -> bool:
 _OTHER_POOL_TYPES = (nn.LPPool2d, nn.FractionalMaxPool2d)
 
 
+def _is_blur_pool(m: nn.Module) -> bool:
+    """timm's ``BlurPool2d`` with symmetric padding of at most half its window (what DPP2d can take)."""
+    try:
+        from timm.layers import BlurPool2d
+    except ImportError:  # timm is a dependency; keep plain torch models working without it
+        return False
+    if not isinstance(m, BlurPool2d) or _pair2(m.stride) is None:
+        return False
+    pads = list(m.padding)
+    return len(set(pads)) == 1 and 2 * pads[0] <= m.filt_size
+
+
 def _other_pool(m: nn.Module) -> bool:
     """A downsampling pool that is not a max/average pool (``nn.LPPool2d``, timm's ``BlurPool2d``, ...): a pooling
     class (by type or by name) with a stride above 1."""
-    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, DPP2d)) or is_conv_like(m):
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, DPP2d)) or is_conv_like(m) or _is_blur_pool(m):
         return False
     if not (isinstance(m, _OTHER_POOL_TYPES) or 'pool' in type(m).__name__.lower()):
         return False
-    stride = _pair2(getattr(m, 'stride', None))
+    stride = _pair2(getattr(m, 'stride', None) or getattr(m, 'kernel_size', None))  # nn pools: stride None = kernel
     return stride is not None and stride != (1, 1)
 
 
@@ -236,6 +248,8 @@ def census(model: nn.Module) -> List[Tuple[str, str]]:
             out.append((name, 'strided_conv'))
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and _pair(m.stride or m.kernel_size) != (1, 1):
             out.append((name, 'max_pool' if isinstance(m, nn.MaxPool2d) else 'avg_pool'))
+        elif _is_blur_pool(m) and _pair(m.stride) != (1, 1):
+            out.append((name, 'avg_pool'))
         elif _other_pool(m):
             out.append((name, 'pool'))
     return out
@@ -470,14 +484,19 @@ def _module_site(name: str, m: nn.Module, in_shape, out_shape, node: Optional[st
                     **common)
     if is_conv_like(m) and _pair(m.stride) != (1, 1):
         padding = 'same' if _is_same_padding(m) else (m.padding if isinstance(m.padding, str) else _pair(m.padding))
-        site = Site(kind='strided_conv', kernel=_pair(m.kernel_size), stride=_pair(m.stride), padding=padding,
+        # a dilated conv keeps its dilation: every placement only changes its stride
+        return Site(kind='strided_conv', kernel=_pair(m.kernel_size), stride=_pair(m.stride), padding=padding,
                     ceil_mode=False, **common)
-        if _pair(getattr(m, 'dilation', 1)) != (1, 1):
-            site.reason = 'dilated strided conv is not supported'
-        return site
+    if _is_blur_pool(m):
+        # anti-aliased downsampling (a fixed binomial average over a window, then the stride): DPP takes the same
+        # window, stride and (symmetric) padding
+        k, pad = int(m.filt_size), int(m.padding[0])
+        return Site(kind='avg_pool', kernel=(k, k), stride=_pair(m.stride), padding=(pad, pad), ceil_mode=False,
+                    **common)
     if _other_pool(m):
-        stride = _pair2(getattr(m, 'stride', None)) or (0, 0)
-        kernel = _pair2(getattr(m, 'kernel_size', None) or getattr(m, 'filt_size', None)) or stride
+        kernel = _pair2(getattr(m, 'kernel_size', None) or getattr(m, 'filt_size', None))
+        stride = _pair2(getattr(m, 'stride', None)) or kernel or (0, 0)
+        kernel = kernel or stride
         return Site(kind='pool', kernel=kernel, stride=stride, padding=(0, 0), ceil_mode=False,
                     reason=f'{type(m).__name__} is a pooling type DPP does not replace (max and average pools only)',
                     **common)
@@ -696,6 +715,11 @@ def _block_stride1(block: nn.Module, undo: List[Tuple[nn.Module, str, Any]]) -> 
                 m.stride = (1, 1)
             else:
                 raise ValueError(f'pool {name} does not keep its size at stride 1')
+        elif _is_blur_pool(m) and _pair(m.stride) != (1, 1):
+            if 2 * int(m.padding[0]) != int(m.filt_size) - 1:
+                raise ValueError(f'blur pool {name} does not keep its size at stride 1')
+            undo.append((m, 'stride', m.stride))
+            m.stride = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
