@@ -394,8 +394,7 @@ def summarize(results: List[FamilyResult]) -> str:
                      'within 1e-4 in onnxruntime.')
         lines += [f"- {r.family} ({r.model}): {r.extra.get(f'onnx_{mode}', '')} {r.extra.get(f'parity_{mode}', '')}"
                   for r in ok if r not in parity]
-    none = [r for r in results if r.status == 'no_site']
+    none = [f for f, rs in by_family.items() if f not in fam_applicable]
     if none:
-        lines.append(f'Families without a convertible site ({len(none)}): ' +
-                     ', '.join(f'{r.family}' for r in none))
+        lines.append(f'Families without a convertible site in any model tried ({len(none)}): ' + ', '.join(none))
     return '\n'.join(lines)
