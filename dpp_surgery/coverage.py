@@ -94,11 +94,12 @@ def pick_models(family: str, per_family: int = 2) -> List[str]:
     (:func:`_line`), up to ``per_family``; the first is :func:`pick_model`'s."""
     import timm
 
-    first = pick_model(family)
-    if first is None:
+    names = timm.list_models(module=family)
+    if not names:
         return []
+    first = _smallest(names)  # pick_model's choice
     lines: Dict[str, List[str]] = {}
-    for name in timm.list_models(module=family):
+    for name in names:
         lines.setdefault(_line(name), []).append(name)
     picked = [first]
     done = {_line(first)}

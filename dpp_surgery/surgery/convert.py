@@ -25,7 +25,7 @@ from torch import nn
 
 from .._text import first_line
 from ..layers import DPP2d
-from .plan import Plan, Site, _block_stride1, _pair, block_host, device_dtype, plan
+from .plan import Plan, Site, _block_stride1, _pair, block_host, device_dtype, eager_records, plan
 from .policy import ConversionPolicy
 from .tracer import trace
 
@@ -229,29 +229,17 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
 
 
 def _output_shapes(model: nn.Module, input_size) -> Dict[str, Tuple[int, ...]]:
-    """Output shape of every module (tensor outputs only) for one example input, in eval mode, and under
-    ``'<outputs>'`` the shapes of every tensor the model returns (lists, tuples and dicts of features included)."""
-    from torch.utils._pytree import tree_leaves
-
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        def hook(mod, inp, out, name=name):
-            if isinstance(out, torch.Tensor):
-                shapes.setdefault(name, tuple(out.shape))
-        hooks.append(m.register_forward_hook(hook))
+    """Output shape of every module (its first call, tensor outputs only) for one zeros input, in eval mode, and
+    under ``'<outputs>'`` the shapes of every tensor the model returns (the feature maps of features_only models)."""
     device, dtype = device_dtype(model)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+        records, outputs = eager_records(model, torch.zeros(1, *input_size, device=device, dtype=dtype))
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
-    shapes['<outputs>'] = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                                for t in tree_leaves(out))
+    shapes = {name: rec.out_shape for name, rec in records.items() if rec.out_shape is not None}
+    shapes['<outputs>'] = outputs
     return shapes
 
 

@@ -12,19 +12,21 @@ import fnmatch
 import io
 import logging
 import operator
-from types import SimpleNamespace
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from timm.layers import BlurPool2d
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..layers import DPP2d
-from .policy import ConversionPolicy, resolve_policy
 from .._text import first_line
+from ..layers import DPP2d
+from ..layers.geometry import to_pair
+from .policy import ConversionPolicy, resolve_policy
 from .tracer import TraceError, trace
 
 __all__ = ['Site', 'Plan', 'plan', 'census', 'is_conv_like', 'DPP_FLOPS_PER_ELEMENT', 'default_input_size']
@@ -187,12 +189,11 @@ def _dpp_placement_of(m: nn.Module) -> Optional[str]:
 
 
 def _pair2(v) -> Optional[Tuple[int, int]]:
-    """``v`` as an (int, int) pair if it is an int or a 2-sequence of ints, else None."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return (int(v[0]), int(v[1]))
-    return None
+    """``v`` as an (int, int) pair if it is an int or a 2-sequence of ints (:func:`to_pair`), else None."""
+    try:
+        return to_pair(v, 'value')
+    except TypeError:
+        return None
 
 
 def is_conv_like(m: nn.Module) -> bool:
@@ -214,10 +215,6 @@ _OTHER_POOL_TYPES = (nn.LPPool2d, nn.FractionalMaxPool2d)
 
 def _is_blur_pool(m: nn.Module) -> bool:
     """timm's ``BlurPool2d`` with symmetric padding of at most half its window (what DPP2d can take)."""
-    try:
-        from timm.layers import BlurPool2d
-    except ImportError:  # timm is a dependency; keep plain torch models working without it
-        return False
     if not isinstance(m, BlurPool2d) or _pair2(m.stride) is None:
         return False
     pads = list(m.padding)
@@ -225,8 +222,8 @@ def _is_blur_pool(m: nn.Module) -> bool:
 
 
 def _other_pool(m: nn.Module) -> bool:
-    """A downsampling pool that is not a max/average pool (``nn.LPPool2d``, timm's ``BlurPool2d``, ...): a pooling
-    class (by type or by name) with a stride above 1."""
+    """A downsampling pool that DPP does not replace (``nn.LPPool2d``, ``nn.FractionalMaxPool2d``, another
+    pooling class by name; not max/average pools or blur pools): stride above 1."""
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, DPP2d)) or is_conv_like(m) or _is_blur_pool(m):
         return False
     if not (isinstance(m, _OTHER_POOL_TYPES) or 'pool' in type(m).__name__.lower()):
@@ -272,11 +269,16 @@ class ModuleRecord:
     after_conv: bool = False  # a conv-like or linear module started before it
 
 
-def _eager_records(model: nn.Module, example: torch.Tensor) -> Dict[str, ModuleRecord]:
-    """Per-module :class:`ModuleRecord` from one forward pass of ``model`` on ``example`` (hooks, no graph)."""
+def eager_records(model: nn.Module, example: torch.Tensor) -> Tuple[Dict[str, ModuleRecord], tuple]:
+    """Per-module :class:`ModuleRecord` from one forward pass of ``model`` on ``example`` (hooks, no graph, no
+    autograd; the caller picks train or eval mode), and the shapes of every tensor the model returns (lists, tuples
+    and dicts of features included; other leaves by type name)."""
+    from torch.utils._pytree import tree_leaves
+
     records: Dict[str, ModuleRecord] = {}
     state = {'order': 0, 'conv': False}
     hooks = []
+    convs = {id(m) for m in model.modules() if is_conv_like(m) or isinstance(m, nn.Linear)}
 
     def pre(mod, args, name):
         rec = records.setdefault(name, ModuleRecord())
@@ -287,7 +289,7 @@ def _eager_records(model: nn.Module, example: torch.Tensor) -> Dict[str, ModuleR
             rec.tensor_args = len(tensors)
             rec.in_shape = tuple(tensors[0].shape) if tensors else None
         state['order'] += 1
-        if is_conv_like(mod) or isinstance(mod, nn.Linear):
+        if id(mod) in convs:
             state['conv'] = True
 
     def post(mod, args, out, name):
@@ -300,11 +302,12 @@ def _eager_records(model: nn.Module, example: torch.Tensor) -> Dict[str, ModuleR
         hooks.append(m.register_forward_hook(lambda mod, args, out, name=name: post(mod, args, out, name)))
     try:
         with torch.no_grad():
-            model(example)
+            out = model(example)
     finally:
         for h in hooks:
             h.remove()
-    return records
+    return records, tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                          for t in tree_leaves(out))
 
 
 def _trace_tolerant(model: nn.Module, leaf_modules) -> Tuple[Optional[fx.GraphModule], List[Tuple[str, str]], str]:
@@ -346,7 +349,7 @@ class _Graph:
         was_training = model.training
         model.eval()
         try:
-            self.eager = _eager_records(model, example)
+            self.eager, _ = eager_records(model, example)
             if self.gm is not None:
                 self._propagate(example)
         finally:
@@ -375,7 +378,6 @@ class _Graph:
                 "not analysed and 'block' falls back to 'post'")) if x)
             for n in self.gm.graph.nodes:
                 n.meta.pop('tensor_meta', None)
-            for n in self.gm.graph.nodes:
                 rec = self.eager.get(n.target) if n.op == 'call_module' else None
                 if rec is not None and rec.out_shape is not None:
                     n.meta['tensor_meta'] = SimpleNamespace(shape=torch.Size(rec.out_shape))
@@ -459,9 +461,9 @@ def _module_site(name: str, m: nn.Module, in_shape, out_shape, node: Optional[st
                  census: bool = False) -> Optional[Site]:
     """The site of module ``m`` (None if it is not one), with the shapes of its input and output. A ``census``
     site (found from the modules, not the graph) is made even without shapes, which then read as 0x0."""
-    if not census and (in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4):
-        return None
     known = in_shape is not None and out_shape is not None and len(in_shape) == 4 and len(out_shape) == 4
+    if not known and not census:
+        return None
     ins = tuple(int(v) for v in in_shape) if known else (0, 0, 0, 0)
     outs = tuple(int(v) for v in out_shape) if known else (0, 0, 0, 0)
     common = dict(name=name, module_type=type(m).__name__, functional=False, in_channels=ins[1],
@@ -675,8 +677,13 @@ def _owner_traces_consistently(model: nn.Module, owner: str) -> Optional[str]:
     return None
 
 
-def _flops_of(module: nn.Module, input_shape, dtype, device, outputs: Optional[list] = None) -> int:
-    """FLOPs of one eval-mode call of ``module`` on zeros of ``input_shape`` (its output appended to ``outputs``)."""
+def _flops_of(module: nn.Module, input_shape, dtype, device) -> int:
+    """FLOPs of one eval-mode call of ``module`` on zeros of ``input_shape``."""
+    return _counted_call(module, input_shape, dtype, device)[0]
+
+
+def _counted_call(module: nn.Module, input_shape, dtype, device) -> Tuple[int, Any]:
+    """(FLOPs, output) of one eval-mode call of ``module`` on zeros of ``input_shape``."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros(*input_shape, dtype=dtype, device=device)
     was_training = module.training
@@ -686,9 +693,7 @@ def _flops_of(module: nn.Module, input_shape, dtype, device, outputs: Optional[l
             out = module(x)
     finally:
         module.train(was_training)
-    if outputs is not None:
-        outputs.append(out)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()), out
 
 
 def _block_stride1(block: nn.Module, undo: List[Tuple[nn.Module, str, Any]]) -> None:
@@ -733,9 +738,8 @@ def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int]
         try:
             clone = copy.deepcopy(module)
             _block_stride1(clone, [])
-            outs: list = []
-            after = _flops_of(clone, shape, g.dtype, g.device, outs)
-            got = tuple(outs[0].shape) if isinstance(outs[0], torch.Tensor) else None
+            after, out = _counted_call(clone, shape, g.dtype, g.device)
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else None
             want = (out_shape[0], out_shape[1], *shape[2:])
             if got != want:
                 # something the stride-1 switch cannot reach (a functional pool, a size-dependent forward)
