@@ -2,42 +2,68 @@
 
 Public API (flat, like ``timm.layers``): the DPP layer :class:`DPP2d`, its functional form :func:`dpp2d`,
 optimizer parameter groups that keep DPP parameters free of weight decay (:func:`param_groups`),
-:func:`kernel_status` for the fused CPU kernel, and the surgery of timm models: :func:`plan` (read-only) and
-:func:`convert` (in place).
+:func:`kernel_status` for the fused CPU kernel, the surgery of timm models (:func:`plan`, read-only, and
+:func:`convert`, in place), checkpoints (:func:`save`, :func:`load`, :func:`create`), :func:`finetune` and ONNX
+export (:func:`export_onnx`, :func:`onnx_session`).
+
+The package is layered; each layer imports only the ones above it in this list:
+
+* ``layers/``: the DPP2d module, its functional form, window geometry, the fused CPU kernel (``layers/csrc``);
+* ``surgery/``: conversion policy, FX tracing, the plan of sites and the conversion;
+* ``export/``: the ONNX writer, DPP's ONNX translations and the native onnxruntime kernel (``export/csrc``);
+* ``models/``: the zoo registry (timm models ``<arch>_dpp``), offline weights, the paper's small network;
+* ``training/``: fine-tuning, data sets, checkpoints, precision choice;
+* ``tools/``: the programs that use the library (benchmarks, coverage, demo, experiments, the zoo runner).
+
+``import dpp_surgery`` registers the zoo's models with timm and imports nothing else: every name below is loaded
+on first use (module-level ``__getattr__``), so neither the training stack nor onnx is imported until asked for.
 """
-from .layers import (
-    DEFAULT_EPS, DPP2d, INIT_PRESETS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, KernelBuildWarning, PoolGeometry,
-    dpp2d, dpp_parameters, full_guide, kernel_status, param_groups,
-)
-from .surgery import (
-    ConversionError, ConversionPolicy, DPPVariant, NoEffectWarning, Plan, Site, TraceError, convert, dpp_layers, plan,
-)
-from .checkpoint import CheckpointError, create, load, save
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .version import __version__
-from . import zoo as _zoo  # noqa: F401 - registers the zoo recipes as timm models '<arch>_dpp' (builds none)
+from . import models as _models  # noqa: F401 - registers the zoo recipes as timm models '<arch>_dpp' (builds none)
+
+# public name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(('DPP2d', 'dpp2d', 'full_guide', 'PoolGeometry', 'INIT_PRESETS', 'param_groups', 'dpp_parameters',
+                     'kernel_status', 'KernelBuildWarning', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS',
+                     'NORMS'), 'dpp_surgery.layers'),
+    **dict.fromkeys(('plan', 'convert', 'Plan', 'Site', 'SiteKind', 'SiteAction', 'SitePlacement', 'ReasonCode',
+                     'ConversionPolicy', 'DPPVariant', 'NoEffectWarning', 'ConversionError', 'TraceError', 'dpp_layers',
+                     'trace'), 'dpp_surgery.surgery'),
+    **dict.fromkeys(('save', 'load', 'create', 'CheckpointError'), 'dpp_surgery.training.checkpoint'),
+    'finetune': 'dpp_surgery.training.finetune',
+    **dict.fromkeys(('export_onnx', 'onnx_session'), 'dpp_surgery.export.onnx'),
+}
+
+__all__ = [*_LAZY, '__version__']
 
 
-def export_onnx(*args, **kwargs):
-    """See :func:`dpp_surgery.export.export_onnx` (imported on first use: onnx is heavy)."""
-    from .export import export_onnx as _export_onnx
-    return _export_onnx(*args, **kwargs)
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
 
-def onnx_session(*args, **kwargs):
-    """See :func:`dpp_surgery.export.onnx_session`."""
-    from .export import onnx_session as _onnx_session
-    return _onnx_session(*args, **kwargs)
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
-def finetune(*args, **kwargs):
-    """See :func:`dpp_surgery.train.finetune` (imported on first use)."""
-    from .train import finetune as _finetune
-    return _finetune(*args, **kwargs)
-
-__all__ = [
-    'DPP2d', 'dpp2d', 'full_guide', 'PoolGeometry', 'INIT_PRESETS', 'param_groups', 'dpp_parameters',
-    'kernel_status', 'KernelBuildWarning', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS',
-    'plan', 'convert', 'Plan', 'Site', 'ConversionPolicy', 'DPPVariant', 'NoEffectWarning', 'ConversionError',
-    'TraceError', 'dpp_layers', 'save', 'load', 'create', 'CheckpointError', 'finetune', 'export_onnx', 'onnx_session',
-    '__version__',
-]
+if TYPE_CHECKING:  # the real signatures, for type checkers and IDEs
+    from .export.onnx import export_onnx, onnx_session
+    from .layers import (
+        DEFAULT_EPS, DPP2d, GUIDES, INIT_PRESETS, NORMS, REWARDS, THETA_ALPHA_MAX, KernelBuildWarning, PoolGeometry,
+        dpp2d, dpp_parameters, full_guide, kernel_status, param_groups,
+    )
+    from .surgery import (
+        ConversionError, ConversionPolicy, DPPVariant, NoEffectWarning, Plan, ReasonCode, Site, SiteAction, SiteKind,
+        SitePlacement, TraceError, convert, dpp_layers, plan, trace,
+    )
+    from .training.checkpoint import CheckpointError, create, load, save
+    from .training.finetune import finetune

@@ -8,9 +8,9 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Callable, List, Optional
+from typing import List, Optional
 
-from ._text import first_line
+from .utils import run_command
 
 __all__ = ['main', 'build_parser']
 
@@ -98,25 +98,25 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from . import checkpoint as ckpt
+    from .training import checkpoint as ckpt
     from .surgery import convert, plan
-    from .train import FinetuneConfig, build_model
+    from .training.finetune import FinetuneConfig, build_model
 
     cfg = FinetuneConfig(model=args.model, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
                          convert=False)
     model, _ = build_model(cfg, num_classes=-1, keep_head=True)
     p = plan(model, input_size=args.input_size, **_policy_kwargs(args))
     print(p)
-    convert(model, input_size=args.input_size, **_policy_kwargs(args))
+    convert(model, plan=p)  # the plan just printed, not a second one
     ckpt.save(model, args.output, overwrite=args.overwrite)
     print(f'wrote {args.output}')
     return 0
 
 
 def _cmd_finetune(args) -> int:
-    from .train import FinetuneConfig, finetune
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
-    metrics = finetune(FinetuneConfig(**kwargs))
+    from .training import finetune as ft
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(ft.FinetuneConfig)}
+    metrics = ft.finetune(ft.FinetuneConfig(**kwargs))
     print(json.dumps({k: v for k, v in metrics.items() if k != 'dpp'}))
     return 0
 
@@ -125,15 +125,15 @@ def _cmd_eval(args) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from . import checkpoint as ckpt
-    from .data import BatchTransform, load_datasets
-    from .train import _subset, evaluate
+    from .training import checkpoint as ckpt
+    from .training.data import BatchTransform, load_datasets
+    from .training.finetune import evaluate, subset
 
     model = ckpt.load(args.checkpoint)
     data = load_datasets(args.data, args.image_size)
     if model.num_classes != data.num_classes:
         raise ValueError(f'{args.checkpoint} has {model.num_classes} classes but the data set has {data.num_classes}')
-    test = _subset(data.test, args.test_subset, 1)
+    test = subset(data.test, args.test_subset, 1)
     cfg = model.pretrained_cfg
     transform = BatchTransform(args.image_size, tuple(cfg.get('mean', (0.5,) * 3)), tuple(cfg.get('std', (0.5,) * 3)))
     result = evaluate(model, DataLoader(test, batch_size=args.batch_size), transform, torch.device('cpu'),
@@ -143,8 +143,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from . import checkpoint as ckpt
-    from .export import export_onnx, verify_onnx
+    from .training import checkpoint as ckpt
+    from .export.onnx import export_onnx, verify_onnx
 
     model = ckpt.load(args.checkpoint)
     size = args.input_size
@@ -154,7 +154,10 @@ def _cmd_export(args) -> int:
                 overwrite=args.overwrite)
     print(f'wrote {args.output}')
     if args.verify:
-        report = verify_onnx(model, args.output, base_size=tuple(size[1:]) if size else None)
+        from .tools.photos import load_photos
+
+        report = verify_onnx(model, args.output, base_size=tuple(size[1:]) if size else None,
+                             images=list(load_photos().values()))
         for r in report['rows']:
             print(f"  {r['runtime']:11s} {r['input']:6s} batch {r['batch']} {r['size'][0]}x{r['size'][1]}: max relative error "
                   f"{r['max_rel_error']:.2e} {'ok' if r['ok'] else 'FAIL'}")
@@ -166,7 +169,7 @@ def _cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import FinetuneConfig
+    from .training.finetune import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog='dpp-surgery', description='Detail-Preserving Pooling for timm models.',
                                      allow_abbrev=False)
@@ -235,19 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('rest', nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__('dpp_surgery.bench', fromlist=['main']).main(a.rest))
     return parser
-
-
-def run_command(func: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace, prog: str) -> int:
-    """``func(args)`` as a command: its return code (0 for None); an error is one line ``PROG: error: ...`` on
-    stderr with code 1 (no traceback), Ctrl-C is ``PROG: interrupted`` with code 130."""
-    try:
-        return func(args) or 0
-    except KeyboardInterrupt:
-        print(f'{prog}: interrupted', file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
-        print(f'{prog}: error: {first_line(e)}', file=sys.stderr)
-        return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:

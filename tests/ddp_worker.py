@@ -4,7 +4,7 @@
 Runs ``dpp-surgery finetune`` through its CLI entry point, exactly as ``torchrun -m dpp_surgery finetune`` would,
 and then writes this rank's model (its state_dict before and after training) to ``STATE_DIR/rank<RANK>.pt``. Only
 rank 0 writes checkpoints, so this is how the test sees the other rank's weights. The model is captured by
-wrapping ``dpp_surgery.train.build_model``, which ``finetune`` calls once per run; the wrapper also freezes the
+wrapping ``dpp_surgery.training.finetune.build_model``, which ``finetune`` calls once per run; the wrapper also freezes the
 model's BatchNorm layers (see :func:`freeze_batchnorm`).
 """
 import os
@@ -14,7 +14,8 @@ import types
 import torch
 from torch import nn
 
-from dpp_surgery import cli, train
+from dpp_surgery import cli
+from dpp_surgery.training import finetune as train
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 
 import dpp_surgery
 from dpp_surgery import DPP2d, TraceError, convert, dpp_layers, plan
-from dpp_surgery.surgery import census, trace
+from dpp_surgery.surgery import ReasonCode, census, trace
 
 SIZE = (3, 64, 64)
 
@@ -105,6 +105,7 @@ def test_other_pooling_types_are_listed_with_the_reason():
     lp = next(s for s in p.sites if s.name == 'lp')
     assert lp.kind == 'pool' and lp.action == 'skip' and not lp.policy_skip
     assert 'LPPool2d is a pooling type DPP does not replace' in lp.reason
+    assert lp.reason_code == ReasonCode.UNSUPPORTED_POOL_TYPE
 
 
 def test_blur_pools_and_dilated_strided_convs_convert():
@@ -325,7 +326,7 @@ def test_functional_pool_in_an_iterating_container_is_left_alone():
 # the coverage benchmark's per-site recall
 
 def test_site_recall_counts_every_census_site_once():
-    from dpp_surgery.coverage import site_recall
+    from dpp_surgery.tools.coverage import site_recall
 
     model = _LPNet()
     p = plan(model, input_size=(3, 16, 16))
@@ -342,7 +343,7 @@ def test_site_recall_counts_every_census_site_once():
 
 
 def test_coverage_picks_one_model_per_architecture_line():
-    from dpp_surgery.coverage import _line, pick_model, pick_models
+    from dpp_surgery.tools.coverage import _line, pick_model, pick_models
 
     assert pick_models('nfnet', 2) == [pick_model('nfnet'), 'nf_regnet_b0']
     assert _line('nf_regnet_b0') == 'nf_regnet' and _line('seresnet50') == 'seresnet'

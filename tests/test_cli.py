@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from dpp_surgery import cli
-from dpp_surgery import data as data_mod
-from dpp_surgery.train import FinetuneConfig
+from dpp_surgery.training import data as data_mod
+from dpp_surgery.training.finetune import FinetuneConfig
 
 ENV = dict(os.environ, HF_HUB_OFFLINE='1')
 
@@ -41,10 +41,17 @@ def test_plan_command(capsys, tmp_path):
     assert json.loads((tmp_path / 'p.json').read_text())['counts']['replace'] == 7
 
 
-def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys, monkeypatch):
+    import importlib
+    convert_module = importlib.import_module('dpp_surgery.surgery.convert')
+
+    def no_second_plan(*args, **kwargs):
+        raise AssertionError('convert planned again instead of applying the printed plan')
+    monkeypatch.setattr(convert_module, 'make_plan', no_second_plan)
     path = str(tmp_path / 'r18.safetensors')
     assert cli.main(['convert', 'resnet18', '--pretrained', 'none', '--placement', 'post', '--input-size', '3', '64',
                      '64', '-o', path]) == 0
+    monkeypatch.undo()  # load() replays the conversion, which plans
     import dpp_surgery
     model = dpp_surgery.load(path)
     assert hasattr(model.layer2[0].conv1, 'dpp')
@@ -73,7 +80,7 @@ def _crafted_checkpoint(path, **changes):
     import torch
     from safetensors.torch import save_file
 
-    from dpp_surgery.checkpoint import FORMAT
+    from dpp_surgery.training.checkpoint import FORMAT
     meta = dict({'format': FORMAT, 'model_name': 'resnet18', 'model_kwargs': '{}', 'conversions': '[]'}, **changes)
     save_file({'w': torch.zeros(1)}, str(path), metadata=meta)
     return str(path)

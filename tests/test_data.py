@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpp_surgery import data as data_mod
-from dpp_surgery.data import BatchTransform, detect_format, load_datasets
+from dpp_surgery.training import data as data_mod
+from dpp_surgery.training.data import BatchTransform, detect_format, load_datasets
 
 HAS_FASHION = os.path.isdir(data_mod.DEFAULT_DATA)
 

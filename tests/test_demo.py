@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpp_surgery import data, demo, export
-from dpp_surgery.photos import load_photo
+from dpp_surgery.training import data
+from dpp_surgery.tools import demo
+from dpp_surgery.export import onnx as export
+from dpp_surgery.tools.photos import load_photo
 
 needs_data = pytest.mark.skipif(not os.path.isdir(data.DEFAULT_DATA), reason='needs dataset-fashion-mnist')
 

@@ -10,6 +10,7 @@ import torch
 
 from dpp_surgery import convert, dpp_layers, export_onnx, onnx_session
 from dpp_surgery.export import ExportWarning, verify_onnx
+from dpp_surgery.tools.photos import load_photos
 
 
 def _converted(name='resnet18', size=64, **policy):
@@ -27,7 +28,7 @@ def test_decomposed_export_dynamic_and_verified(tmp_path):
     assert {'Log', 'Exp', 'Slice'} <= ops and not ops & {'Gather', 'GatherElements', 'GatherND'}
     assert all(n.domain in ('', 'ai.onnx') for n in graph.node)  # standard operators only
     assert not graph.input[0].type.tensor_type.shape.dim[0].HasField('dim_value')  # dynamic batch
-    report = verify_onnx(model, path, base_size=(64, 64))
+    report = verify_onnx(model, path, base_size=(64, 64), images=list(load_photos().values()))
     assert report['ok'] and report['spatial_dynamic']
     assert {tuple(r['size']) for r in report['rows']} == {(64, 64), (65, 65)}
     assert {r['batch'] for r in report['rows']} == {1, 8}
@@ -119,7 +120,7 @@ def test_custom_export_one_node_per_layer_with_functions(custom_export):
 
 def test_custom_export_verified_with_kernel_and_function(custom_export):
     model, path = custom_export
-    report = verify_onnx(model, path, base_size=(64, 64))
+    report = verify_onnx(model, path, base_size=(64, 64), images=list(load_photos().values()))
     assert report['ok'] and report['spatial_dynamic']
     assert set(report['runtimes']) == {'kernel', 'function'}
     for runtime in ('kernel', 'function'):
@@ -147,7 +148,7 @@ def _profiled_ops(path, native, tmp_path):
 
 
 def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, monkeypatch):
-    from dpp_surgery import ort_kernel
+    from dpp_surgery.export import ort_kernel
     _, path = custom_export
     assert 'DPP2d' in _profiled_ops(path, True, tmp_path)  # the kernel ran the DPP2d nodes
     inlined = _profiled_ops(path, False, tmp_path)
@@ -168,7 +169,7 @@ def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, mo
 def _native_and_function_sessions(path):
     """Two sessions for one custom-mode file: the native kernel's and the ONNX functions' (skips if the kernel
     cannot be built here)."""
-    from dpp_surgery import ort_kernel
+    from dpp_surgery.export import ort_kernel
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ort_kernel.OrtKernelWarning)
         status = ort_kernel.ort_kernel_status()
@@ -236,7 +237,7 @@ def test_native_kernel_matches_function_in_onnxruntime(custom_export, tmp_path):
 
 
 def test_kernel_build_failure_warns_and_falls_back(custom_export, tmp_path, monkeypatch):
-    from dpp_surgery import ort_kernel
+    from dpp_surgery.export import ort_kernel
     _, path = custom_export
     monkeypatch.setenv('ORT_INCLUDE_DIR', str(tmp_path))  # no headers there
     ort_kernel._reset()
@@ -255,7 +256,7 @@ def test_missing_file_error(tmp_path):
 
 
 def test_coverage_export_columns():
-    from dpp_surgery.coverage import check_family, export_check, summarize
+    from dpp_surgery.tools.coverage import check_family, export_check, summarize
     result = check_family('resnet', size=64, extra_checks=[export_check])
     assert result.status == 'ok'
     for mode in ('decomposed', 'custom'):
@@ -270,7 +271,7 @@ def test_coverage_export_time_limit():
     """An export that runs past the coverage benchmark's limit is recorded as failed with the reason, and the
     alarm is gone afterwards."""
     import signal
-    from dpp_surgery.coverage import export_check
+    from dpp_surgery.tools.coverage import export_check
     model = timm.create_model('test_resnet')
     convert(model, input_size=(3, 64, 64))
     handler = signal.getsignal(signal.SIGALRM)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import dpp_surgery
-from dpp_surgery import data as data_mod
-from dpp_surgery.train import FinetuneConfig, build_model, build_optimizer, finetune
+from dpp_surgery.training import data as data_mod
+from dpp_surgery.training.finetune import FinetuneConfig, build_model, build_optimizer, finetune
 from groups import check_param_groups
 
 # only the tests that read Fashion-MNIST skip without it; the others (options, optimizer groups, weights) run anyway
@@ -85,7 +85,7 @@ def test_dpp_parameters_are_not_weight_decayed():
 def test_offline_weights_are_imagenet_weights():
     cfg = FinetuneConfig(convert=False)
     model, _ = build_model(cfg, num_classes=1000, keep_head=True)
-    from dpp_surgery.photos import load_photo
+    from dpp_surgery.tools.photos import load_photo
     x = torch.nn.functional.interpolate(load_photo('chelsea'), size=(224, 224), mode='bilinear', antialias=True)
     with torch.no_grad():
         pred = model.eval()((x - 0.5) / 0.5).argmax(-1).item()
@@ -174,10 +174,10 @@ def _single_process_reference(init, cfg):
     from timm.scheduler import create_scheduler_v2
     from torch.utils.data import DistributedSampler
 
-    from dpp_surgery import train as train_mod
+    from dpp_surgery.training import finetune as train_mod
     from ddp_worker import freeze_batchnorm
     data = data_mod.load_datasets(cfg.data, cfg.image_size)
-    train_set = train_mod._subset(data.train, cfg.train_subset, cfg.seed)
+    train_set = train_mod.subset(data.train, cfg.train_subset, cfg.seed)
     model, _ = build_model(cfg, data.num_classes)
     model.load_state_dict(init)
     freeze_batchnorm(model)
@@ -256,9 +256,10 @@ def test_torchrun_ddp_two_processes(tmp_path):
         scale = max(value.abs().max().item(), init[name].abs().max().item())
         moved = (value - init[name]).abs().max().item()
         err = (ref[name] - value).abs().max().item()
-        # the same update to within 0.01%, give or take a few roundings of the values (a batch of 32 and two of
-        # 16 add up in different orders) ...
-        tol = 1e-4 * moved + 4 * ulp * scale
+        # the same update to within 0.5%, give or take a few roundings of the values: a batch of 32 and two of 16
+        # add up in different orders, and the steps carry the differences on (up to 0.01% of a parameter's update
+        # on AVX-512 CPUs, up to 0.13% on an AVX2-only one); a wrong gradient average is off by tens of percent ...
+        tol = 5e-3 * moved + 4 * ulp * scale
         assert err <= tol, (name, err, moved)
         if name in params:  # ... and every parameter, the DPP thetas too, moved by far more than that
             assert moved > 10 * tol, (name, moved, tol)
@@ -284,7 +285,7 @@ def test_pretrained_file(tmp_path):
 
 def test_offline_weights_check_every_shape():
     import timm
-    from dpp_surgery.weights import efficientnet_lite0_state_dict
+    from dpp_surgery.models.weights import efficientnet_lite0_state_dict
     with pytest.raises(RuntimeError, match="has shape .* but model tensor"):
         efficientnet_lite0_state_dict(timm.create_model('efficientnet_lite0', num_classes=10))
     with pytest.raises(RuntimeError, match='must be timm.create_model'):

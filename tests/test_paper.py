@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from dpp_surgery import DPP2d
-from dpp_surgery import data as data_mod
-from dpp_surgery.experiments import main
-from dpp_surgery.zoo.smallnet import DOWNSAMPLE_VARIANTS, SmallResNet, create_smallnet
+from dpp_surgery.training import data as data_mod
+from dpp_surgery.tools.experiments import main
+from dpp_surgery.models.smallnet import DOWNSAMPLE_VARIANTS, SmallResNet, create_smallnet
 
 HAS_FASHION = os.path.isdir(data_mod.DEFAULT_DATA)
 needs_fashion = pytest.mark.skipif(not HAS_FASHION, reason='apt-get install dataset-fashion-mnist (CI installs it)')
@@ -167,7 +167,7 @@ def _runs(errors):
 
 
 def test_paired_differences_and_findings():
-    from dpp_surgery.experiments import _findings, paired_differences
+    from dpp_surgery.tools.experiments import _findings, paired_differences
     runs = _runs({'max': [10.0, 11.0, 12.0], 'avg': [10.5, 11.4, 12.6], 'dpp_lite_asym': [9.0, 10.1, 10.9],
                   'strided_conv': [10.0, 13.0, 11.0]})
     d = paired_differences(runs, 'dpp_lite_asym', 'max')  # differences -1.0, -0.9, -1.1
@@ -220,7 +220,7 @@ def test_fashion_mnist_experiment_keeps_existing_results(tmp_path, capsys):
 
 
 def test_fashion_mnist_table_states_the_precision_of_every_run():
-    from dpp_surgery.experiments import fashion_mnist_table
+    from dpp_surgery.tools.experiments import fashion_mnist_table
 
     args = dict(train_subset=100, epochs=1, image_size=64, batch_size=32, lr=0.02, test_subset=50, seeds=[0, 1])
     runs = [dict(seed=s, converted=c, test_accuracy=0.5 + 0.1 * s + 0.01 * c, images_per_second=10.0 + c,

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from dpp_surgery import data as data_mod
-from dpp_surgery import precision
-from dpp_surgery.precision import PrecisionWarning, cpu_bf16_native, resolve_amp
+from dpp_surgery.training import data as data_mod
+from dpp_surgery.training import precision
+from dpp_surgery.training.precision import PrecisionWarning, cpu_bf16_native, resolve_amp
 
 needs_data = pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA),
                                 reason='apt-get install dataset-fashion-mnist (CI installs it)')
@@ -70,7 +70,7 @@ def test_gpu_auto_is_bf16_where_supported_else_fp16_with_a_scaler(monkeypatch, b
 def test_this_cpu_and_an_emulated_avx2_cpu():
     """On the CPU the tests run on, and on the same CPU with oneDNN limited to AVX2 (as on a CPU without AVX-512):
     auto is float32 there whatever this CPU has."""
-    code = ('import json, torch; from dpp_surgery.precision import resolve_amp, cpu_description; '
+    code = ('import json, torch; from dpp_surgery.training.precision import resolve_amp, cpu_description; '
             'print(json.dumps([resolve_amp("auto", "cpu").amp, cpu_description(), '
             'bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())]))')
     here = json.loads(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
@@ -121,15 +121,17 @@ def _lines(out):
 
 
 @needs_data
-def test_finetune_prints_and_records_the_precision(tmp_path, capsys):
-    from dpp_surgery.checkpoint import read_metadata
-    from dpp_surgery.train import finetune
+def test_finetune_logs_and_records_the_precision(tmp_path, caplog):
+    import logging
+
+    from dpp_surgery.training.checkpoint import read_metadata
+    from dpp_surgery.training.finetune import finetune
 
     out = str(tmp_path / 'run')
     small = dict(image_size=32, train_subset=32, test_subset=16, batch_size=16, progress=False, threads=2)
+    caplog.set_level(logging.INFO, logger='dpp_surgery.training.finetune')  # the CLI shows these lines on stderr
     metrics = finetune(output=out, epochs=2, max_steps=1, **small)
-    err = capsys.readouterr().err
-    assert f"precision: {metrics['precision']}" in err
+    assert f"precision: {metrics['precision']}" in caplog.messages
     # bfloat16 only where the CPU has it natively; then the probe measured it (its times are in the reason)
     assert metrics['amp'] in (('bf16', 'none') if cpu_bf16_native()[0] else ('none',))
     if cpu_bf16_native()[0]:
@@ -145,7 +147,7 @@ def test_finetune_prints_and_records_the_precision(tmp_path, capsys):
 
 @needs_data
 def test_finetune_auto_is_float32_without_native_bf16(tmp_path, monkeypatch):
-    from dpp_surgery.train import finetune
+    from dpp_surgery.training.finetune import finetune
 
     _fake_cpu(monkeypatch, False, {'avx2'})
     metrics = finetune(output=str(tmp_path / 'run'), image_size=32, train_subset=32, test_subset=16, batch_size=16,

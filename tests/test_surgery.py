@@ -347,7 +347,7 @@ def test_top_level_api():
 
 
 def test_coverage_check_reports_ok_no_site_and_reasons():
-    from dpp_surgery.coverage import check_family, summarize
+    from dpp_surgery.tools.coverage import check_family, summarize
     ok = check_family('resnet', size=64)
     assert ok.status == 'ok' and ok.converted > 0 and ok.forward_ok and ok.backward_ok and ok.shape_ok
     vit = check_family('vision_transformer', size=64)
@@ -442,3 +442,67 @@ def test_any_exception_becomes_a_conversion_error_and_the_model_is_restored(monk
     assert not hasattr(model, '_dpp_surgery_history')
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+
+
+def test_site_fields_are_typed_and_every_reason_has_a_code():
+    import json
+
+    from dpp_surgery.surgery import ReasonCode, SiteAction, SiteKind, SitePlacement
+    p = plan(_make('resnet26d'), input_size=(3, 64, 64), exclude=['*.downsample.*'])
+    for s in p.sites:
+        assert isinstance(s.kind, SiteKind) and isinstance(s.action, SiteAction)
+        assert isinstance(s.placement, SitePlacement) and isinstance(s.reason_code, ReasonCode)
+        assert bool(s.reason) == (s.reason_code != ReasonCode.NONE), (s.name, s.reason, s.reason_code)
+    names = {s.name: s for s in p.sites}
+    stem = names['conv1.0']
+    assert stem.reason_code == ReasonCode.SKIP_STEM and stem.kind == 'strided_conv' and stem.action == 'skip'
+    assert f'{stem.kind} {stem.action}' == 'strided_conv skip' and str(stem.reason_code) == 'skip_stem'
+    assert names['global_pool.pool'].reason_code == ReasonCode.SKIP_GLOBAL
+    excluded = [s for s in p.sites if 'downsample' in s.name]
+    assert excluded and all(s.reason_code == ReasonCode.EXCLUDED_NAME and s.policy_skip for s in excluded)
+    fallback = [s for s in p.to_replace if s.kind == SiteKind.STRIDED_CONV]
+    assert fallback and all(s.placement == SitePlacement.POST and s.reason_code == ReasonCode.BLOCK_HOLDS_SKIPPED
+                            for s in fallback)
+    # JSON and to_dict give the plain values
+    site = json.loads(json.dumps(p.to_dict()))['sites'][0]
+    assert site['kind'] == 'strided_conv' and site['reason_code'] == 'skip_stem' and site['placement'] == ''
+    assert type(p.to_dict()['sites'][0]['action']) is str
+
+
+def test_convert_applies_a_given_plan_and_records_it(monkeypatch):
+    import importlib
+    import pickle
+    convert_module = importlib.import_module('dpp_surgery.surgery.convert')
+    model = _make('resnet18')
+    p = plan(model, input_size=(3, 64, 64), placement='post')
+    with pytest.raises(ValueError, match=r'input size \(3, 64, 64\), not \(3, 32, 32\)'):
+        convert(model, plan=p, input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match="another policy.*placement 'post' in the plan, 'block' given"):
+        convert(model, plan=p, placement='block')
+    with pytest.raises(ValueError, match='made for resnet18, not for this model'):
+        convert(_make('resnet34'), plan=p)
+    with pytest.raises(TypeError, match='plan must be a Plan'):
+        convert(model, plan=p.to_dict())
+
+    def no_second_plan(*args, **kwargs):
+        raise AssertionError('convert planned again')
+    monkeypatch.setattr(convert_module, 'make_plan', no_second_plan)
+    assert convert(model, plan=p, placement='post', input_size=(3, 64, 64)) is model
+    assert model.dpp_surgery_plan is p
+    assert [(pol, size) for pol, size in model._dpp_surgery_history] == [(p.policy, (3, 64, 64))]
+    assert not any('plan' in k for k in model.state_dict())
+    monkeypatch.undo()
+    reference = convert(_make('resnet18'), input_size=(3, 64, 64), placement='post')
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == \
+        [(n, type(m).__name__) for n, m in reference.named_modules()]
+    assert reference.dpp_surgery_plan.counts() == p.counts()
+    # the plan describes the model before conversion: it no longer applies
+    with pytest.raises(ValueError, match='another module structure'):
+        convert(model, plan=p)
+    # copies keep the recorded plan, functional sites (whose function does not pickle itself) included
+    inception = convert(_make('inception_v3'), input_size=(3, 107, 107))
+    assert any(s.functional and s.action == 'replace' for s in inception.dpp_surgery_plan.sites)
+    for copied in (pickle.loads(pickle.dumps(inception)), copy.deepcopy(inception)):
+        sites = copied.dpp_surgery_plan.sites
+        assert [s.fn for s in sites] == [s.fn for s in inception.dpp_surgery_plan.sites]
+        assert [s.to_dict() for s in sites] == [s.to_dict() for s in inception.dpp_surgery_plan.sites]

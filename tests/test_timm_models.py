@@ -10,7 +10,7 @@ and the converted model is also compared with the unconverted one: same shapes e
 
 Default run: :data:`MODELS`, one or two small models of 35 timm families, all of which the default policy converts
 (a model of that list that converts nothing fails). ``make test-slow`` adds :data:`SLOW_MODELS` and one small model
-of every timm family (:func:`dpp_surgery.coverage.pick_model`); there, a family whose plan has no site to convert
+of every timm family (:func:`dpp_surgery.tools.coverage.pick_model`); there, a family whose plan has no site to convert
 is skipped with the reason, and so is a check that timm itself fails on the unconverted model.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import dpp_surgery
 from dpp_surgery import NoEffectWarning, dpp_layers
-from dpp_surgery.coverage import pick_model
+from dpp_surgery.tools.coverage import pick_model
 
 BATCH = 2
 NUM_CLASSES = 42  # as timm's backward test

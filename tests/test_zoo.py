@@ -10,11 +10,11 @@ import timm
 import torch
 
 import dpp_surgery
-from dpp_surgery import weights
+from dpp_surgery.models import weights
 from dpp_surgery.export import SUPPORTED_MODES
-from dpp_surgery.zoo import RecipeError, RecipeWarning, get_recipe, list_recipes, register_recipes
-from dpp_surgery.zoo.registry import validate_recipe
-from dpp_surgery.zoo.run import main, render_table, write_table
+from dpp_surgery.models import RecipeError, RecipeWarning, get_recipe, list_recipes, register_recipes
+from dpp_surgery.models.registry import validate_recipe
+from dpp_surgery.tools.zoo import main, render_table, write_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = ('efficientnet_lite0_dpp', 'resnet18_dpp', 'resnet50_dpp')
@@ -282,8 +282,8 @@ def test_crafted_recipe_is_refused(change, fragment):
 def test_crafted_checkpoint_file_of_a_zoo_model_is_refused_before_building(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from dpp_surgery.checkpoint import FORMAT
-    from dpp_surgery.zoo.registry import create_zoo_model
+    from dpp_surgery.training.checkpoint import FORMAT
+    from dpp_surgery.models.registry import create_zoo_model
     base = {'format': FORMAT, 'model_name': 'resnet18', 'model_kwargs': '{}', 'conversions': '[]'}
     cases = [({'format': 'dpp_surgery.checkpoint.v2'}, 'written by a newer dpp_surgery'),
              ({'model_kwargs': json.dumps({'checkpoint_path': str(tmp_path / 'w.pth')})},
@@ -305,11 +305,11 @@ def test_recipe_file_errors(tmp_path):
     bad = tmp_path / 'resnet18_dpp.json'
     bad.write_text('{"name": ')
     with pytest.raises(RecipeError, match='resnet18_dpp.json: not valid JSON'):
-        dpp_surgery.zoo.load_recipe(str(bad))
+        dpp_surgery.models.load_recipe(str(bad))
     misnamed = _write(str(tmp_path), _tiny_recipe())
     os.rename(misnamed, tmp_path / 'other.json')
     with pytest.raises(RecipeError, match='must be named after the recipe: test_resnet_dpp.json'):
-        dpp_surgery.zoo.load_recipe(str(tmp_path / 'other.json'))
+        dpp_surgery.models.load_recipe(str(tmp_path / 'other.json'))
     # at import time a broken recipe is skipped with a warning, never an import error
     with pytest.warns(RecipeWarning) as record:
         assert register_recipes(str(tmp_path)) == []
@@ -390,7 +390,7 @@ def test_run_quick_leaves_the_recipe_alone(tmp_path, capsys):
 
 
 def test_run_write_then_table(tmp_path, monkeypatch):
-    from dpp_surgery.zoo import run as zoo_run
+    from dpp_surgery.tools import zoo as zoo_run
     # latency is measured for real in test_run_quick_leaves_the_recipe_alone; here: writing back and the table
     stub = {'batch_size': 1, 'image_size': 64, 'threads': 1, 'repeat': 3, 'load_average_1min': 0.5,
             'torch_ms': {'unconverted': 1.5, 'converted': 2.5},
@@ -439,8 +439,8 @@ def test_run_write_then_table(tmp_path, monkeypatch):
 def test_table_of_the_committed_zoo_is_current(tmp_path):
     """zoo/README.md and the results block of README.md are exactly what `python -m dpp_surgery.zoo table` generates
     from the committed recipes and paper.md, and every committed recipe has full (not --quick) results."""
-    from dpp_surgery.zoo.run import README_BEGIN, README_END, render_readme_block
-    from dpp_surgery.zoo import load_recipes
+    from dpp_surgery.tools.zoo import README_BEGIN, README_END, render_readme_block
+    from dpp_surgery.models import load_recipes
     zoo = os.path.join(REPO, 'zoo')
     generated = write_table(zoo, str(tmp_path / 'README.md'))
     with open(generated) as f, open(os.path.join(zoo, 'README.md')) as g:
@@ -456,7 +456,7 @@ def test_table_of_the_committed_zoo_is_current(tmp_path):
 
 
 def test_table_updates_the_readme_block_only(tmp_path, capsys):
-    from dpp_surgery.zoo.run import README_BEGIN, README_END
+    from dpp_surgery.tools.zoo import README_BEGIN, README_END
     zoo = tmp_path / 'zoo'
     zoo.mkdir()
     _write(str(zoo), _tiny_recipe(notes='a tiny recipe'))
@@ -489,7 +489,7 @@ def test_render_table_without_results_or_paper():
 
 
 def test_zoo_folder_lookup(tmp_path, monkeypatch):
-    from dpp_surgery.zoo import registry
+    from dpp_surgery.models import registry
     monkeypatch.delenv(registry.ZOO_ENV, raising=False)
     assert registry.default_zoo_dir() == os.path.join(REPO, 'zoo')  # the source checkout
     monkeypatch.setenv(registry.ZOO_ENV, str(tmp_path))
@@ -511,7 +511,7 @@ def test_wheel_carries_the_recipes(tmp_path):
     import glob
     import sysconfig
     import zipfile
-    from dpp_surgery.zoo import registry
+    from dpp_surgery.models import registry
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
                     str(tmp_path), REPO], check=True, capture_output=True, timeout=300)
     (wheel,) = glob.glob(str(tmp_path / 'dpp_surgery-*.whl'))

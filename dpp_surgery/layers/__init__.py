@@ -1,5 +1,5 @@
 """DPP layers: the module, its functional form, window geometry and the fused kernel loader."""
-from ._ext import KernelBuildWarning, kernel_status
+from .kernel import KernelBuildWarning, kernel_status
 from .dpp import DPP2d, INIT_PRESETS, dpp_parameters, param_groups
 from .functional import DEFAULT_EPS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d, full_guide
 from .geometry import PoolGeometry

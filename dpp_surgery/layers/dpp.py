@@ -13,7 +13,8 @@ from typing import Dict, Iterable, List, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .functional import DEFAULT_EPS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, _check_choice, dpp2d
+from ..utils import check_choice
+from .functional import DEFAULT_EPS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d
 from .geometry import PaddingArg, PoolGeometry
 
 __all__ = ['DPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters']
@@ -111,9 +112,9 @@ class DPP2d(nn.Module):
             raise ValueError(f'channels must be a positive int, but got {channels!r}')
         self.channels = channels
         self.geometry = PoolGeometry.create(kernel_size, stride, padding, ceil_mode)
-        self.guide = _check_choice(guide, 'guide', GUIDES)
-        self.reward = _check_choice(reward, 'reward', REWARDS)
-        self.norm = _check_choice(norm, 'norm', NORMS)
+        self.guide = check_choice(guide, 'guide', GUIDES)
+        self.reward = check_choice(reward, 'reward', REWARDS)
+        self.norm = check_choice(norm, 'norm', NORMS)
         self.impl = impl
         if not eps > 0:
             raise ValueError(f'eps must be > 0, but got {eps}')

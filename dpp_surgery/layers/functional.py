@@ -2,26 +2,26 @@
 
 See :class:`dpp_surgery.DPP2d` for the definition. Two implementations compute the same thing:
 
-* the fused CPU kernel (``csrc/dpp2d.cpp``), registered as the custom op ``torch.ops.dpp_surgery.dpp2d``
+* the fused CPU kernel (``layers/csrc/dpp2d.cpp``), registered as the custom op ``torch.ops.dpp_surgery.dpp2d``
   with its own backward that recomputes from the input (used on CPU for float32/float64 when it builds);
 * a pure-PyTorch composite of unfold and element-wise ops (any device, the fallback, the tested reference
   for the kernel, and what ONNX export and ``torch.fx`` see).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ext import load_kernel
+from .kernel import NORM_CODES, Dpp2dParams, Kernel, load_kernel, max_window as kernel_max_window
+from ..utils import check_choice
 from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry
 
 __all__ = [
-    'dpp2d', 'full_guide', 'onnx_custom_node', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS',
+    'dpp2d', 'full_guide', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS',
 ]
 
 DEFAULT_EPS = 1e-3  # added to the squared deviation, as in every path of the authors' code
@@ -30,13 +30,6 @@ GUIDES = ('lite', 'full')
 REWARDS = ('sym', 'asym')
 NORMS = ('mean', 'none', 'sum')
 IMPLEMENTATIONS = ('auto', 'kernel', 'torch')
-_NORM_CODE = {'none': 0, 'mean': 1, 'sum': 2}  # must match enum Norm in csrc/dpp2d.cpp
-
-
-def _check_choice(value: str, name: str, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str) or value.lower() not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, but got {value!r}")
-    return value.lower()
 
 
 def _check_input(x: Tensor, channels: int) -> None:
@@ -62,21 +55,6 @@ def _in_onnx_export() -> bool:
 def _exporting() -> bool:
     """torch.export / ONNX export / jit tracing: DPP runs as standard ops (the fused kernel is CPU eager only)."""
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or _in_onnx_export()
-
-
-_CUSTOM_NODE = {'active': False}
-
-
-@contextlib.contextmanager
-def onnx_custom_node() -> Iterator[None]:
-    """While exporting inside this context, each DPP layer becomes one ``dpp_surgery::dpp2d_onnx`` op (one ONNX
-    ``DPP2d`` node) instead of its decomposition. Used by ``export_onnx(mode='custom')``."""
-    before = _CUSTOM_NODE['active']
-    _CUSTOM_NODE['active'] = True
-    try:
-        yield
-    finally:
-        _CUSTOM_NODE['active'] = before
 
 
 def _check_parameters(theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor]) -> None:
@@ -202,9 +180,9 @@ def _check_kernel_dtypes(x: Tensor, *others: Optional[Tensor]) -> None:
 
 
 def _kernel_inputs(x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: Sequence[int],
-                   asym: bool, norm: int, grad: Optional[Tensor] = None):
-    """Checked, contiguous kernel inputs in the layout the kernel computes in, plus the kernel's dims/params
-    arrays and the layout the results go back in (x's own)."""
+                   asym: bool, norm: int, eps: float, grad: Optional[Tensor] = None):
+    """Checked, contiguous kernel inputs in the layout the kernel computes in, plus the kernel's parameters
+    (geometry: kh, kw, sh, sw, pt, pl, oh, ow) and the layout the results go back in (x's own)."""
     _check_kernel_dtypes(x, guide, alpha, lam, grad)
     out_fmt, fmt = _memory_format(x), _kernel_layout(x)
     x = x.contiguous(memory_format=fmt)
@@ -213,17 +191,16 @@ def _kernel_inputs(x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tenso
     channels_last = fmt == torch.channels_last and not x.is_contiguous()
     n, c, h, w = x.shape
     kh, kw, sh, sw, pt, pl, oh, ow = geometry
-    dims = torch.tensor([n, c, h, w, oh, ow], dtype=torch.int64)
-    params = torch.tensor([kh, kw, sh, sw, pt, pl, int(asym), norm, int(channels_last), torch.get_num_threads()],
-                          dtype=torch.int32)
-    return x, guide, alpha.contiguous(), lam.contiguous(), grad, dims, params, fmt, out_fmt
+    params = Dpp2dParams(N=n, C=c, H=h, W=w, OH=oh, OW=ow, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, asym=int(asym),
+                         norm=norm, channels_last=int(channels_last), threads=torch.get_num_threads(), eps=eps)
+    return x, guide, alpha.contiguous(), lam.contiguous(), grad, params, fmt, out_fmt
 
 
-def _kernel_fn(dtype: torch.dtype, kind: str):
-    lib = load_kernel()
-    if lib is None:
+def _kernel() -> Kernel:
+    kernel = load_kernel()
+    if kernel is None:
         raise RuntimeError('the fused DPP kernel is not available; use impl="torch"')
-    return getattr(lib, f'dpp2d_{kind}_{"f64" if dtype == torch.float64 else "f32"}')
+    return kernel
 
 
 @torch.library.custom_op('dpp_surgery::dpp2d', mutates_args=())
@@ -231,13 +208,10 @@ def _dpp2d_op(
         x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: List[int], asym: bool, norm: int,
         eps: float,
 ) -> Tensor:
-    x, guide, alpha, lam, _, dims, params, fmt, out_fmt = _kernel_inputs(x, guide, alpha, lam, geometry, asym, norm)
+    x, guide, alpha, lam, _, params, fmt, out_fmt = _kernel_inputs(x, guide, alpha, lam, geometry, asym, norm, eps)
     out = torch.empty(x.shape[0], x.shape[1], geometry[6], geometry[7], dtype=x.dtype, memory_format=fmt)
-    rc = _kernel_fn(x.dtype, 'forward')(
-        x.data_ptr(), _ptr(guide), alpha.data_ptr(), lam.data_ptr(), out.data_ptr(), dims.data_ptr(),
-        params.data_ptr(), eps)
-    if rc != 0:
-        raise RuntimeError(f'DPP kernel rejected geometry {geometry} (code {rc})')
+    _kernel().forward(params, x.data_ptr(), _ptr(guide), alpha.data_ptr(), lam.data_ptr(), out.data_ptr(),
+                      f64=x.dtype == torch.float64)
     return out.contiguous(memory_format=out_fmt)
 
 
@@ -252,19 +226,16 @@ def _dpp2d_backward_op(
         grad: Tensor, x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geometry: List[int],
         asym: bool, norm: int, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    x, guide, alpha, lam, grad, dims, params, fmt, out_fmt = _kernel_inputs(x, guide, alpha, lam, geometry, asym,
-                                                                            norm, grad)
+    x, guide, alpha, lam, grad, params, fmt, out_fmt = _kernel_inputs(x, guide, alpha, lam, geometry, asym, norm,
+                                                                      eps, grad)
     n, c = x.shape[:2]
     grad_x = torch.zeros_like(x, memory_format=fmt)
     grad_guide = torch.empty_like(guide, memory_format=fmt) if guide is not None else x.new_empty(0)
     ga = x.new_empty(n, c)
     gl = x.new_empty(n, c)
-    rc = _kernel_fn(x.dtype, 'backward')(
-        x.data_ptr(), _ptr(guide), alpha.data_ptr(), lam.data_ptr(), grad.data_ptr(), grad_x.data_ptr(),
-        _ptr(grad_guide) if guide is not None else None, ga.data_ptr(), gl.data_ptr(), dims.data_ptr(),
-        params.data_ptr(), eps)
-    if rc != 0:
-        raise RuntimeError(f'DPP kernel rejected geometry {geometry} (code {rc})')
+    _kernel().backward(params, x.data_ptr(), _ptr(guide), alpha.data_ptr(), lam.data_ptr(), grad.data_ptr(),
+                       grad_x.data_ptr(), _ptr(grad_guide) if guide is not None else None, ga.data_ptr(),
+                       gl.data_ptr(), f64=x.dtype == torch.float64)
     if guide is not None:
         grad_guide = grad_guide.contiguous(memory_format=out_fmt)
     return grad_x.contiguous(memory_format=out_fmt), grad_guide, ga.sum(0), gl.sum(0)
@@ -293,48 +264,17 @@ def _backward(ctx, grad):
 _dpp2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _geometry_from(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], same: bool,
-                   ceil_mode: bool) -> PoolGeometry:
-    return PoolGeometry.create(tuple(kernel), tuple(stride), 'same' if same else tuple(padding[:2]), ceil_mode)
-
-
-@torch.library.custom_op('dpp_surgery::dpp2d_onnx', mutates_args=())
-def _dpp2d_onnx_op(
-        x: Tensor, theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor], kernel: List[int],
-        stride: List[int], padding: List[int], same: bool, ceil_mode: bool, asym: bool, norm: str, eps: float,
-) -> Tensor:
-    """DPP as one opaque op with the ONNX node's signature (what ``export_onnx(mode='custom')`` traces)."""
-    return dpp2d(x, theta_alpha, theta_lambda, guide_weight=guide_weight, reward='asym' if asym else 'sym', norm=norm,
-                 eps=eps, impl='torch', geometry=_geometry_from(kernel, stride, padding, same, ceil_mode))
-
-
-@_dpp2d_onnx_op.register_fake
-def _(x, theta_alpha, theta_lambda, guide_weight, kernel, stride, padding, same, ceil_mode, asym, norm, eps):
-    r = _geometry_from(kernel, stride, padding, same, ceil_mode).resolve(x.shape[-2], x.shape[-1])
-    return x.new_empty(x.shape[0], x.shape[1], r.out_size[0], r.out_size[1])
-
-
-def _custom_node_wanted(geometry: PoolGeometry) -> bool:
-    # only for windows the native kernels take, with a static geometry (global DPP's window is the input size)
-    static = all(type(v) is int for v in (*geometry.kernel, *geometry.stride))
-    return (_CUSTOM_NODE['active'] and _exporting() and static
-            and geometry.kernel[0] * geometry.kernel[1] <= _MAX_KERNEL_WINDOW)
-
-
-_MAX_KERNEL_WINDOW = 64  # must match kMaxWindow in csrc/dpp2d.cpp
-
-
 def _kernel_usable(x: Tensor, r: ResolvedGeometry, impl: str) -> bool:
     if impl == 'torch':
         return False
-    ok = (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64)
-          and r.kernel[0] * r.kernel[1] <= _MAX_KERNEL_WINDOW and not _exporting())
-    if ok:
-        ok = load_kernel() is not None
+    kernel = None
+    if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and not _exporting():
+        kernel = load_kernel()
+    ok = kernel is not None and r.kernel[0] * r.kernel[1] <= kernel.max_window
     if impl == 'kernel' and not ok:
         raise RuntimeError(
-            'impl="kernel" needs a CPU float32/float64 input, a window of at most 64 positions and a built kernel '
-            '(see dpp_surgery.kernel_status()); use impl="auto" to fall back to the PyTorch path.')
+            f'impl="kernel" needs a CPU float32/float64 input, a window of at most {kernel_max_window()} positions '
+            'and a built kernel (see dpp_surgery.kernel_status()); use impl="auto" to fall back to the PyTorch path.')
     return ok
 
 
@@ -368,9 +308,9 @@ def dpp2d(
         impl: 'auto' (fused kernel where it applies), 'kernel' (require it) or 'torch' (pure PyTorch).
         geometry: a prebuilt :class:`PoolGeometry` (what DPP2d passes).
     """
-    reward = _check_choice(reward, 'reward', REWARDS)
-    norm = _check_choice(norm, 'norm', NORMS)
-    impl = _check_choice(impl, 'impl', IMPLEMENTATIONS)
+    reward = check_choice(reward, 'reward', REWARDS)
+    norm = check_choice(norm, 'norm', NORMS)
+    impl = check_choice(impl, 'impl', IMPLEMENTATIONS)
     _check_input(input, theta_alpha.shape[0])
     if theta_lambda.shape != theta_alpha.shape:
         raise ValueError(f'theta_lambda must have shape {tuple(theta_alpha.shape)}, but got '
@@ -382,11 +322,6 @@ def dpp2d(
         if tuple(guide_weight.shape) != expected:
             raise ValueError(f'guide_weight must have shape {expected}, but got {tuple(guide_weight.shape)}')
     _check_parameters(theta_alpha, theta_lambda, guide_weight)
-    if _custom_node_wanted(geometry):
-        pad = (0, 0) if geometry.is_same else geometry.padding
-        return torch.ops.dpp_surgery.dpp2d_onnx(
-            input, theta_alpha, theta_lambda, guide_weight, list(geometry.kernel), list(geometry.stride),
-            [pad[0], pad[1], pad[0], pad[1]], geometry.is_same, geometry.ceil_mode, reward == 'asym', norm, float(eps))
     r = geometry.resolve(input.shape[-2], input.shape[-1])
 
     out_dtype = input.dtype
@@ -398,7 +333,7 @@ def dpp2d(
     if _kernel_usable(x, r, impl):
         geo = [r.kernel[0], r.kernel[1], r.stride[0], r.stride[1], r.pad_top, r.pad_left, r.out_size[0],
                r.out_size[1]]
-        out = torch.ops.dpp_surgery.dpp2d(x, guide, alpha, lam, geo, asym, _NORM_CODE[norm], float(eps))
+        out = torch.ops.dpp_surgery.dpp2d(x, guide, alpha, lam, geo, asym, NORM_CODES[norm], float(eps))
     else:
         out = _reference(x, guide, alpha, lam, r, asym, norm, eps)
     return out.to(out_dtype)

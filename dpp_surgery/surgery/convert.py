@@ -23,10 +23,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._text import first_line
+from ..utils import first_line
 from ..layers import DPP2d
-from .plan import Plan, Site, _block_stride1, _pair, block_host, device_dtype, eager_records, plan
-from .policy import ConversionPolicy
+from ..layers.geometry import to_pair
+from .plan import (
+    Plan, Site, SiteKind, SitePlacement, block_host, block_stride1, device_dtype, eager_records,
+    eval_mode,
+)
+from .plan import plan as make_plan
+from .policy import ConversionPolicy, resolve_policy
 from .tracer import trace
 
 __all__ = ['convert', 'NoEffectWarning', 'ConversionError', 'dpp_layers']
@@ -148,14 +153,14 @@ def dpp_layers(model: nn.Module) -> List[Tuple[str, DPP2d]]:
 
 
 def _make_dpp(site: Site, policy: ConversionPolicy, channels: int, geometry: dict, device, dtype) -> DPP2d:
-    kind = site.kind if site.kind != 'global_pool' else 'avg_pool'
+    kind = SiteKind.AVG_POOL if site.kind == SiteKind.GLOBAL_POOL else site.kind
     v = policy.variant(kind)
     return DPP2d(channels, guide=v.guide, reward=v.reward, norm=v.norm, init=v.init, device=device,
                  dtype=dtype, **geometry)
 
 
 def _downsample_geometry(stride) -> dict:
-    s = _pair(stride)
+    s = to_pair(stride, 'stride')
     return dict(kernel_size=s, stride=s, padding=0, ceil_mode=True)
 
 
@@ -232,43 +237,72 @@ def _output_shapes(model: nn.Module, input_size) -> Dict[str, Tuple[int, ...]]:
     """Output shape of every module (its first call, tensor outputs only) for one zeros input, in eval mode, and
     under ``'<outputs>'`` the shapes of every tensor the model returns (the feature maps of features_only models)."""
     device, dtype = device_dtype(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         records, outputs = eager_records(model, torch.zeros(1, *input_size, device=device, dtype=dtype))
-    finally:
-        model.train(was_training)
     shapes = {name: rec.out_shape for name, rec in records.items() if rec.out_shape is not None}
     shapes['<outputs>'] = outputs
     return shapes
 
 
 def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: Optional[ConversionPolicy] = None,
-            **policy_kwargs) -> nn.Module:
+            plan: Optional[Plan] = None, **policy_kwargs) -> nn.Module:
     """Replace the model's downsampling with DPP in place; returns the same model object.
 
-    Applies :func:`plan` (same arguments): pools become :class:`DPP2d` of the same geometry and strided convs run
-    at stride 1 with DPP placed as the policy says. The model keeps its class, its parameters and buffers under
-    their names (only DPP parameters are new), its output shape and every feature map's size (checked before
-    returning; on failure the model is restored and :class:`ConversionError` raised). Warns with
+    Applies :func:`plan` (same arguments), or the ``plan`` given: pools become :class:`DPP2d` of the same geometry
+    and strided convs run at stride 1 with DPP placed as the policy says. The model keeps its class, its parameters
+    and buffers under their names (only DPP parameters are new), its output shape and every feature map's size
+    (checked before returning; on failure the model is restored and :class:`ConversionError` raised). Warns with
     :class:`NoEffectWarning` and returns the model unchanged when there is nothing to convert.
+
+    Args:
+        model: a timm (or any fx-traceable) model.
+        input_size, policy, policy_kwargs: as for :func:`plan`.
+        plan: a :class:`Plan` that :func:`plan` made for this model as it is now, applied without planning again
+            (``print`` it first, then convert). ``input_size``, ``policy`` and policy keywords may then be left
+            out; where given they must be the plan's. ValueError if the plan was made for another model, another
+            module structure (an already converted model), input size or policy.
+
+    After a conversion the model records it: ``model.dpp_surgery_plan`` is the :class:`Plan` applied last (a plain
+    attribute: not in the ``state_dict``, kept by pickling and ``copy.deepcopy``), and every conversion applied,
+    in order, is kept for checkpoints to replay.
 
     Build the optimizer after converting: the DPP parameters are new.
 
     Example::
 
         >>> model = timm.create_model('resnet50', pretrained=True)
-        >>> print(dpp_surgery.plan(model))
-        >>> model = dpp_surgery.convert(model, placement='post')
+        >>> p = dpp_surgery.plan(model, placement='post')
+        >>> print(p)
+        >>> model = dpp_surgery.convert(model, plan=p)
     """
-    p = plan(model, input_size=input_size, policy=policy, **policy_kwargs)
+    p = _plan_for(model, plan, input_size, policy, policy_kwargs)
     todo = p.to_replace
     if not todo:
-        converted = sum(1 for s in p.sites if s.kind == 'dpp')
+        converted = sum(1 for s in p.sites if s.kind == SiteKind.DPP)
         why = (f'the model is already converted ({converted} DPP sites)' if converted else
                f'no site to convert among {len(p.sites)} downsampling sites (see dpp_surgery.plan)')
         warnings.warn(f'convert: {why}; the model is unchanged.', NoEffectWarning, stacklevel=2)
         return model
+    _apply_checked(model, p, todo)
+    _logger.info('converted %d of %d downsampling sites of %s', len(todo), len(p.sites), p.model_name)
+    _record(model, p)
+    return model
+
+
+def _plan_for(model: nn.Module, given: Optional[Plan], input_size, policy, policy_kwargs: dict) -> Plan:
+    """A new plan, or ``given`` once it is checked against the model and whatever else was passed."""
+    if given is None:
+        return make_plan(model, input_size=input_size, policy=policy, **policy_kwargs)
+    if not isinstance(given, Plan):
+        raise TypeError(f'plan must be a Plan made by dpp_surgery.plan, but got {type(given).__name__}')
+    wanted = resolve_policy(policy, **policy_kwargs) if policy is not None or policy_kwargs else None
+    given.check_applies_to(model, input_size=input_size, policy=wanted)
+    return given
+
+
+def _apply_checked(model: nn.Module, p: Plan, todo: List[Site]) -> None:
+    """Apply the plan's replacements, then check that every feature map outside the converted blocks keeps its
+    size; on any failure restore the model and raise :class:`ConversionError`."""
     before_shapes = _output_shapes(model, p.input_size)
     device, dtype = device_dtype(model)
     undo: list = []
@@ -276,15 +310,7 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
     try:
         _apply(model, p, todo, device, dtype, undo, where)
         where['step'] = 'checking the converted model (a forward pass at the plan\'s input size)'
-        after_shapes = _output_shapes(model, p.input_size)
-        # inside a 'block' placement the block's own layers run at the larger size by design; its output and
-        # everything outside it must keep their sizes
-        inner = tuple(b + '.' for b in {s.block for s in todo if s.placement == 'block'})
-        changed = [(n, s, after_shapes.get(n)) for n, s in before_shapes.items()
-                   if n in after_shapes and after_shapes[n] != s and not n.startswith(inner)]
-        if changed:
-            detail = '; '.join(f'{n or "<output>"}: {a} -> {b}' for n, a, b in changed[:5])
-            raise ConversionError(f'conversion changed feature-map sizes ({detail}); the model was restored.')
+        _check_sizes(before_shapes, _output_shapes(model, p.input_size), todo)
     except ConversionError:
         _restore(undo)
         raise
@@ -293,12 +319,26 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
         raise ConversionError(f"convert failed while {where['step']}: {type(e).__name__}: {first_line(e)}; the "
                               'model was restored. Leave that site alone with exclude=[...] or choose another '
                               "placement, and see dpp_surgery.plan(model) for what each site gets.") from e
-    _logger.info('converted %d of %d downsampling sites of %s', len(todo), len(p.sites), p.model_name)
-    # every conversion applied, in order: checkpoints replay them to rebuild the model
+
+
+def _check_sizes(before: Dict[str, Tuple[int, ...]], after: Dict[str, Tuple[int, ...]], todo: List[Site]) -> None:
+    """ConversionError if a module's output size changed. Inside a 'block' placement the block's own layers run
+    at the larger size by design; its output and everything outside it must keep their sizes."""
+    inner = tuple(b + '.' for b in {s.block for s in todo if s.placement == SitePlacement.BLOCK})
+    changed = [(n, s, after.get(n)) for n, s in before.items()
+               if n in after and after[n] != s and not n.startswith(inner)]
+    if changed:
+        detail = '; '.join(f'{n or "<output>"}: {a} -> {b}' for n, a, b in changed[:5])
+        raise ConversionError(f'conversion changed feature-map sizes ({detail}); the model was restored.')
+
+
+def _record(model: nn.Module, p: Plan) -> None:
+    """Record an applied conversion on the model: ``dpp_surgery_plan`` (the plan) and the history of every
+    conversion, in order (checkpoints replay it to rebuild the model)."""
     history = list(getattr(model, '_dpp_surgery_history', []))
     history.append((p.policy, tuple(p.input_size)))
     model._dpp_surgery_history = history
-    return model
+    model.dpp_surgery_plan = p
 
 
 def _restore(undo) -> None:
@@ -310,47 +350,59 @@ def _restore(undo) -> None:
 
 
 def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: list, where: dict) -> None:
+    """Make every replacement of ``todo`` (module sites, then functional owners, then blocks), recording undo
+    steps; ``where['step']`` says what it is doing."""
     policy = p.policy
     functional: Dict[str, List[Site]] = {}
     blocks: Dict[str, Site] = {}
     for site in todo:
         where['step'] = f'replacing site {site.name!r} ({site.placement})'
-        if site.placement == 'block':
+        if site.placement == SitePlacement.BLOCK:
             blocks.setdefault(site.block, site)
-            continue
-        if site.functional:
+        elif site.functional:
             functional.setdefault(site.owner, []).append(site)
-            continue
-        module = model.get_submodule(site.name)
-        if site.placement == 'pool':
-            dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
-            _set_child(model, site.name, dpp, undo)
-        elif site.placement == 'global':
-            _set_child(model, site.name, _GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
-                                                      reward=policy.avg_pool.reward, norm=policy.avg_pool.norm,
-                                                      device=device, dtype=dtype), undo)
-        elif site.placement in ('post', 'pre'):
-            channels = site.out_channels if site.placement == 'post' else site.in_channels
-            dpp = _make_dpp(site, policy, channels, _downsample_geometry(site.stride), device, dtype)
-            undo.append((module, 'stride', module.stride))
-            module.stride = (1, 1)
-            _swap(module, _PostDPP if site.placement == 'post' else _PreDPP, dpp, undo)
         else:
-            raise ConversionError(f'unknown placement {site.placement!r} for {site.name}')
+            _apply_module_site(model, site, policy, device, dtype, undo)
     for owner, sites in functional.items():
         where['step'] = f'rewriting the forward of {owner!r} (functional pools {[s.name for s in sites]})'
         _rewrite_functional(model, owner, sites, policy, device, dtype, undo)
     for block_name, site in blocks.items():
         where['step'] = f'placing DPP after block {block_name!r} (block placement)'
-        block = model.get_submodule(block_name)
-        try:
-            _block_stride1(block, undo)
-        except ValueError as e:
-            raise ConversionError(f'block {block_name!r}: {e}') from e
-        dpp = _make_dpp(site, policy, site.block_channels, _downsample_geometry(site.stride), device, dtype)
-        target = block_host(block)
-        if target is None:
-            raise ConversionError(f'block {block_name!r} cannot take a DPP without changing how it iterates its '
-                                  "children; use placement='post' for its convs")
-        _swap(target, _PostDPP, dpp, undo)
+        _apply_block(model, block_name, site, policy, device, dtype, undo)
 
+
+def _apply_module_site(model: nn.Module, site: Site, policy: ConversionPolicy, device, dtype, undo: list) -> None:
+    """A module site: a pool replaced by DPP2d ('pool', 'global'), or a conv at stride 1 with DPP after or before
+    it ('post', 'pre')."""
+    module = model.get_submodule(site.name)
+    if site.placement == SitePlacement.POOL:
+        dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
+        _set_child(model, site.name, dpp, undo)
+    elif site.placement == SitePlacement.GLOBAL:
+        _set_child(model, site.name, _GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
+                                                  reward=policy.avg_pool.reward, norm=policy.avg_pool.norm,
+                                                  device=device, dtype=dtype), undo)
+    elif site.placement in (SitePlacement.POST, SitePlacement.PRE):
+        channels = site.out_channels if site.placement == SitePlacement.POST else site.in_channels
+        dpp = _make_dpp(site, policy, channels, _downsample_geometry(site.stride), device, dtype)
+        undo.append((module, 'stride', module.stride))
+        module.stride = (1, 1)
+        _swap(module, _PostDPP if site.placement == SitePlacement.POST else _PreDPP, dpp, undo)
+    else:
+        raise ConversionError(f'unknown placement {str(site.placement)!r} for {site.name}')
+
+
+def _apply_block(model: nn.Module, block_name: str, site: Site, policy: ConversionPolicy, device, dtype,
+                 undo: list) -> None:
+    """The 'block' placement: the block's downsampling layers at stride 1, one DPP after its output."""
+    block = model.get_submodule(block_name)
+    try:
+        block_stride1(block, undo)
+    except ValueError as e:
+        raise ConversionError(f'block {block_name!r}: {e}') from e
+    dpp = _make_dpp(site, policy, site.block_channels, _downsample_geometry(site.stride), device, dtype)
+    target = block_host(block)
+    if target is None:
+        raise ConversionError(f'block {block_name!r} cannot take a DPP without changing how it iterates its '
+                              "children; use placement='post' for its convs")
+    _swap(target, _PostDPP, dpp, undo)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
+import hashlib
 import io
-import logging
 import operator
 from dataclasses import dataclass, field
+from enum import Enum
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -23,25 +25,105 @@ from timm.layers import BlurPool2d
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .._text import first_line
+from ..utils import first_line
 from ..layers import DPP2d
 from ..layers.geometry import to_pair
 from .policy import ConversionPolicy, resolve_policy
 from .tracer import TraceError, trace
 
-__all__ = ['Site', 'Plan', 'plan', 'census', 'is_conv_like', 'DPP_FLOPS_PER_ELEMENT', 'default_input_size']
-
-_logger = logging.getLogger(__name__)
+__all__ = ['Site', 'Plan', 'SiteKind', 'SiteAction', 'SitePlacement', 'ReasonCode', 'plan', 'census',
+           'is_conv_like', 'is_same_padding', 'block_stride1', 'flops_of', 'DPP_FLOPS_PER_ELEMENT',
+           'default_input_size', 'model_fingerprint', 'eval_mode']
 
 DPP_FLOPS_PER_ELEMENT = 10  # guide share, deviation, square, eps, log, normalise, scale, exp, weight, weighted sum
 
 _FUNCTIONAL_POOLS = {F.max_pool2d: 'max_pool', torch.max_pool2d: 'max_pool', F.avg_pool2d: 'avg_pool'}
 _FUNCTIONAL_GLOBAL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+# the functions a functional site can hold, by a name that pickles (F.max_pool2d itself does not)
+_SITE_FUNCTIONS = {'F.max_pool2d': F.max_pool2d, 'torch.max_pool2d': torch.max_pool2d, 'F.avg_pool2d': F.avg_pool2d,
+                   'F.adaptive_avg_pool2d': F.adaptive_avg_pool2d, 'F.adaptive_max_pool2d': F.adaptive_max_pool2d}
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add}
+
+
+class _StrEnum(str, Enum):
+    """A str-valued Enum that stands for its value wherever a string is expected: it compares equal to the plain
+    string, hashes like it (dict keys, sets), and ``str()``, f-strings and JSON give the value."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    __format__ = str.__format__
+
+
+class SiteKind(_StrEnum):
+    """What a downsampling site is (:attr:`Site.kind`)."""
+    MAX_POOL = 'max_pool'
+    AVG_POOL = 'avg_pool'  # average pools and timm's BlurPool2d
+    STRIDED_CONV = 'strided_conv'
+    POOL = 'pool'  # another pooling type, which DPP does not replace
+    GLOBAL_POOL = 'global_pool'
+    DPP = 'dpp'  # already converted
+
+
+class SiteAction(_StrEnum):
+    """What conversion does to a site (:attr:`Site.action`)."""
+    REPLACE = 'replace'
+    SKIP = 'skip'
+
+
+class SitePlacement(_StrEnum):
+    """Where a site's DPP goes (:attr:`Site.placement`): for strided convs one of the policy placements
+    (``'post'``, ``'pre'``, ``'block'``; :data:`~dpp_surgery.surgery.policy.PLACEMENTS`), for the other kinds
+    ``'pool'`` (a module pool replaced by DPP2d), ``'functional'`` (a functional pool in a rewritten forward) or
+    ``'global'`` (a global pool); ``''`` while undecided (most skipped sites)."""
+    NONE = ''
+    POOL = 'pool'
+    POST = 'post'
+    PRE = 'pre'
+    BLOCK = 'block'
+    FUNCTIONAL = 'functional'
+    GLOBAL = 'global'
+
+
+class ReasonCode(_StrEnum):
+    """Why a site is skipped, or a note on how it is converted (:attr:`Site.reason_code`, beside the prose of
+    :attr:`Site.reason`). Policy choices (``Site.policy_skip``) are the ``SKIP_*``, ``NOT_IN_TARGETS``,
+    ``EXCLUDED_*`` and ``NOT_INCLUDED_*`` codes; the others are limitations or notes."""
+    NONE = ''
+    # found during discovery
+    ALREADY_CONVERTED = 'already_converted'
+    DILATED_POOL = 'dilated_pool'
+    UNSUPPORTED_POOL_TYPE = 'unsupported_pool_type'  # LPPool2d, FractionalMaxPool2d, ...
+    NOT_RUN = 'not_run'  # a census module the forward pass does not run at this input size
+    NOT_NCHW = 'not_nchw'  # its input or output is not an (N, C, H, W) tensor
+    # policy choices
+    SKIP_GLOBAL = 'skip_global'
+    NOT_IN_TARGETS = 'not_in_targets'
+    SKIP_STRIDE1 = 'skip_stride1'
+    SKIP_STEM = 'skip_stem'
+    SKIP_PATCHIFY = 'skip_patchify'
+    EXCLUDED_NAME = 'excluded_name'
+    EXCLUDED_TYPE = 'excluded_type'
+    NOT_INCLUDED_NAME = 'not_included_name'
+    NOT_INCLUDED_TYPE = 'not_included_type'
+    # limitations
+    GLOBAL_POOL_UNSUPPORTED = 'global_pool_unsupported'  # output larger than 1x1, or functional
+    CALLED_MORE_THAN_ONCE = 'called_more_than_once'
+    FUNCTIONAL_IN_CONTAINER = 'functional_in_container'
+    FUNCTIONAL_IN_ROOT = 'functional_in_root'
+    FUNCTIONAL_OWNER_UNTRACEABLE = 'functional_owner_untraceable'
+    FUNCTIONAL_OWNER_MODE_DEPENDENT = 'functional_owner_mode_dependent'
+    PRE_NOT_SIZE_PRESERVING = 'pre_not_size_preserving'
+    # notes on a replaced site: 'block' fell back to 'post'
+    NO_BLOCK = 'no_block'
+    BLOCK_HOLDS_SKIPPED = 'block_holds_skipped'
+
+
 _KIND_LABEL = {
-    'max_pool': 'max pool', 'avg_pool': 'avg pool', 'strided_conv': 'strided conv', 'global_pool': 'global pool',
-    'dpp': 'DPP (converted)', 'pool': 'pool (other)',
+    SiteKind.MAX_POOL: 'max pool', SiteKind.AVG_POOL: 'avg pool', SiteKind.STRIDED_CONV: 'strided conv',
+    SiteKind.GLOBAL_POOL: 'global pool', SiteKind.DPP: 'DPP (converted)', SiteKind.POOL: 'pool (other)',
 }
+_DOWNSAMPLING_KINDS = (SiteKind.MAX_POOL, SiteKind.AVG_POOL, SiteKind.STRIDED_CONV, SiteKind.POOL)
 
 
 def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
@@ -51,15 +133,33 @@ def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
     return tuple(size) if size else (3, 224, 224)
 
 
+def _model_name(model: nn.Module) -> str:
+    """The name a plan gives ``model``: its timm architecture, else its class name."""
+    cfg = getattr(model, 'pretrained_cfg', None)
+    name = cfg.get('architecture') if isinstance(cfg, dict) else None
+    return name or type(model).__name__
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of ``model``'s module structure: every module's qualified name, class and stride. Conversion
+    changes it (classes, strides), so a :class:`Plan` made before stops matching the model once it is applied."""
+    h = hashlib.sha1()
+    for name, m in model.named_modules():
+        h.update(f'{name}|{type(m).__module__}.{type(m).__qualname__}|{getattr(m, "stride", None)!r};'.encode())
+    return h.hexdigest()
+
+
 @dataclass
 class Site:
     """One downsampling site and what conversion does to it.
 
     ``name`` is the module's qualified name as ``named_modules()`` prints it; a functional site is named by its
-    owner module's name and the fx node name (``Mixed_6a.max_pool2d``).
+    owner module's name and the fx node name (``Mixed_6a.max_pool2d``). ``kind``, ``action``, ``placement`` and
+    ``reason_code`` are str-valued enums (:class:`SiteKind`, :class:`SiteAction`, :class:`SitePlacement`,
+    :class:`ReasonCode`): they compare equal to their plain-string values.
     """
     name: str
-    kind: str  # max_pool | avg_pool | strided_conv | pool (another pooling type) | global_pool | dpp
+    kind: SiteKind
     module_type: str
     functional: bool
     kernel: Tuple[int, int]
@@ -70,10 +170,11 @@ class Site:
     out_channels: int
     in_size: Tuple[int, int]
     out_size: Tuple[int, int]
-    action: str = 'skip'  # replace | skip
+    action: SiteAction = SiteAction.SKIP
     reason: str = ''
+    reason_code: ReasonCode = ReasonCode.NONE  # the reason as a code (set wherever ``reason`` is)
     policy_skip: bool = False  # skipped by a policy choice (stem, targets, exclude, ...), not by a limitation
-    placement: str = ''  # pool | post | pre | block | functional | global
+    placement: SitePlacement = SitePlacement.NONE
     block: str = ''  # the enclosing block (placement 'block')
     block_channels: int = 0  # its output channels
     flops_before: int = 0
@@ -83,6 +184,19 @@ class Site:
     owner: str = field(default='', repr=False)
     ordinal: int = field(default=0, repr=False)  # functional sites: index among the owner's calls of the function
     fn: Any = field(default=None, repr=False)  # functional sites: the function
+
+    def __post_init__(self):
+        self.kind, self.action = SiteKind(self.kind), SiteAction(self.action)
+        self.placement, self.reason_code = SitePlacement(self.placement), ReasonCode(self.reason_code)
+
+    def set_reason(self, code: ReasonCode, text: str) -> None:
+        """Set :attr:`reason_code` and :attr:`reason` together."""
+        self.reason_code, self.reason = ReasonCode(code), text
+
+    def skip(self, code: ReasonCode, text: str, policy: bool = False) -> None:
+        """Mark the site skipped, for ``text`` (coded ``code``); ``policy``: by a policy choice."""
+        self.action, self.policy_skip = SiteAction.SKIP, policy
+        self.set_reason(code, text)
 
     @property
     def geometry(self) -> str:
@@ -98,21 +212,39 @@ class Site:
         return text
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ('node', 'owner', 'ordinal', 'fn')}
+        return {k: v.value if isinstance(v, Enum) else v for k, v in self.__dict__.items()
+                if k not in ('node', 'owner', 'ordinal', 'fn')}
+
+    # pickling (torch.save of a converted model, which records its plan): the function by name
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if state['fn'] is not None:
+            state['fn'] = next((k for k, f in _SITE_FUNCTIONS.items() if f is state['fn']), None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if isinstance(state.get('fn'), str):
+            state['fn'] = _SITE_FUNCTIONS.get(state['fn'])
+        self.__dict__.update(state)
 
 
 @dataclass
 class Plan:
-    """The sites of a model and the action for each; ``print(plan)`` shows a table."""
+    """The sites of a model and the action for each; ``print(plan)`` shows a table.
+
+    ``fingerprint`` is :func:`model_fingerprint` of the model when it was planned: :meth:`check_applies_to` (and
+    ``convert(model, plan=...)``) refuse a model it does not match."""
     model_name: str
     input_size: Tuple[int, int, int]
     policy: ConversionPolicy
     sites: List[Site]
     note: str = ''
+    fingerprint: str = field(default='', repr=False, compare=False)
 
     @property
     def to_replace(self) -> List[Site]:
-        return [s for s in self.sites if s.action == 'replace']
+        return [s for s in self.sites if s.action == SiteAction.REPLACE]
 
     def counts(self) -> Dict[str, int]:
         return {'sites': len(self.sites), 'replace': len(self.to_replace),
@@ -121,8 +253,30 @@ class Plan:
     def flops(self) -> Tuple[int, int]:
         """Total FLOPs of the sites before and after conversion (replaced sites only change)."""
         before = sum(s.flops_before for s in self.sites)
-        after = sum(s.flops_after if s.action == 'replace' else s.flops_before for s in self.sites)
+        after = sum(s.flops_after if s.action == SiteAction.REPLACE else s.flops_before for s in self.sites)
         return before, after
+
+    def check_applies_to(self, model: nn.Module, input_size: Optional[Sequence[int]] = None,
+                         policy: Optional[ConversionPolicy] = None) -> None:
+        """Raise ValueError unless this plan was made for ``model`` as it is now (the same architecture and module
+        structure, see :func:`model_fingerprint`), and for ``input_size`` and ``policy`` where they are given."""
+        _unwrap_check(model)
+        name = _model_name(model)
+        if name != self.model_name:
+            raise ValueError(f'the plan was made for {self.model_name}, not for this model ({name}); '
+                             'make a new one with dpp_surgery.plan(model)')
+        if self.fingerprint and model_fingerprint(model) != self.fingerprint:
+            raise ValueError(f'the plan was made for a {self.model_name} with another module structure (was the '
+                             'model converted or changed since it was planned?); make a new one with '
+                             'dpp_surgery.plan(model)')
+        if input_size is not None and tuple(input_size) != tuple(self.input_size):
+            raise ValueError(f'the plan was made at input size {tuple(self.input_size)}, not {tuple(input_size)}')
+        if policy is not None and policy != self.policy:
+            differ = '; '.join(f'{f.name} {getattr(self.policy, f.name)!r} in the plan, {getattr(policy, f.name)!r} '
+                               'given' for f in dataclasses.fields(ConversionPolicy)
+                               if getattr(self.policy, f.name) != getattr(policy, f.name))
+            raise ValueError(f'the plan was made with another policy ({differ}); pass the plan alone, or plan '
+                             'again with that policy')
 
     def to_dict(self) -> dict:
         return {'model': self.model_name, 'input_size': list(self.input_size), 'policy': self.policy.to_dict(),
@@ -131,15 +285,15 @@ class Plan:
     def __str__(self) -> str:
         rows = [('site', 'kind', 'type', 'geometry', 'channels', 'size', 'action', 'detail', 'MFLOPs')]
         for s in self.sites:
-            detail = s.reason if s.action == 'skip' else s.placement + (f' ({s.block})' if s.block else '') + (
+            detail = s.reason if s.action == SiteAction.SKIP else s.placement + (f' ({s.block})' if s.block else '') + (
                 f'; {s.reason}' if s.reason else '')
             mflops = f'{s.flops_before / 1e6:.1f}'
-            if s.action == 'replace':
+            if s.action == SiteAction.REPLACE:
                 mflops += f' -> {s.flops_after / 1e6:.1f}'
             channels = f'{s.in_channels}->{s.out_channels}' if s.in_channels != s.out_channels else str(s.in_channels)
             size = f'{s.in_size[0]}x{s.in_size[1]}->{s.out_size[0]}x{s.out_size[1]}'
-            rows.append((s.name, _KIND_LABEL.get(s.kind, s.kind), s.module_type, s.geometry, channels, size, s.action,
-                         detail, mflops))
+            rows.append((s.name, _KIND_LABEL.get(s.kind, str(s.kind)), s.module_type, s.geometry, channels, size,
+                         str(s.action), detail, mflops))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f'Plan for {self.model_name} at input {self.input_size}: {self.policy.describe()}']
         for i, r in enumerate(rows):
@@ -158,18 +312,28 @@ class Plan:
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 
-def _pair(v) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def _shape(node) -> Optional[torch.Size]:
     meta = node.meta.get('tensor_meta') if isinstance(node, fx.Node) else None
     return getattr(meta, 'shape', None)
 
 
-def _is_same_padding(m: nn.Module) -> bool:
+def is_same_padding(m: nn.Module) -> bool:
+    """Whether ``m`` pads 'same' dynamically, from its input size at run time: timm's ``*Same`` layers
+    (``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``, by class name) and modules flagged ``same_pad`` or
+    ``dynamic_padding``. (A static ``padding='same'`` of ``nn.Conv2d`` is not dynamic.)"""
     return type(m).__name__.endswith('Same') or bool(getattr(m, 'same_pad', False)) or \
         bool(getattr(m, 'dynamic_padding', False))
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``module`` in eval mode; its own mode (train or eval) is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _conv_flops(cin: int, cout: int, groups: int, k: Tuple[int, int], out: Tuple[int, int]) -> int:
@@ -188,7 +352,7 @@ def _dpp_placement_of(m: nn.Module) -> Optional[str]:
     return getattr(type(m), '_dpp_placement', None)
 
 
-def _pair2(v) -> Optional[Tuple[int, int]]:
+def _pair_or_none(v) -> Optional[Tuple[int, int]]:
     """``v`` as an (int, int) pair if it is an int or a 2-sequence of ints (:func:`to_pair`), else None."""
     try:
         return to_pair(v, 'value')
@@ -204,8 +368,9 @@ def is_conv_like(m: nn.Module) -> bool:
         return True
     if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, DPP2d)):
         return False
-    if not all(hasattr(m, a) for a in ('in_channels', 'out_channels')) or _pair2(getattr(m, 'stride', None)) is None \
-            or _pair2(getattr(m, 'kernel_size', None)) is None:
+    if not all(hasattr(m, a) for a in ('in_channels', 'out_channels')) \
+            or _pair_or_none(getattr(m, 'stride', None)) is None \
+            or _pair_or_none(getattr(m, 'kernel_size', None)) is None:
         return False
     return not any(is_conv_like(c) for c in m.children())
 
@@ -215,7 +380,7 @@ _OTHER_POOL_TYPES = (nn.LPPool2d, nn.FractionalMaxPool2d)
 
 def _is_blur_pool(m: nn.Module) -> bool:
     """timm's ``BlurPool2d`` with symmetric padding of at most half its window (what DPP2d can take)."""
-    if not isinstance(m, BlurPool2d) or _pair2(m.stride) is None:
+    if not isinstance(m, BlurPool2d) or _pair_or_none(m.stride) is None:
         return False
     pads = list(m.padding)
     return len(set(pads)) == 1 and 2 * pads[0] <= m.filt_size
@@ -228,7 +393,8 @@ def _other_pool(m: nn.Module) -> bool:
         return False
     if not (isinstance(m, _OTHER_POOL_TYPES) or 'pool' in type(m).__name__.lower()):
         return False
-    stride = _pair2(getattr(m, 'stride', None) or getattr(m, 'kernel_size', None))  # nn pools: stride None = kernel
+    # nn pools: stride None means the kernel size
+    stride = _pair_or_none(getattr(m, 'stride', None) or getattr(m, 'kernel_size', None))
     return stride is not None and stride != (1, 1)
 
 
@@ -241,11 +407,11 @@ def census(model: nn.Module) -> List[Tuple[str, str]]:
     for name, m in model.named_modules():
         if isinstance(m, DPP2d):
             continue
-        if is_conv_like(m) and _pair(m.stride) != (1, 1):
+        if is_conv_like(m) and to_pair(m.stride, 'stride') != (1, 1):
             out.append((name, 'strided_conv'))
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and _pair(m.stride or m.kernel_size) != (1, 1):
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and to_pair(m.stride or m.kernel_size, 'stride') != (1, 1):
             out.append((name, 'max_pool' if isinstance(m, nn.MaxPool2d) else 'avg_pool'))
-        elif _is_blur_pool(m) and _pair(m.stride) != (1, 1):
+        elif _is_blur_pool(m) and to_pair(m.stride, 'stride') != (1, 1):
             out.append((name, 'avg_pool'))
         elif _other_pool(m):
             out.append((name, 'pool'))
@@ -271,8 +437,9 @@ class ModuleRecord:
 
 def eager_records(model: nn.Module, example: torch.Tensor) -> Tuple[Dict[str, ModuleRecord], tuple]:
     """Per-module :class:`ModuleRecord` from one forward pass of ``model`` on ``example`` (hooks, no graph, no
-    autograd; the caller picks train or eval mode), and the shapes of every tensor the model returns (lists, tuples
-    and dicts of features included; other leaves by type name)."""
+    autograd; the caller picks train or eval mode, see :func:`eval_mode`), and the shapes of every tensor the model
+    returns (lists, tuples and dicts of features included; other leaves by type name). The one shape recorder of
+    the package: :func:`plan` and ``convert``'s size check both use it."""
     from torch.utils._pytree import tree_leaves
 
     records: Dict[str, ModuleRecord] = {}
@@ -346,14 +513,10 @@ class _Graph:
         # block name -> (FLOPs before, FLOPs at stride 1) or the reason it cannot run at stride 1
         self.block_trials: Dict[str, Union[Tuple[int, int], str]] = {}
         example = torch.randn(1, *input_size, device=self.device, dtype=self.dtype)
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             self.eager, _ = eager_records(model, example)
             if self.gm is not None:
                 self._propagate(example)
-        finally:
-            model.train(was_training)
         # module regions: qualified name -> nodes (in graph order) executed inside it
         self.regions: Dict[str, List[fx.Node]] = {}
         for n in self.nodes:
@@ -470,38 +633,41 @@ def _module_site(name: str, m: nn.Module, in_shape, out_shape, node: Optional[st
                   out_channels=outs[1], in_size=(ins[2], ins[3]), out_size=(outs[2], outs[3]), node=node)
     if isinstance(m, DPP2d) or _dpp_placement_of(m) in ('post', 'pre'):
         dpp = m if isinstance(m, DPP2d) else getattr(m, 'dpp', None)
-        geometry = (_pair(dpp.kernel_size), _pair(dpp.stride)) if isinstance(dpp, DPP2d) else ((1, 1), (1, 1))
-        return Site(kind='dpp', kernel=geometry[0], stride=geometry[1], padding=(0, 0), ceil_mode=False,
-                    reason='already converted', **common)
+        geometry = ((to_pair(dpp.kernel_size, 'kernel_size'), to_pair(dpp.stride, 'stride'))
+                    if isinstance(dpp, DPP2d) else ((1, 1), (1, 1)))
+        return Site(kind=SiteKind.DPP, kernel=geometry[0], stride=geometry[1], padding=(0, 0), ceil_mode=False,
+                    reason='already converted', reason_code=ReasonCode.ALREADY_CONVERTED, **common)
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-        kind = 'max_pool' if isinstance(m, nn.MaxPool2d) else 'avg_pool'
-        padding = 'same' if _is_same_padding(m) else _pair(m.padding)
-        site = Site(kind=kind, kernel=_pair(m.kernel_size), stride=_pair(m.stride or m.kernel_size), padding=padding,
-                    ceil_mode=bool(m.ceil_mode), **common)
-        if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != (1, 1):
-            site.reason = 'dilated pooling is not supported'
+        kind = SiteKind.MAX_POOL if isinstance(m, nn.MaxPool2d) else SiteKind.AVG_POOL
+        padding = 'same' if is_same_padding(m) else to_pair(m.padding, 'padding')
+        site = Site(kind=kind, kernel=to_pair(m.kernel_size, 'kernel_size'),
+                    stride=to_pair(m.stride or m.kernel_size, 'stride'), padding=padding, ceil_mode=bool(m.ceil_mode),
+                    **common)
+        if isinstance(m, nn.MaxPool2d) and to_pair(m.dilation, 'dilation') != (1, 1):
+            site.set_reason(ReasonCode.DILATED_POOL, 'dilated pooling is not supported')
         return site
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-        return Site(kind='global_pool', kernel=common['in_size'], stride=(1, 1), padding=(0, 0), ceil_mode=False,
-                    **common)
-    if is_conv_like(m) and _pair(m.stride) != (1, 1):
-        padding = 'same' if _is_same_padding(m) else (m.padding if isinstance(m.padding, str) else _pair(m.padding))
-        # a dilated conv keeps its dilation: every placement only changes its stride
-        return Site(kind='strided_conv', kernel=_pair(m.kernel_size), stride=_pair(m.stride), padding=padding,
+        return Site(kind=SiteKind.GLOBAL_POOL, kernel=common['in_size'], stride=(1, 1), padding=(0, 0),
                     ceil_mode=False, **common)
+    if is_conv_like(m) and to_pair(m.stride, 'stride') != (1, 1):
+        padding = 'same' if is_same_padding(m) else (
+            m.padding if isinstance(m.padding, str) else to_pair(m.padding, 'padding'))
+        # a dilated conv keeps its dilation: every placement only changes its stride
+        return Site(kind=SiteKind.STRIDED_CONV, kernel=to_pair(m.kernel_size, 'kernel_size'),
+                    stride=to_pair(m.stride, 'stride'), padding=padding, ceil_mode=False, **common)
     if _is_blur_pool(m):
         # anti-aliased downsampling (a fixed binomial average over a window, then the stride): DPP takes the same
         # window, stride and (symmetric) padding
         k, pad = int(m.filt_size), int(m.padding[0])
-        return Site(kind='avg_pool', kernel=(k, k), stride=_pair(m.stride), padding=(pad, pad), ceil_mode=False,
-                    **common)
+        return Site(kind=SiteKind.AVG_POOL, kernel=(k, k), stride=to_pair(m.stride, 'stride'), padding=(pad, pad),
+                    ceil_mode=False, **common)
     if _other_pool(m):
-        kernel = _pair2(getattr(m, 'kernel_size', None) or getattr(m, 'filt_size', None))
-        stride = _pair2(getattr(m, 'stride', None)) or kernel or (0, 0)
+        kernel = _pair_or_none(getattr(m, 'kernel_size', None) or getattr(m, 'filt_size', None))
+        stride = _pair_or_none(getattr(m, 'stride', None)) or kernel or (0, 0)
         kernel = kernel or stride
-        return Site(kind='pool', kernel=kernel, stride=stride, padding=(0, 0), ceil_mode=False,
+        return Site(kind=SiteKind.POOL, kernel=kernel, stride=stride, padding=(0, 0), ceil_mode=False,
                     reason=f'{type(m).__name__} is a pooling type DPP does not replace (max and average pools only)',
-                    **common)
+                    reason_code=ReasonCode.UNSUPPORTED_POOL_TYPE, **common)
     return None
 
 
@@ -523,19 +689,20 @@ def _site_for_function(g: _Graph, node: fx.Node) -> Optional[Site]:
                   in_size=(int(in_shape[2]), int(in_shape[3])), out_size=(int(out_shape[2]), int(out_shape[3])),
                   node=node_name, owner=owner, ordinal=ordinal, fn=node.target)
     if node.target in _FUNCTIONAL_GLOBAL:
-        return Site(kind='global_pool', kernel=common['in_size'], stride=(1, 1), padding=(0, 0), ceil_mode=False,
-                    **common)
-    kind = _FUNCTIONAL_POOLS[node.target]
-    names = ['kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode'] if kind == 'max_pool' else \
+        return Site(kind=SiteKind.GLOBAL_POOL, kernel=common['in_size'], stride=(1, 1), padding=(0, 0),
+                    ceil_mode=False, **common)
+    kind = SiteKind(_FUNCTIONAL_POOLS[node.target])
+    names = ['kernel_size', 'stride', 'padding', 'dilation', 'ceil_mode'] if kind == SiteKind.MAX_POOL else \
         ['kernel_size', 'stride', 'padding', 'ceil_mode']
     values = dict(zip(names, node.args[1:]))
     values.update({k: v for k, v in node.kwargs.items() if k in names})
-    kernel = _pair(values['kernel_size'])
+    kernel = to_pair(values['kernel_size'], 'kernel_size')
     stride = values.get('stride') or kernel
-    site = Site(kind=kind, kernel=kernel, stride=_pair(stride), padding=_pair(values.get('padding', 0)),
-                ceil_mode=bool(values.get('ceil_mode', False)), **common)
-    if kind == 'max_pool' and _pair(values.get('dilation', 1)) != (1, 1):
-        site.reason = 'dilated pooling is not supported'
+    site = Site(kind=kind, kernel=kernel, stride=to_pair(stride, 'stride'),
+                padding=to_pair(values.get('padding', 0), 'padding'), ceil_mode=bool(values.get('ceil_mode', False)),
+                **common)
+    if kind == SiteKind.MAX_POOL and to_pair(values.get('dilation', 1), 'dilation') != (1, 1):
+        site.set_reason(ReasonCode.DILATED_POOL, 'dilated pooling is not supported')
     return site
 
 
@@ -553,11 +720,12 @@ def _type_matches(type_name: str, module: Optional[nn.Module], types) -> Optiona
 
 
 def _size_preserving_at_stride1(m: nn.Module) -> bool:
-    if _is_same_padding(m) or getattr(m, 'padding', None) == 'same':
+    if is_same_padding(m) or getattr(m, 'padding', None) == 'same':
         return True
     if isinstance(m.padding, str):
         return False
-    k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(getattr(m, 'dilation', 1))
+    k, p = to_pair(m.kernel_size, 'kernel_size'), to_pair(m.padding, 'padding')
+    d = to_pair(getattr(m, 'dilation', 1), 'dilation')
     return all(2 * pi == di * (ki - 1) for ki, pi, di in zip(k, p, d))
 
 
@@ -593,15 +761,40 @@ def _other_entry_points(m: nn.Module) -> List[str]:
             and not hasattr(nn.Module, n)]
 
 
-def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], str]:
-    """The enclosing block for the 'block' placement: (qualified name or None, how it was found / why not)."""
-    conv_stack = g.stack(node)
-    # modules that contain the conv, outermost first; containers whose own forward iterates or indexes their
-    # children (timm's MixedConv2d is a ModuleDict) cannot own a DPP child without changing what they compute
-    ancestors = [p for p in conv_stack[:-1] if block_host(g.model.get_submodule(p)) is not None]
-    if not ancestors:
-        return None, 'the conv is not inside a block module'
-    # data flow: the first add downstream of the conv that also takes a path not through the conv
+def _ancestors_from_graph(g: _Graph, node: fx.Node) -> List[str]:
+    """The modules that contain the module called at ``node`` (graph module stack), outermost first, that can own
+    a DPP (:func:`block_host`): containers whose own forward iterates or indexes their children (timm's
+    MixedConv2d is a ModuleDict) cannot own a DPP child without changing what they compute."""
+    return [p for p in g.stack(node)[:-1] if block_host(g.model.get_submodule(p)) is not None]
+
+
+def _ancestors_from_name(g: _Graph, name: str) -> List[str]:
+    """The modules that contain module ``name`` (by its qualified name), outermost first, that can own a DPP."""
+    parts = name.split('.')
+    paths = ('.'.join(parts[:i]) for i in range(1, len(parts)))
+    return [p for p in paths if block_host(g.model.get_submodule(p)) is not None]
+
+
+def _graph_io_shapes(g: _Graph, path: str) -> Optional[Tuple[Any, Any]]:
+    """(input shape, output shape) of module ``path``'s graph region if it takes one tensor input, else None."""
+    inputs, last = g.region_io(path)
+    if len(inputs) != 1 or last is None:
+        return None
+    return _shape(inputs[0]), _shape(last)
+
+
+def _eager_io_shapes(g: _Graph, path: str) -> Optional[Tuple[Any, Any]]:
+    """(input shape, output shape) of module ``path`` in the eager run if it ran once with one tensor input."""
+    rec = g.eager.get(path)
+    if rec is None or rec.calls != 1 or rec.tensor_args != 1:
+        return None
+    return rec.in_shape, rec.out_shape
+
+
+def _residual_block(g: _Graph, node: fx.Node, ancestors: List[str]) -> Optional[Tuple[Optional[str], str]]:
+    """The block ending at the first add downstream of the conv at ``node`` that also takes a path not through
+    the conv (a residual add): (block, how), (None, why not) where that block cannot be used, or None where there
+    is no such add inside an ancestor (then the block is found from sizes)."""
     desc = g.descendants(node)
     ordered = sorted(desc, key=g.index.__getitem__)
     for n in ordered[:200]:
@@ -627,39 +820,40 @@ def _find_block(g: _Graph, node: fx.Node, site: Site) -> Tuple[Optional[str], st
                 return None, f'block {block} takes {len(inputs)} tensor inputs'
             if last is not None and _shape(last) == _shape(end):
                 return block, f'residual add {n.name}'
-        break
-    # no residual add: the innermost ancestor whose input and output sizes are the conv's
-    for path in reversed(ancestors):
-        inputs, last = g.region_io(path)
-        if len(inputs) != 1 or last is None:
+        return None
+    return None
+
+
+def _find_block(g: _Graph, site: Site, node: Optional[fx.Node]) -> Tuple[Optional[str], str]:
+    """The enclosing block for the 'block' placement: (qualified name or None, how it was found / why not).
+
+    Where the graph shows the site (``node``): the block of its residual add (:func:`_residual_block`), else the
+    innermost enclosing module whose input and output sizes are the conv's (graph shapes). A site the graph does
+    not show (inside an FX leaf, or no graph at all): the innermost enclosing module, called once with one tensor
+    input, whose sizes are the site's in the eager run. Never a container iterating its children."""
+    if node is not None:
+        ancestors = _ancestors_from_graph(g, node)
+        if not ancestors:
+            return None, 'the conv is not inside a block module'
+        found = _residual_block(g, node, ancestors)
+        if found is not None:
+            return found
+        io_shapes, how = _graph_io_shapes, 'block without residual'
+    else:
+        ancestors, io_shapes, how = _ancestors_from_name(g, site.name), _eager_io_shapes, 'block from eager sizes'
+    for path in reversed(ancestors):  # innermost first
+        shapes = io_shapes(g, path)
+        if shapes is None:
             continue
-        ins, outs = _shape(inputs[0]), _shape(last)
+        ins, outs = shapes
         if ins is not None and outs is not None and len(ins) == 4 and len(outs) == 4 and \
                 tuple(ins[2:]) == site.in_size and tuple(outs[2:]) == site.out_size:
-            return path, 'block without residual'
+            return path, how
     return None, 'no enclosing block with the same input and output sizes'
 
 
-def _find_block_eager(g: _Graph, site: Site) -> Tuple[Optional[str], str]:
-    """The enclosing block of a site the graph does not show (inside an FX leaf, or no graph at all): the innermost
-    enclosing module, called once with one tensor input, whose input and output sizes are the site's (from the
-    eager run), that is not a container iterating its children."""
-    parts = site.name.split('.')
-    for i in range(len(parts) - 1, 0, -1):
-        path = '.'.join(parts[:i])
-        if block_host(g.model.get_submodule(path)) is None:
-            continue
-        rec = g.eager.get(path)
-        if rec is None or rec.calls != 1 or rec.tensor_args != 1 or rec.in_shape is None or rec.out_shape is None \
-                or len(rec.in_shape) != 4 or len(rec.out_shape) != 4:
-            continue
-        if tuple(rec.in_shape[2:]) == site.in_size and tuple(rec.out_shape[2:]) == site.out_size:
-            return path, 'block from eager sizes'
-    return None, 'no enclosing block with the same input and output sizes'
-
-
-def _owner_traces_consistently(model: nn.Module, owner: str) -> Optional[str]:
-    """None if the owner's forward traces to the same graph in train and eval mode, else why not."""
+def _owner_traces_consistently(model: nn.Module, owner: str) -> Optional[Tuple[ReasonCode, str]]:
+    """None if the owner's forward traces to the same graph in train and eval mode, else (code, why not)."""
     mod = model.get_submodule(owner)
     graphs = []
     was_training = mod.training
@@ -669,16 +863,17 @@ def _owner_traces_consistently(model: nn.Module, owner: str) -> Optional[str]:
             gm = trace(mod, leaf_all_children=True, name=owner)
             graphs.append([(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes])
     except Exception as e:  # noqa: BLE001 - reported as the reason for skipping
-        return f'its owner cannot be traced on its own ({type(e).__name__})'
+        return ReasonCode.FUNCTIONAL_OWNER_UNTRACEABLE, f'its owner cannot be traced on its own ({type(e).__name__})'
     finally:
         mod.train(was_training)
     if graphs[0] != graphs[1]:
-        return "its owner's forward differs between train and eval mode"
+        return ReasonCode.FUNCTIONAL_OWNER_MODE_DEPENDENT, "its owner's forward differs between train and eval mode"
     return None
 
 
-def _flops_of(module: nn.Module, input_shape, dtype, device) -> int:
-    """FLOPs of one eval-mode call of ``module`` on zeros of ``input_shape``."""
+def flops_of(module: nn.Module, input_shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> int:
+    """FLOPs of one eval-mode call of ``module`` on zeros of ``input_shape`` (torch's ``FlopCounterMode``:
+    convolutions and matrix products, a multiply-add counted as 2); the module's mode is restored."""
     return _counted_call(module, input_shape, dtype, device)[0]
 
 
@@ -686,41 +881,38 @@ def _counted_call(module: nn.Module, input_shape, dtype, device) -> Tuple[int, A
     """(FLOPs, output) of one eval-mode call of ``module`` on zeros of ``input_shape``."""
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros(*input_shape, dtype=dtype, device=device)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            out = module(x)
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = module(x)
     return int(counter.get_total_flops()), out
 
 
-def _block_stride1(block: nn.Module, undo: List[Tuple[nn.Module, str, Any]]) -> None:
-    """Set every downsampling conv and pool inside ``block`` to stride 1 (in place), appending an undo record
+def block_stride1(block: nn.Module, undo: List[Tuple[nn.Module, str, Any]]) -> None:
+    """Set every downsampling conv and pool inside ``block`` to stride 1 (in place), as the 'block' placement
+    does: strided convs and blur pools run at stride 1, a pool whose stride equals its kernel becomes
+    ``nn.Identity``, another pool runs at stride 1 where that keeps its size. Appends an undo record
     (object, attribute, old value) for each change as it is made; raises ValueError if a layer cannot keep its
     size at stride 1."""
     for name, m in list(block.named_modules()):
         if m is block:
             continue
-        if is_conv_like(m) and _pair(m.stride) != (1, 1):
-            if not _size_preserving_at_stride1(m) and not (_pair(m.kernel_size) == (1, 1)):
+        if is_conv_like(m) and to_pair(m.stride, 'stride') != (1, 1):
+            if not _size_preserving_at_stride1(m) and not (to_pair(m.kernel_size, 'kernel_size') == (1, 1)):
                 raise ValueError(f'conv {name} does not keep its size at stride 1')
             undo.append((m, 'stride', m.stride))
             m.stride = (1, 1)
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and _pair(m.stride or m.kernel_size) != (1, 1):
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and to_pair(m.stride or m.kernel_size, 'stride') != (1, 1):
             parent_name, _, child = name.rpartition('.')
             parent = block.get_submodule(parent_name) if parent_name else block
-            k, p = _pair(m.kernel_size), _pair(m.padding)
-            if _pair(m.stride) == k:
+            k, p = to_pair(m.kernel_size, 'kernel_size'), to_pair(m.padding, 'padding')
+            if to_pair(m.stride, 'stride') == k:
                 undo.append((parent, child, m))
                 setattr(parent, child, nn.Identity())
-            elif _is_same_padding(m) or all(2 * pi == ki - 1 for ki, pi in zip(k, p)):
+            elif is_same_padding(m) or all(2 * pi == ki - 1 for ki, pi in zip(k, p)):
                 undo.append((m, 'stride', m.stride))
                 m.stride = (1, 1)
             else:
                 raise ValueError(f'pool {name} does not keep its size at stride 1')
-        elif _is_blur_pool(m) and _pair(m.stride) != (1, 1):
+        elif _is_blur_pool(m) and to_pair(m.stride, 'stride') != (1, 1):
             if 2 * int(m.padding[0]) != int(m.filt_size) - 1:
                 raise ValueError(f'blur pool {name} does not keep its size at stride 1')
             undo.append((m, 'stride', m.stride))
@@ -728,6 +920,7 @@ def _block_stride1(block: nn.Module, undo: List[Tuple[nn.Module, str, Any]]) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# decisions
 
 def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int], str]:
     """FLOPs of ``block`` as it is and with every downsampling layer at stride 1 (on a copy), or why the copy
@@ -737,7 +930,7 @@ def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int]
         shape, out_shape = g.block_shapes(block)
         try:
             clone = copy.deepcopy(module)
-            _block_stride1(clone, [])
+            block_stride1(clone, [])
             after, out = _counted_call(clone, shape, g.dtype, g.device)
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else None
             want = (out_shape[0], out_shape[1], *shape[2:])
@@ -746,7 +939,7 @@ def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int]
                 # still downsamples: DPP after the block would get the wrong size
                 raise ValueError(f'at stride 1 it gives {got}, not {want} (it downsamples in a way that cannot '
                                  'be switched off)')
-            g.block_trials[block] = (_flops_of(module, shape, g.dtype, g.device), after)
+            g.block_trials[block] = (flops_of(module, shape, g.dtype, g.device), after)
         except ValueError as e:
             g.block_trials[block] = f'block {block}: {e}'
         except Exception as e:  # noqa: BLE001 - the block cannot run on its own at stride 1
@@ -754,96 +947,137 @@ def _try_block(model: nn.Module, g: _Graph, block: str) -> Union[Tuple[int, int]
     return g.block_trials[block]
 
 
-def _decide(model: nn.Module, g: _Graph, site: Site, node: fx.Node, module: Optional[nn.Module],
-            policy: ConversionPolicy) -> None:
-    def skip(reason, policy=False):
-        site.action, site.reason, site.policy_skip = 'skip', reason, policy
+def _skipped(site: Site, code: ReasonCode, reason: str, policy: bool = False) -> bool:
+    """:meth:`Site.skip`, returning False (the site is not converted) for the decision steps."""
+    site.skip(code, reason, policy)
+    return False
 
-    if site.kind == 'dpp':
-        return skip('already converted')
-    if site.reason:  # set during discovery (unsupported geometry)
-        return skip(site.reason)
-    if site.kind == 'global_pool':
+
+def _decide_by_kind(g: _Graph, site: Site, node: Optional[fx.Node], policy: ConversionPolicy) -> bool:
+    """The policy's and DPP's rules for the site's kind; sets its placement. False if that skips it."""
+    if site.kind == SiteKind.GLOBAL_POOL:
         if policy.skip_global:
-            return skip('global/adaptive pool (skip_global=True)', policy=True)
+            return _skipped(site, ReasonCode.SKIP_GLOBAL, 'global/adaptive pool (skip_global=True)', policy=True)
         if site.out_size != (1, 1) or site.functional:
-            return skip('adaptive pool with output larger than 1x1 or functional: not supported')
-        site.placement = 'global'
-    elif site.kind in ('max_pool', 'avg_pool'):
+            return _skipped(site, ReasonCode.GLOBAL_POOL_UNSUPPORTED,
+                            'adaptive pool with output larger than 1x1 or functional: not supported')
+        site.placement = SitePlacement.GLOBAL
+    elif site.kind in (SiteKind.MAX_POOL, SiteKind.AVG_POOL):
         if site.kind not in policy.targets:
-            return skip(f'{site.kind} not in targets', policy=True)
+            return _skipped(site, ReasonCode.NOT_IN_TARGETS, f'{site.kind} not in targets', policy=True)
         if site.stride == (1, 1) and policy.skip_stride1:
-            return skip('stride-1 pool, does not downsample (skip_stride1=True)', policy=True)
-        site.placement = 'functional' if site.functional else 'pool'
+            return _skipped(site, ReasonCode.SKIP_STRIDE1, 'stride-1 pool, does not downsample (skip_stride1=True)',
+                            policy=True)
+        site.placement = SitePlacement.FUNCTIONAL if site.functional else SitePlacement.POOL
     else:  # strided conv
-        if 'strided_conv' not in policy.targets:
-            return skip('strided_conv not in targets', policy=True)
+        if SiteKind.STRIDED_CONV not in policy.targets:
+            return _skipped(site, ReasonCode.NOT_IN_TARGETS, 'strided_conv not in targets', policy=True)
         stem = g.reads_image(node) if node is not None else not g.eager[site.name].after_conv
         if policy.skip_stem and stem:
-            return skip('stem conv reads the image (skip_stem=True)', policy=True)
+            return _skipped(site, ReasonCode.SKIP_STEM, 'stem conv reads the image (skip_stem=True)', policy=True)
         if policy.skip_patchify and site.kernel == site.stride and site.padding in ((0, 0), 'valid'):
-            return skip('patch-embedding conv, kernel == stride (skip_patchify=True)', policy=True)
-        site.placement = policy.placement
+            return _skipped(site, ReasonCode.SKIP_PATCHIFY,
+                            'patch-embedding conv, kernel == stride (skip_patchify=True)', policy=True)
+        site.placement = SitePlacement(policy.placement)
+    return True
+
+
+def _decide_by_selection(g: _Graph, site: Site, node: Optional[fx.Node], module: Optional[nn.Module],
+                         policy: ConversionPolicy) -> bool:
+    """A module called more than once, and the policy's include/exclude patterns and types. False if they skip
+    the site."""
     calls = 1 if site.functional else g.calls(site.name, node)
     if calls > 1:
-        return skip(f'module is called {calls} times in forward; cannot give each call its own DPP')
+        return _skipped(site, ReasonCode.CALLED_MORE_THAN_ONCE,
+                        f'module is called {calls} times in forward; cannot give each call its own DPP')
     pattern = _matches(site.name, policy.exclude)
     if pattern:
-        return skip(f'excluded by pattern {pattern!r}', policy=True)
+        return _skipped(site, ReasonCode.EXCLUDED_NAME, f'excluded by pattern {pattern!r}', policy=True)
     t = _type_matches(site.module_type, module, policy.exclude_types)
     if t:
-        return skip(f'excluded by type {t}', policy=True)
+        return _skipped(site, ReasonCode.EXCLUDED_TYPE, f'excluded by type {t}', policy=True)
     if policy.include and not _matches(site.name, policy.include):
-        return skip('not matched by include', policy=True)
+        return _skipped(site, ReasonCode.NOT_INCLUDED_NAME, 'not matched by include', policy=True)
     if policy.include_types and not _type_matches(site.module_type, module, policy.include_types):
-        return skip('not matched by include_types', policy=True)
-    if site.functional:
-        if site.owner and _iterating_container(model.get_submodule(site.owner)):
-            return skip(f'functional pool in {site.owner}, a container whose forward runs over its children: '
+        return _skipped(site, ReasonCode.NOT_INCLUDED_TYPE, 'not matched by include_types', policy=True)
+    return True
+
+
+def _decide_functional(model: nn.Module, site: Site) -> bool:
+    """Whether the forward of a functional pool's owner can be rewritten; False (skipped) if not."""
+    if site.owner and _iterating_container(model.get_submodule(site.owner)):
+        return _skipped(site, ReasonCode.FUNCTIONAL_IN_CONTAINER,
+                        f'functional pool in {site.owner}, a container whose forward runs over its children: '
                         'a DPP child would change what it computes')
-        if not site.owner:
-            return skip("functional pool in the model's own forward: forward_features/forward_head would disagree")
-        why = _owner_traces_consistently(model, site.owner)
-        if why:
-            return skip(f'functional pool: {why}')
-    if site.placement == 'block':
-        block, how = _find_block(g, node, site) if node is not None else _find_block_eager(g, site)
-        if block is not None:
-            trial = _try_block(model, g, block)
-            if isinstance(trial, str):
-                block, how = None, trial
-        if block is None:  # fall back to DPP right after the conv
-            site.placement, site.reason = 'post', f'no block ({how})'
-        else:
-            site.block, site.block_channels = block, int(g.block_shapes(block)[1][1])
-    if site.placement == 'pre' and not _size_preserving_at_stride1(module):
-        return skip("placement 'pre' needs a conv that keeps its size at stride 1 (padding (k-1)/2 or 'same')")
-    site.action = 'replace'
+    if not site.owner:
+        return _skipped(site, ReasonCode.FUNCTIONAL_IN_ROOT,
+                        "functional pool in the model's own forward: forward_features/forward_head would disagree")
+    why = _owner_traces_consistently(model, site.owner)
+    if why:
+        return _skipped(site, why[0], f'functional pool: {why[1]}')
+    return True
+
+
+def _decide_block(model: nn.Module, g: _Graph, site: Site, node: Optional[fx.Node]) -> None:
+    """The block of a 'block' placement, which must run at stride 1 on its own; else DPP right after the conv
+    ('post', with the reason)."""
+    block, how = _find_block(g, site, node)
+    if block is not None:
+        trial = _try_block(model, g, block)
+        if isinstance(trial, str):
+            block, how = None, trial
+    if block is None:  # fall back to DPP right after the conv
+        site.placement = SitePlacement.POST
+        site.set_reason(ReasonCode.NO_BLOCK, f'no block ({how})')
+    else:
+        site.block, site.block_channels = block, int(g.block_shapes(block)[1][1])
+
+
+def _decide(model: nn.Module, g: _Graph, site: Site, node: Optional[fx.Node], module: Optional[nn.Module],
+            policy: ConversionPolicy) -> None:
+    """Set the site's action, placement and reason: the policy's choices, then what DPP can take."""
+    if site.kind == SiteKind.DPP:
+        site.skip(ReasonCode.ALREADY_CONVERTED, 'already converted')
+        return
+    if site.reason:  # set during discovery (unsupported geometry)
+        site.skip(site.reason_code, site.reason)
+        return
+    if not _decide_by_kind(g, site, node, policy) or not _decide_by_selection(g, site, node, module, policy):
+        return
+    if site.functional and not _decide_functional(model, site):
+        return
+    if site.placement == SitePlacement.BLOCK:
+        _decide_block(model, g, site, node)
+    if site.placement == SitePlacement.PRE and not _size_preserving_at_stride1(module):
+        site.skip(ReasonCode.PRE_NOT_SIZE_PRESERVING,
+                  "placement 'pre' needs a conv that keeps its size at stride 1 (padding (k-1)/2 or 'same')")
+        return
+    site.action = SiteAction.REPLACE
 
 
 def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block_cache) -> None:
     c_in, c_out, out = site.in_channels, site.out_channels, site.out_size
     window = site.kernel[0] * site.kernel[1]
-    if site.kind in ('max_pool', 'avg_pool', 'pool', 'global_pool', 'dpp'):
+    if site.kind != SiteKind.STRIDED_CONV:  # pools of every kind, global pools, DPP
         site.flops_before = c_in * out[0] * out[1] * window
     else:
         groups = getattr(module, 'groups', 1)
         site.flops_before = _conv_flops(c_in, c_out, groups, site.kernel, out)
-    if site.action != 'replace':
+    if site.action != SiteAction.REPLACE:
         site.flops_after = site.flops_before
         return
-    variant = policy.variant(site.kind if site.kind != 'global_pool' else 'avg_pool')
+    variant = policy.variant(SiteKind.AVG_POOL if site.kind == SiteKind.GLOBAL_POOL else site.kind)
     full = variant.guide == 'full'
-    if site.placement in ('pool', 'functional', 'global'):
+    if site.placement in (SitePlacement.POOL, SitePlacement.FUNCTIONAL, SitePlacement.GLOBAL):
         site.flops_after = dpp_flops(c_in, out, window, full)
-    elif site.placement == 'post':
+    elif site.placement == SitePlacement.POST:
         groups = getattr(module, 'groups', 1)
         h1 = tuple(n * s for n, s in zip(out, site.stride))  # conv at stride 1 (about s times the outputs per side)
         site.flops_after = _conv_flops(c_in, c_out, groups, site.kernel, h1) + dpp_flops(
             c_out, out, site.stride[0] * site.stride[1], full)
-    elif site.placement == 'pre':
+    elif site.placement == SitePlacement.PRE:
         site.flops_after = site.flops_before + dpp_flops(c_in, out, site.stride[0] * site.stride[1], full)
-    elif site.placement == 'block':
+    elif site.placement == SitePlacement.BLOCK:
         # the whole block is measured before and after with torch's FLOP counter; the first site of a block
         # carries the block's numbers, the others none
         if site.block in block_cache:
@@ -856,6 +1090,9 @@ def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block
         site.flops_before, site.flops_after = before, after
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# plan
+
 def _census_sites(g: _Graph, known: set) -> List[Site]:
     """Sites of the census modules that graph discovery did not list (see :func:`census`)."""
     out = []
@@ -865,10 +1102,10 @@ def _census_sites(g: _Graph, known: set) -> List[Site]:
         module = g.model.get_submodule(name)
         rec = g.eager.get(name)
         site = _module_site(name, module, rec.in_shape if rec else None, rec.out_shape if rec else None, census=True)
-        if rec is None:
-            site.reason = site.reason or 'not run by the forward pass at this input size (eager run)'
-        elif site.in_size == (0, 0) or site.out_size == (0, 0):
-            site.reason = site.reason or 'its input or output is not an (N, C, H, W) tensor'
+        if rec is None and not site.reason:
+            site.set_reason(ReasonCode.NOT_RUN, 'not run by the forward pass at this input size (eager run)')
+        elif rec is not None and (site.in_size == (0, 0) or site.out_size == (0, 0)) and not site.reason:
+            site.set_reason(ReasonCode.NOT_NCHW, 'its input or output is not an (N, C, H, W) tensor')
         out.append(site)
     return out
 
@@ -892,25 +1129,10 @@ def _unwrap_check(model: nn.Module) -> None:
         raise TypeError(f'expected a torch.nn.Module, but got {type(model).__name__}')
 
 
-def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: Optional[ConversionPolicy] = None,
-         **policy_kwargs) -> Plan:
-    """List the downsampling sites of ``model`` and what :func:`convert` would do to each. Changes nothing.
-
-    Args:
-        model: a timm (or any fx-traceable) model.
-        input_size: (C, H, W) of the example input used to find feature-map sizes; defaults to the model's
-            ``pretrained_cfg['input_size']``.
-        policy: a :class:`ConversionPolicy`; keyword arguments override its fields.
-
-    Returns:
-        A :class:`Plan`; ``print(plan)`` shows the table.
-    """
-    _unwrap_check(model)
-    policy = resolve_policy(policy, **policy_kwargs)
-    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
-    if len(input_size) != 3:
-        raise ValueError(f'input_size must be (C, H, W), but got {input_size}')
-    g = _Graph(model, input_size, policy.leaf_modules)
+def _discover(g: _Graph) -> Tuple[List[Site], Dict[str, Optional[nn.Module]], Dict[str, fx.Node]]:
+    """Every site, in forward order: those the graph shows (module and functional), then the census modules it
+    does not show (inside FX leaves, conv-like modules traced through, or no graph at all; shapes from the eager
+    run). Returns the sites and, by site name, their modules (None for functional sites) and graph nodes."""
     sites: List[Site] = []
     modules: Dict[str, Optional[nn.Module]] = {}
     nodes: Dict[str, fx.Node] = {}
@@ -929,39 +1151,68 @@ def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: O
             site = _site_for_function(g, n)
         if site is None:
             continue
-        if site.kind in ('max_pool', 'avg_pool', 'strided_conv', 'pool', 'dpp', 'global_pool'):
-            sites.append(site)
-            modules[site.name] = module
-            nodes[site.name] = n
-    # the module census: downsampling the graph does not show (inside FX leaves, conv-like modules traced through,
-    # or no graph at all), with shapes from the eager run
+        sites.append(site)
+        modules[site.name] = module
+        nodes[site.name] = n
     for site in _census_sites(g, {s.name for s in sites}):
-        modules[site.name] = model.get_submodule(site.name)
+        modules[site.name] = g.model.get_submodule(site.name)
         _insert_in_order(g, sites, site)
+    return sites, modules, nodes
+
+
+def _check_include(policy: ConversionPolicy, sites: List[Site]) -> None:
+    """Every include pattern must match a site (ValueError listing the sites otherwise)."""
     for pattern in policy.include:
         if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sites):
             names = ', '.join(s.name for s in sites[:12]) + (' ...' if len(sites) > 12 else '')
             raise ValueError(f'include pattern {pattern!r} matches no downsampling site; sites are: {names}')
-    block_cache: Dict[str, bool] = {}
-    for site in sites:
-        _decide(model, g, site, nodes.get(site.name), modules[site.name], policy)
-    # with the block placement, every downsampling site inside a converted block runs at stride 1 too; a block
-    # with a site the policy leaves alone (excluded, not targeted) falls back to 'post' for its convs
-    blocks = {s.block: s for s in sites if s.action == 'replace' and s.placement == 'block'}
+
+
+def _share_blocks(sites: List[Site]) -> None:
+    """With the block placement, every downsampling site inside a converted block runs at stride 1 too; a block
+    with a site the policy leaves alone (excluded, not targeted) falls back to 'post' for its convs."""
+    blocks = {s.block: s for s in sites if s.action == SiteAction.REPLACE and s.placement == SitePlacement.BLOCK}
     for block, owner in blocks.items():
         inner = [s for s in sites if s.name.startswith(block + '.') and s.stride != (1, 1)
-                 and s.kind in ('max_pool', 'avg_pool', 'strided_conv', 'pool')]
-        kept = [s for s in inner if s.action == 'skip']
+                 and s.kind in _DOWNSAMPLING_KINDS]
+        kept = [s for s in inner if s.action == SiteAction.SKIP]
         for site in inner:
             if kept:
-                if site.placement == 'block':
-                    site.placement, site.block = 'post', ''
-                    site.reason = f'block {block} holds {kept[0].name}, which the policy leaves alone'
-            elif site.action == 'replace':
-                site.placement, site.block, site.block_channels = 'block', block, owner.block_channels
+                if site.placement == SitePlacement.BLOCK:
+                    site.placement, site.block = SitePlacement.POST, ''
+                    site.set_reason(ReasonCode.BLOCK_HOLDS_SKIPPED,
+                                    f'block {block} holds {kept[0].name}, which the policy leaves alone')
+            elif site.action == SiteAction.REPLACE:
+                site.placement, site.block, site.block_channels = SitePlacement.BLOCK, block, owner.block_channels
+
+
+def plan(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy: Optional[ConversionPolicy] = None,
+         **policy_kwargs) -> Plan:
+    """List the downsampling sites of ``model`` and what :func:`convert` would do to each. Changes nothing.
+
+    Args:
+        model: a timm (or any fx-traceable) model.
+        input_size: (C, H, W) of the example input used to find feature-map sizes; defaults to the model's
+            ``pretrained_cfg['input_size']``.
+        policy: a :class:`ConversionPolicy`; keyword arguments override its fields.
+
+    Returns:
+        A :class:`Plan`; ``print(plan)`` shows the table. ``convert(model, plan=...)`` applies it.
+    """
+    _unwrap_check(model)
+    policy = resolve_policy(policy, **policy_kwargs)
+    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
+    if len(input_size) != 3:
+        raise ValueError(f'input_size must be (C, H, W), but got {input_size}')
+    fingerprint = model_fingerprint(model)
+    g = _Graph(model, input_size, policy.leaf_modules)
+    sites, modules, nodes = _discover(g)
+    _check_include(policy, sites)
+    for site in sites:
+        _decide(model, g, site, nodes.get(site.name), modules[site.name], policy)
+    _share_blocks(sites)
+    block_cache: Dict[str, bool] = {}
     for site in sites:
         _flops(model, g, site, modules[site.name], policy, block_cache)
-    name = getattr(model, 'pretrained_cfg', {}).get('architecture') if isinstance(
-        getattr(model, 'pretrained_cfg', None), dict) else None
-    return Plan(model_name=name or type(model).__name__, input_size=input_size, policy=policy, sites=sites,
-                note=g.note)
+    return Plan(model_name=_model_name(model), input_size=input_size, policy=policy, sites=sites, note=g.note,
+                fingerprint=fingerprint)

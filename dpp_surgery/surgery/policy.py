@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional, Tuple, Type, Union
 
 from torch import nn
 
-from .._text import did_you_mean
+from ..utils import did_you_mean
 from ..layers import DPP2d
 
 __all__ = ['DPPVariant', 'ConversionPolicy', 'TARGETS', 'PLACEMENTS', 'resolve_policy']

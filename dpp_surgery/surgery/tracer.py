@@ -1,7 +1,6 @@
 """torch.fx tracing of timm models for discovery: leaf rules, timm's autowrap functions, clear failures."""
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Optional, Sequence, Tuple, Type
 
 import torch.fx as fx
@@ -10,8 +9,6 @@ from torch import nn
 from ..layers import DPP2d
 
 __all__ = ['DPPTracer', 'trace', 'TraceError', 'LEAF_TYPES']
-
-_logger = logging.getLogger(__name__)
 
 # Modules that discovery keeps whole: every pooling and conv subclass (so StdConv2d / Conv2dSame / the *Same pools
 # stay one node with their own semantics), norm layers, and DPP2d itself.

@@ -1,6 +1,6 @@
-"""``python -m dpp_surgery.zoo {list,run,table}``: see :mod:`dpp_surgery.zoo.run`."""
+"""``python -m dpp_surgery.zoo {list,run,table}``: see :mod:`dpp_surgery.tools.zoo`."""
 import sys
 
-from .run import main
+from ..tools.zoo import main
 
 sys.exit(main())

@@ -31,13 +31,15 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .._text import first_line
-from ..surgery import ConversionPolicy, NoEffectWarning, convert
+from ..utils import first_line
+
+if TYPE_CHECKING:
+    from ..surgery import ConversionPolicy
 
 __all__ = [
     'Recipe', 'RecipeError', 'RecipeWarning', 'ZOO_ENV', 'WEIGHT_SOURCES', 'RUNNER_FIELDS', 'default_zoo_dir',
@@ -89,6 +91,8 @@ class Recipe:
     results: Optional[Dict[str, Any]] = None
     path: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    # False for a recipe registered at import with only its name, architecture and weight source checked
+    validated: bool = field(default=True, repr=False)
 
     @property
     def weight_source(self) -> str:
@@ -101,7 +105,7 @@ class Recipe:
 
     def conversion_policy(self) -> ConversionPolicy:
         """The recipe's :class:`ConversionPolicy` (defaults plus the recipe's fields)."""
-        from ..checkpoint import validate_policy
+        from ..training.checkpoint import validate_policy
 
         return validate_policy(self.policy)
 
@@ -144,17 +148,40 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
     Raises:
         RecipeError: naming the field, what is wrong and what is allowed.
     """
-    import timm
+    name, arch, weights = _check_identity(data, where, known_keys_only=True)
+    _check_weights(weights, arch, where)
+    policy = _check_policy(data['policy'], where)
+    finetune = _check_finetune(data['finetune'], where)
+    data_spec = _check_data(data['data'], where)
+    latency = _check_latency(data.get('latency', {}) or {}, where)
+    results = _check_results(data.get('results'), where)
+    return Recipe(name=name, architecture=arch, weights=dict(weights), policy=dict(policy),
+                  finetune=dict(finetune), data=dict(data_spec), description=data.get('description', ''),
+                  notes=data.get('notes', ''), latency=dict(latency), results=results,
+                  path=where if where.endswith('.json') else None, raw=data)
 
-    from ..checkpoint import validate_policy
-    from ..train import FinetuneConfig
+
+def _identify_recipe(data: Any, where: str = 'recipe') -> Recipe:
+    """A :class:`Recipe` from parsed JSON with only what registration needs checked (name, architecture, weight
+    source); :func:`validate_recipe` checks the rest when a model is created from it."""
+    name, arch, weights = _check_identity(data, where, known_keys_only=False)
+    return Recipe(name=name, architecture=arch, weights=dict(weights), policy={}, finetune={}, data={},
+                  description=str(data.get('description', '')), path=where if where.endswith('.json') else None,
+                  raw=data, validated=False)
+
+
+def _check_identity(data: Any, where: str, known_keys_only: bool) -> Tuple[str, str, Dict[str, Any]]:
+    """The name, architecture and weights of a recipe, with what registration needs checked: a JSON object with
+    every required key (with ``known_keys_only``, no others), a timm architecture, the name ``<arch>_dpp`` (and the
+    file named after it), a known weight source. Returns ``(name, architecture, weights)``."""
+    import timm
 
     if not isinstance(data, dict):
         raise _fail(where, f'a recipe must be a JSON object, but got {type(data).__name__}')
     missing = [k for k in _REQUIRED_KEYS if k not in data]
     if missing:
         raise _fail(where, f'missing key(s) {", ".join(missing)}; a recipe needs {", ".join(_REQUIRED_KEYS)}')
-    unknown = [k for k in data if k not in _REQUIRED_KEYS + _OPTIONAL_KEYS]
+    unknown = [k for k in data if k not in _REQUIRED_KEYS + _OPTIONAL_KEYS] if known_keys_only else []
     if unknown:
         raise _fail(where, f'unknown key(s) {", ".join(map(repr, unknown))}; valid keys: '
                            f'{", ".join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}')
@@ -165,22 +192,37 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
         raise _fail(where, f"name must be the architecture plus '_dpp' ({arch}_dpp), but got {name!r}")
     if where.endswith('.json') and os.path.splitext(os.path.basename(where))[0] != name:
         raise _fail(where, f'the file must be named after the recipe: {name}.json')
-
     weights = data['weights']
     if not isinstance(weights, dict) or weights.get('source') not in WEIGHT_SOURCES:
         got = weights.get('source') if isinstance(weights, dict) else weights
         raise _fail(where, f'weights.source must be one of {", ".join(WEIGHT_SOURCES)}, but got {got!r}')
+    return name, arch, weights
+
+
+def _check_weights(weights: Dict[str, Any], arch: str, where: str) -> None:
+    """The weight source (known already, :func:`_check_identity`) has weights for the architecture."""
     if weights['source'] == 'offline' and arch not in _OFFLINE_ARCHS:
         raise _fail(where, f"weights.source 'offline' has weights for {', '.join(_OFFLINE_ARCHS)} only, not {arch}; "
                            "use 'timm'")
 
-    policy = data['policy']
-    try:  # the same checks as a checkpoint's policies
+
+def _check_policy(policy: Any, where: str) -> Any:
+    """The recipe's policy, with the same checks as a checkpoint's policies
+    (:func:`dpp_surgery.training.checkpoint.validate_policy`)."""
+    from ..training.checkpoint import validate_policy
+
+    try:
         validate_policy(policy, 'policy')
     except ValueError as e:
         raise _fail(where, str(e)) from e
+    return policy
 
-    finetune = data['finetune']
+
+def _check_finetune(finetune: Any, where: str) -> Dict[str, Any]:
+    """The fine-tuning settings: :class:`~dpp_surgery.training.finetune.FinetuneConfig` fields that the runner does
+    not set itself, each of its field's type, the image size within the checkpoint bounds."""
+    from ..training.finetune import FinetuneConfig
+
     if not isinstance(finetune, dict):
         raise _fail(where, f'finetune must be an object of FinetuneConfig fields, but got {type(finetune).__name__}')
     ft_fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
@@ -206,12 +248,19 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
             raise _fail(where, f'finetune.{key} must be a string, but got {value!r}')
     if 'image_size' in finetune:
         _check_image_size(finetune['image_size'], 'finetune.image_size', where)
+    return finetune
 
-    data_spec = data['data']
+
+def _check_data(data_spec: Any, where: str) -> Dict[str, Any]:
+    """The data section: an object with a ``name`` (and an optional ``path``)."""
     if not isinstance(data_spec, dict) or not isinstance(data_spec.get('name'), str):
         raise _fail(where, 'data must be an object with a "name" (and an optional "path"; none = Debian\'s '
                            'Fashion-MNIST)')
-    latency = data.get('latency', {}) or {}
+    return data_spec
+
+
+def _check_latency(latency: Any, where: str) -> Dict[str, Any]:
+    """The latency settings: fields of :data:`LATENCY_DEFAULTS`, integers >= 1, the image size within bounds."""
     bad = [k for k in latency if k not in LATENCY_DEFAULTS]
     if bad:
         raise _fail(where, f'unknown latency field(s) {", ".join(map(repr, bad))}; valid: '
@@ -221,19 +270,20 @@ def validate_recipe(data: Any, where: str = 'recipe') -> Recipe:
             raise _fail(where, f'latency.{key} must be an integer >= 1, but got {value!r}')
     if 'image_size' in latency:
         _check_image_size(latency['image_size'], 'latency.image_size', where)
-    results = data.get('results')
+    return latency
+
+
+def _check_results(results: Any, where: str) -> Optional[Dict[str, Any]]:
+    """The results section: an object (the runner writes it), or none."""
     if results is not None and not isinstance(results, dict):
         raise _fail(where, f'results must be an object written by the runner (or null), but got '
                            f'{type(results).__name__}')
-    return Recipe(name=name, architecture=arch, weights=dict(weights), policy=dict(policy),
-                  finetune=dict(finetune), data=dict(data_spec), description=data.get('description', ''),
-                  notes=data.get('notes', ''), latency=dict(latency), results=results,
-                  path=where if where.endswith('.json') else None, raw=data)
+    return results
 
 
 def _check_image_size(value: Any, field: str, where: str) -> None:
     """A recipe's image size, within the bound checkpoints have (:func:`dpp_surgery.checkpoint.validate_image_size`)."""
-    from ..checkpoint import validate_image_size
+    from ..training.checkpoint import validate_image_size
 
     try:
         validate_image_size(value, field)
@@ -241,8 +291,8 @@ def _check_image_size(value: Any, field: str, where: str) -> None:
         raise _fail(where, str(e)) from e
 
 
-def load_recipe(path: str) -> Recipe:
-    """Read and validate one recipe file."""
+def load_recipe(path: str, validate: bool = True) -> Recipe:
+    """Read and validate one recipe file (with ``validate=False``, only what registration needs)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'recipe {path} does not exist')
     with open(path) as f:
@@ -250,7 +300,7 @@ def load_recipe(path: str) -> Recipe:
             data = json.load(f)
         except json.JSONDecodeError as e:
             raise _fail(path, f'not valid JSON: {e}') from e
-    return validate_recipe(data, path)
+    return validate_recipe(data, path) if validate else _identify_recipe(data, path)
 
 
 def load_recipes(zoo_dir: Optional[str] = None) -> Dict[str, Recipe]:
@@ -300,7 +350,7 @@ def _pretrained_cfg(recipe: Recipe) -> Dict[str, Any]:
                description=recipe.description or f'{recipe.architecture} with Detail-Preserving Pooling')
     if recipe.weight_source == 'offline':
         # the offline package's weights expect their own normalisation (dpp_surgery.weights)
-        from ..weights import LITE0_MEAN, LITE0_STD
+        from .weights import LITE0_MEAN, LITE0_STD
         cfg.update(mean=LITE0_MEAN, std=LITE0_STD)
     return cfg
 
@@ -336,13 +386,15 @@ def register_recipe(recipe: Recipe) -> Callable[..., nn.Module]:
     return entrypoint
 
 
-def register_recipes(zoo_dir: Optional[str] = None, strict: bool = False) -> List[str]:
+def register_recipes(zoo_dir: Optional[str] = None, strict: bool = False, validate: bool = True) -> List[str]:
     """Register every recipe of ``zoo_dir`` with timm; returns the registered names.
 
     Args:
         zoo_dir: folder of ``*.json`` recipes (default :func:`default_zoo_dir`).
         strict: raise :class:`RecipeError` for an invalid recipe; otherwise warn (:class:`RecipeWarning`) and skip
             it, so that a broken file never stops ``import dpp_surgery``.
+        validate: check every field now; with False (what ``import dpp_surgery`` does, to stay cheap) only the name,
+            architecture and weight source are checked, and the rest when a model is created from the recipe.
     """
     zoo_dir = zoo_dir or default_zoo_dir()
     if not os.path.isdir(zoo_dir):
@@ -352,7 +404,7 @@ def register_recipes(zoo_dir: Optional[str] = None, strict: bool = False) -> Lis
         if not entry.endswith('.json'):
             continue
         try:
-            recipe = load_recipe(os.path.join(zoo_dir, entry))
+            recipe = load_recipe(os.path.join(zoo_dir, entry), validate=validate)
             register_recipe(recipe)
         except (RecipeError, OSError) as e:
             if strict:
@@ -383,7 +435,7 @@ def _offline_state_dict(arch: str) -> Dict[str, torch.Tensor]:
     """The offline package's weights under the keys of ``timm.create_model(arch)`` (3 channels, 1000 classes)."""
     import timm
 
-    from ..weights import efficientnet_lite0_state_dict
+    from .weights import efficientnet_lite0_state_dict
 
     with torch.device('meta'):  # only the key names and shapes are needed
         reference = timm.create_model(arch)
@@ -392,11 +444,9 @@ def _offline_state_dict(arch: str) -> Dict[str, torch.Tensor]:
 
 def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]) -> Tuple[nn.Module, Dict]:
     """The converted model rebuilt from a dpp_surgery checkpoint, and the preprocessing stored with it."""
-    import timm
+    from ..training.checkpoint import CheckpointError, read_conversions, rebuild, record_creation
 
-    from ..checkpoint import CheckpointError, read_metadata, validate_policy
-
-    meta = read_metadata(path)
+    meta, conversions = read_conversions(path)
     if meta['model_name'] not in (recipe.architecture, recipe.name):
         raise CheckpointError(f'{path} holds a converted {meta["model_name"]}, not {recipe.architecture}; create '
                               f"'{meta['model_name']}_dpp' or use dpp_surgery.load({path!r})")
@@ -407,28 +457,18 @@ def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]
             raise ValueError(f'{path} was saved with {key}={stored.get(key, 3)}, but {key}={kwargs[key]} was asked; '
                              f'drop {key} or convert a model built with it')
     build_kwargs = {**stored, **kwargs}
-    model = timm.create_model(meta['model_name'], pretrained=False, **build_kwargs)
-    for step in meta['conversions']:
-        with warnings.catch_warnings():
-            # a checkpoint of a registered zoo model replays a conversion its entry point already applied
-            warnings.simplefilter('ignore', NoEffectWarning)
-            convert(model, input_size=step['input_size'], policy=validate_policy(step['policy']))
-    state = _read_tensors(path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f'{path} does not match the rebuilt {recipe.name}: {len(result.missing_keys)} missing keys '
-            f'{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}')
+    # a checkpoint of a registered zoo model replays a conversion its entry point already applied: rebuild expects it
+    model = rebuild(meta['model_name'], build_kwargs, conversions, _read_tensors(path), path, label=recipe.name)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)  # a new head, like timm's pretrained loading with another class count
-    model._dpp_surgery_create = (recipe.architecture, {k: v for k, v in build_kwargs.items() if k != 'num_classes'})
+    record_creation(model, recipe.architecture, {k: v for k, v in build_kwargs.items() if k != 'num_classes'})
     return model, meta['preprocessing']
 
 
 def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from ..checkpoint import CheckpointError
+    from ..training.checkpoint import CheckpointError
 
     try:
         return load_file(path, device='cpu')
@@ -454,6 +494,8 @@ def _features_model(recipe: Recipe, model: nn.Module, feature_kwargs: Dict[str, 
     import timm
     from timm.models import _builder
     from timm.models._builder import pretrained_cfg_for_features
+
+    from ..surgery import NoEffectWarning, convert
 
     used = []
 
@@ -521,9 +563,15 @@ def create_zoo_model(
     import timm
     from timm.models import load_pretrained, resolve_pretrained_cfg
 
+    from ..surgery import convert
+    from ..training.checkpoint import record_creation
+
     recipe = _REGISTERED.get(name)
     if recipe is None:
         raise ValueError(f'{name!r} is not a registered zoo model; registered: {", ".join(_REGISTERED) or "none"}')
+    if not recipe.validated:  # registered at import with the light checks: the full ones run once, here
+        recipe = validate_recipe(recipe.raw, recipe.path or name)
+        _REGISTERED[name] = recipe
     if kwargs.pop('features_only', False):
         feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
         model = create_zoo_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
@@ -533,12 +581,12 @@ def create_zoo_model(
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
     arch = recipe.architecture
     file = cfg.get('file')
-    policy = recipe.conversion_policy()
     if pretrained and file and _is_dpp_checkpoint(file):
         model, preprocessing = _load_converted_checkpoint(recipe, file, dict(kwargs))
         # the input normalisation the checkpoint's weights expect, as dpp_surgery.load applies it
         cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()})
     else:
+        policy = recipe.conversion_policy()  # a converted checkpoint holds its own conversions, checked when read
         if pretrained and file:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f'pretrained_cfg_overlay file {file} does not exist')
@@ -563,7 +611,7 @@ def create_zoo_model(
         # plan's default input size comes from pretrained_cfg, which keeps 3 channels whatever in_chans is
         in_chans = kwargs.get('in_chans', 3)
         convert(model, input_size=(in_chans, *tuple(cfg.get('input_size', (3, 224, 224)))[1:]), policy=policy)
-        model._dpp_surgery_create = (arch, {k: v for k, v in kwargs.items() if k != 'num_classes'})
+        record_creation(model, arch, {k: v for k, v in kwargs.items() if k != 'num_classes'})
     cfg.pop('state_dict', None)
     model.pretrained_cfg = cfg
     model.default_cfg = model.pretrained_cfg  # timm's alias

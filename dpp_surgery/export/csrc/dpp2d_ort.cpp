@@ -1,6 +1,7 @@
 // onnxruntime custom-op library: a native kernel for the ONNX node dpp_surgery::DPP2d.
 //
-// Built on first use by dpp_surgery/ort_kernel.py against the onnxruntime C API header
+// Built on first use by dpp_surgery/export/ort_kernel.py, together with the fused kernel
+// dpp_surgery/layers/csrc/dpp2d.cpp (declared in dpp2d.h), against the onnxruntime C API header
 // (onnxruntime_c_api.h; never shipped with this project) and loaded with
 // SessionOptions.register_custom_ops_library. It needs no libonnxruntime at link time: the runtime hands
 // its API to RegisterCustomOps. It asks for API version 17 (onnxruntime 1.17, which added
@@ -14,11 +15,17 @@
 // the weighting itself is the fused kernel of dpp2d.cpp, run on (sample, channel-range) pieces in onnxruntime's
 // intra-op thread pool.
 
-#include "dpp2d.cpp"
+#include "dpp2d.h"
 
 #include <onnxruntime_c_api.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -28,7 +35,7 @@ const OrtApi* g_api = nullptr;
 struct Attrs {
     int64_t kh = 2, kw = 2, sh = 2, sw = 2, ph = 0, pw = 0;
     bool same = false, ceil_mode = false, asym = false;
-    int norm = kNormMean;
+    int norm = DPP2D_NORM_MEAN;
     float eps = 1e-3f;
 };
 
@@ -93,6 +100,17 @@ struct Kernel {
     Attrs a;
 };
 
+// The first error of a call's pieces (they may run on several threads).
+struct Failure {
+    std::mutex mutex;
+    bool failed = false;
+    std::string message;
+    void record(const char* what) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!failed) failed = true, message = what;
+    }
+};
+
 // One piece of work: channels [c0, c0 + cnt) of sample n.
 struct Job {
     const Attrs* a;
@@ -103,6 +121,7 @@ struct Job {
     float* y;
     int64_t N, C, H, W, OH, OW, pt, pl, chunk, chunks;
     int64_t kgh, kgw;
+    Failure* failure;
 };
 
 void run_piece(void* data, size_t index) {
@@ -140,14 +159,17 @@ void run_piece(void* data, size_t index) {
             }
         }
     }
-    const int64_t dims[6] = {1, cnt, j.H, j.W, j.OH, j.OW};
-    const int32_t params[10] = {static_cast<int32_t>(j.a->kh), static_cast<int32_t>(j.a->kw),
-                                static_cast<int32_t>(j.a->sh), static_cast<int32_t>(j.a->sw),
-                                static_cast<int32_t>(j.pt),    static_cast<int32_t>(j.pl),
-                                j.a->asym ? 1 : 0,             j.a->norm,
-                                0,                             1};
-    forward<float>(x, guide.empty() ? nullptr : guide.data(), j.alpha + c0, j.lam + c0,
-                   j.y + (n * j.C + c0) * oplane, dims, params, j.a->eps);
+    Dpp2dParams p{};
+    p.N = 1, p.C = cnt, p.H = j.H, p.W = j.W, p.OH = j.OH, p.OW = j.OW;
+    p.kh = static_cast<int32_t>(j.a->kh), p.kw = static_cast<int32_t>(j.a->kw);
+    p.sh = static_cast<int32_t>(j.a->sh), p.sw = static_cast<int32_t>(j.a->sw);
+    p.pt = static_cast<int32_t>(j.pt), p.pl = static_cast<int32_t>(j.pl);
+    p.asym = j.a->asym ? 1 : 0, p.norm = j.a->norm;
+    p.channels_last = 0, p.threads = 1;  // the pieces already run in onnxruntime's pool
+    p.eps = j.a->eps;
+    if (dpp2d_forward_f32(&p, x, guide.empty() ? nullptr : guide.data(), j.alpha + c0, j.lam + c0,
+                          j.y + (n * j.C + c0) * oplane) != DPP2D_OK)
+        j.failure->record(dpp2d_last_error());
 }
 
 OrtStatus* input_shape(const OrtValue* v, std::vector<int64_t>& shape) {
@@ -213,13 +235,14 @@ OrtStatus* ORT_API_CALL compute(void* op_kernel, OrtKernelContext* ctx) {
     const int64_t per_channel = std::max<int64_t>(OH * OW * a.kh * a.kw, 1);
     const int64_t chunk = std::min<int64_t>(C, std::max<int64_t>(1, 65536 / per_channel));
     const int64_t chunks = (C + chunk - 1) / chunk;
-    Job job{&a, x, gw, alpha.data(), lam.data(), y, N, C, H, W, OH, OW, pt, pl, chunk, chunks, kgh, kgw};
+    Failure failure;
+    Job job{&a, x, gw, alpha.data(), lam.data(), y, N, C, H, W, OH, OW, pt, pl, chunk, chunks, kgh, kgw, &failure};
     const size_t total = static_cast<size_t>(N * chunks);
-    if (total == 1) {
+    if (total == 1)
         run_piece(&job, 0);
-        return nullptr;
-    }
-    return g_api->KernelContext_ParallelFor(ctx, run_piece, total, 0, &job);
+    else
+        DPP_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(ctx, run_piece, total, 0, &job));
+    return failure.failed ? status(failure.message) : nullptr;
 }
 
 OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
@@ -247,18 +270,17 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
     a.asym = s == "asym";
     s.clear();
     DPP_RETURN_IF_ERROR(get_string(info, "norm", s));
-    if (s.empty() || s == "mean") a.norm = kNormMean;
-    else if (s == "none") a.norm = kNormNone;
-    else if (s == "sum") a.norm = kNormSum;
-    else return status("DPP2d: norm must be mean, none or sum, got " + s);
+    a.norm = dpp2d_norm_code(s.empty() ? "mean" : s.c_str());
+    if (a.norm < 0) return status("DPP2d: norm must be mean, none or sum, got " + s);
     float eps = 1e-3f;
     st = g_api->KernelInfoGetAttribute_float(info, "eps", &eps);
     if (st != nullptr) g_api->ReleaseStatus(st), eps = 1e-3f;
     a.eps = eps;
     if (a.kh < 1 || a.kw < 1 || a.sh < 1 || a.sw < 1 || a.ph < 0 || a.pw < 0)
         return status("DPP2d: kernel_shape and strides must be >= 1 and pads >= 0");
-    if (a.kh * a.kw > kMaxWindow)
-        return status("DPP2d: windows of more than " + std::to_string(kMaxWindow) + " positions are not supported");
+    if (a.kh * a.kw > DPP2D_MAX_WINDOW)
+        return status("DPP2d: windows of more than " + std::to_string(DPP2D_MAX_WINDOW) +
+                      " positions are not supported");
     *kernel = new Kernel{a};
     return nullptr;
 }
@@ -324,8 +346,5 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     DPP_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_op));
     return g_api->AddCustomOpDomain(options, domain);
 }
-
-// The ONNX domain and op this library implements (for checks from Python).
-__attribute__((visibility("default"))) const char* dpp2d_ort_op() { return "dpp_surgery::DPP2d"; }
 
 }  // extern "C"

@@ -19,20 +19,20 @@ import math
 import os
 import re
 import sys
-import tempfile
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._text import did_you_mean, first_line
-from .version import __version__
+from ..utils import atomic_write, did_you_mean, first_line
+from ..version import __version__
 
 if TYPE_CHECKING:
-    from .surgery import ConversionPolicy
+    from ..surgery import ConversionPolicy
 
 __all__ = [
-    'save', 'load', 'read_metadata', 'create', 'CheckpointError', 'atomic_write', 'FORMAT', 'validate_input_size',
+    'save', 'load', 'read_metadata', 'read_conversions', 'create', 'record_creation', 'rebuild', 'CheckpointError',
+    'FORMAT', 'validate_input_size',
     'validate_image_size', 'validate_policy', 'MODEL_KWARGS', 'MAX_CHANNELS', 'MAX_IMAGE_SIDE', 'MAX_CONVERSIONS',
     'MAX_NUM_CLASSES',
 ]
@@ -180,7 +180,7 @@ def _strings(value: Any, field: str, pattern: Optional[re.Pattern] = None, what:
 
 def _variant(value: Any, field: str) -> Dict[str, Any]:
     """A DPPVariant dict of JSON values: known keys, known choices, init a preset or two finite positive numbers."""
-    from .layers import GUIDES, INIT_PRESETS, NORMS, REWARDS
+    from ..layers import GUIDES, INIT_PRESETS, NORMS, REWARDS
 
     keys = ('guide', 'reward', 'norm', 'init')
     if not isinstance(value, dict):
@@ -245,8 +245,8 @@ def validate_policy(data: Any, field: str = 'policy') -> ConversionPolicy:
     Raises:
         ValueError: naming the field, the value and what is allowed.
     """
-    from .surgery import ConversionPolicy
-    from .surgery.policy import PLACEMENTS, TARGETS
+    from ..surgery import ConversionPolicy
+    from ..surgery.policy import PLACEMENTS, TARGETS
 
     fields = [f.name for f in dataclasses.fields(ConversionPolicy)]
     if not isinstance(data, dict):
@@ -324,22 +324,28 @@ def _check_model_kwargs(kwargs: Any) -> Dict[str, Any]:
     return out
 
 
-def _check_conversions(conversions: Any) -> List[Dict[str, Any]]:
+# a conversion to replay: the policy and the input size it was applied with (as ``model._dpp_surgery_history``)
+Conversion = Tuple['ConversionPolicy', Tuple[int, int, int]]
+
+
+def _check_conversions(conversions: Any) -> Tuple[List[Dict[str, Any]], List[Conversion]]:
+    """The conversions as JSON values, and as (policy, input size) pairs: every policy is checked (and built) once."""
     if not isinstance(conversions, list):
         raise ValueError(f'conversions must be a list of {{"policy", "input_size"}} objects, but got '
                          f'{_short(conversions)}')
     if len(conversions) > MAX_CONVERSIONS:
         raise ValueError(f'conversions holds {len(conversions)} conversions; allowed: at most {MAX_CONVERSIONS}')
-    out = []
+    out, replay = [], []
     for i, step in enumerate(conversions):
         where = f'conversions[{i}]'
         if not isinstance(step, dict) or set(step) != {'policy', 'input_size'}:
             got = sorted(map(str, step)) if isinstance(step, dict) else step
             raise ValueError(f'{where} must be an object with exactly "policy" and "input_size", but got {_short(got)}')
-        validate_policy(step['policy'], f'{where}.policy')
+        policy = validate_policy(step['policy'], f'{where}.policy')
         size = validate_input_size(step['input_size'], f'{where}.input_size')
         out.append({'policy': step['policy'], 'input_size': list(size)})
-    return out
+        replay.append((policy, size))
+    return out, replay
 
 
 def _channels(value: Any, field: str, positive: bool) -> List[float]:
@@ -408,8 +414,9 @@ def _json(raw: Dict[str, str], key: str, default: str) -> Any:
         raise ValueError(f'damaged dpp_surgery metadata: {key} is not valid JSON ({first_line(e)})') from e
 
 
-def _validate_metadata(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """The decoded metadata, every field checked (the format is checked before, by :func:`_check_format`).
+def _validate_metadata(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Conversion]]:
+    """The decoded metadata, every field checked (the format is checked before, by :func:`_check_format`), and its
+    conversions as (policy, input size) pairs.
 
     Raises:
         ValueError: naming the field, the value and what is allowed.
@@ -428,13 +435,14 @@ def _validate_metadata(raw: Dict[str, Any]) -> Dict[str, Any]:
                          f'got {_short(version)}')
     name = _check_model_name(raw['model_name'])
     kwargs = _check_model_kwargs(_json(raw, 'model_kwargs', '{}'))
-    conversions = _check_conversions(_json(raw, 'conversions', '[]'))
+    conversions, replay = _check_conversions(_json(raw, 'conversions', '[]'))
     preprocessing = _check_preprocessing(_json(raw, 'preprocessing', '{}'))
     extra = _json(raw, 'extra', '{}')
     if not isinstance(extra, dict):
         raise ValueError(f'extra must be a JSON object, but got {_short(extra)}')
-    return {'format': raw['format'], 'dpp_surgery_version': version, 'model_name': name, 'model_kwargs': kwargs,
+    meta = {'format': raw['format'], 'dpp_surgery_version': version, 'model_name': name, 'model_kwargs': kwargs,
             'conversions': conversions, 'preprocessing': preprocessing, 'extra': extra}
+    return meta, replay
 
 
 def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -442,11 +450,28 @@ def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     import timm
 
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    model._dpp_surgery_create = (name, dict(kwargs))
+    return record_creation(model, name, kwargs)
+
+
+def record_creation(model: nn.Module, name: str, kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Remember that ``model`` was built as ``timm.create_model(name, **kwargs)``, so that :func:`save` can record
+    how to rebuild it (the class count is read from the model itself when it is saved).
+
+    Args:
+        model: the model, as created (before or after conversion: conversions are recorded separately).
+        name: the timm model name.
+        kwargs: the model kwargs it was created with (copied; default none).
+
+    Returns:
+        ``model``.
+    """
+    model._dpp_surgery_create = (name, dict(kwargs or {}))
     return model
 
 
 def _model_spec(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
+    """The timm name and kwargs that rebuild ``model``: what :func:`record_creation` recorded, else the
+    architecture of its ``pretrained_cfg``; with its class count."""
     spec = getattr(model, '_dpp_surgery_create', None)
     if spec is not None:
         name, kwargs = spec
@@ -471,25 +496,6 @@ def _preprocessing(model: nn.Module) -> Dict[str, Any]:
         return {}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()
             if k in _PREPROCESSING_KEYS and v is not None}
-
-
-def atomic_write(path: str, write_fn, overwrite: bool) -> None:
-    """Call ``write_fn(tmp_path)`` and move the result to ``path`` atomically (never a half-written ``path``)."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f'{path} exists; pass overwrite=True (CLI: --overwrite) to replace it')
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optional[Dict[str, Any]] = None) -> str:
@@ -549,6 +555,16 @@ def read_metadata(path: str) -> Dict[str, Any]:
             a newer dpp_surgery, or a field that is malformed or asks for what a checkpoint may not (the message
             names the field, the value and what is allowed).
     """
+    return read_conversions(path)[0]
+
+
+def read_conversions(path: str) -> Tuple[Dict[str, Any], List[Conversion]]:
+    """:func:`read_metadata`, and the checkpoint's conversions ready for :func:`rebuild`: ``(policy, input_size)``
+    pairs, in the order they were applied, every policy checked and built once.
+
+    Raises:
+        CheckpointError: as :func:`read_metadata`.
+    """
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -566,6 +582,50 @@ def read_metadata(path: str) -> Dict[str, Any]:
         raise CheckpointError(f'{path}: {e}') from e
 
 
+def rebuild(model_name: str, model_kwargs: Dict[str, Any], conversions: Sequence[Conversion],
+            state: Dict[str, torch.Tensor], where: str, label: Optional[str] = None) -> nn.Module:
+    """The model a checkpoint describes: :func:`create` ``(model_name, **model_kwargs)``, the conversions replayed
+    in order, then ``state`` loaded strictly.
+
+    Args:
+        model_name: the timm model name.
+        model_kwargs: its model kwargs (checked already, or the caller's own).
+        conversions: ``(policy, input_size)`` pairs, as :func:`read_conversions` returns them. A conversion that
+            finds nothing to convert (a zoo model's entry point already applied it) is not warned about.
+        state: the weights.
+        where: where the weights come from (a file name), for error messages.
+        label: the model's name in error messages (default ``model_name``).
+
+    Returns:
+        The rebuilt model, with the weights of ``state``.
+
+    Raises:
+        CheckpointError: ``state`` does not match the rebuilt model: the message names ``where``, ``label`` and the
+            missing and unexpected keys, or the tensor of another shape. Errors creating or converting the model are
+            raised as they are (:func:`load` explains them as a checkpoint error).
+    """
+    import warnings
+
+    from ..surgery import NoEffectWarning, convert
+
+    model = create(model_name, pretrained=False, **model_kwargs)
+    for policy, input_size in conversions:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', NoEffectWarning)
+            convert(model, input_size=input_size, policy=policy)
+    label = label or model_name
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        detail = ' '.join(str(e).split())[:300]
+        raise CheckpointError(f'{where} does not match the rebuilt {label}: {detail}') from e
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f'{where} does not match the rebuilt {label}: {len(result.missing_keys)} missing keys '
+            f'{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}')
+    return model
+
+
 def load(path: str, map_location: str = 'cpu') -> nn.Module:
     """Rebuild the model saved by :func:`save` (create, convert with the stored policy, strict load).
 
@@ -575,24 +635,17 @@ def load(path: str, map_location: str = 'cpu') -> nn.Module:
     Raises:
         CheckpointError: see :func:`read_metadata`, or weights that do not match the rebuilt model.
     """
-    import warnings
-
     from safetensors.torch import load_file
 
-    from .surgery import NoEffectWarning, convert
-
-    meta = read_metadata(path)
-    policies = [validate_policy(step['policy']) for step in meta['conversions']]  # checked: cannot fail
+    meta, conversions = read_conversions(path)
     try:
         state = load_file(path, device=str(map_location))
     except Exception as e:
         raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
     try:
-        model = create(meta['model_name'], pretrained=False, **meta['model_kwargs'])
-        for step, policy in zip(meta['conversions'], policies):
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', NoEffectWarning)
-                convert(model, input_size=step['input_size'], policy=policy)
+        model = rebuild(meta['model_name'], meta['model_kwargs'], conversions, state, path)
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - e.g. conversion input channels that the model does not take
         raise CheckpointError(f'{path}: cannot rebuild {meta["model_name"]} from its metadata '
                               f'({type(e).__name__}: {first_line(e)})') from e
@@ -600,13 +653,4 @@ def load(path: str, map_location: str = 'cpu') -> nn.Module:
         # the input normalisation the weights expect (it may differ from timm's default for this architecture)
         model.pretrained_cfg = dict(model.pretrained_cfg, **{
             k: tuple(v) if isinstance(v, list) else v for k, v in meta['preprocessing'].items()})
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of another shape
-        detail = ' '.join(str(e).split())[:300]
-        raise CheckpointError(f'{path} does not match the rebuilt {meta["model_name"]}: {detail}') from e
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f'{path} does not match the rebuilt {meta["model_name"]}: {len(result.missing_keys)} missing keys '
-            f'{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:3]}')
     return model.to(map_location)

@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .._text import first_line
-from .registry import Recipe, default_zoo_dir, get_recipe, load_recipes, register_recipe
+from ..utils import first_line, write_text
+from ..models.registry import Recipe, default_zoo_dir, get_recipe, load_recipes, register_recipe
 
 __all__ = ['run_recipe', 'render_table', 'render_readme_block', 'write_table', 'write_results', 'main',
            'QUICK_FINETUNE', 'DEFAULT_OUTPUT']
@@ -57,7 +57,7 @@ def _init_description(recipe: Recipe) -> str:
 
 def _finetune_configs(recipe: Recipe, quick: bool, work_dir: str, threads: int, progress: bool):
     """FinetuneConfigs of the unconverted and the converted run, identical but for the model."""
-    from ..train import FinetuneConfig
+    from ..training.finetune import FinetuneConfig
 
     settings = dict(recipe.finetune)
     if quick:
@@ -93,9 +93,9 @@ def measure_cost(unconverted: nn.Module, converted: nn.Module, policy, input_siz
     unconverted model; for the converted one, plus the change that :func:`dpp_surgery.plan` estimates at the
     replaced sites (DPP at ``DPP_FLOPS_PER_ELEMENT`` per window element, block convs measured at stride 1).
     """
-    from ..surgery.plan import _flops_of
+    from ..surgery.plan import flops_of
 
-    base = _flops_of(unconverted, (1, *input_size), torch.float32, torch.device('cpu'))
+    base = flops_of(unconverted, (1, *input_size), torch.float32, torch.device('cpu'))
     delta, replaced = _site_flops_delta(unconverted, policy, input_size)
     return {
         'params': {'unconverted': sum(p.numel() for p in unconverted.parameters()),
@@ -115,8 +115,8 @@ def measure_latency(unconverted: nn.Module, converted: nn.Module, settings: Dict
     model once per mode of ``SUPPORTED_MODES``. A mode whose export or session fails is recorded with its error
     instead of a time. The ONNX files have a fixed input shape (the timed one).
     """
-    from ..bench import interleaved_medians
-    from ..export import SUPPORTED_MODES, export_onnx, onnx_session
+    from .timing import interleaved_medians
+    from ..export.onnx import SUPPORTED_MODES, export_onnx, onnx_session
 
     threads = settings['threads']
     torch.set_num_threads(threads)
@@ -167,7 +167,7 @@ def measure_latency(unconverted: nn.Module, converted: nn.Module, settings: Dict
         'errors': errors,
     }
     if 'custom' in SUPPORTED_MODES:
-        from ..ort_kernel import ort_kernel_status
+        from ..export.ort_kernel import ort_kernel_status
         status = ort_kernel_status()
         # what ran the custom nodes: the native kernel, or the decomposition the file carries
         result['custom_mode_kernel'] = 'native' if status['loaded'] else f'decomposition ({status["error"]})'
@@ -176,11 +176,10 @@ def measure_latency(unconverted: nn.Module, converted: nn.Module, settings: Dict
 
 def write_results(recipe: Recipe, results: Dict[str, Any], path: str) -> str:
     """Write ``recipe`` with ``results`` as its results section to ``path`` (JSON, atomically); returns ``path``."""
-    from ..checkpoint import atomic_write
 
     data = copy.deepcopy(recipe.raw)
     data['results'] = results
-    atomic_write(path, _text_writer(json.dumps(data, indent=2) + '\n'), overwrite=True)
+    write_text(path, json.dumps(data, indent=2) + '\n', overwrite=True)
     return path
 
 
@@ -258,9 +257,10 @@ def _finished_run(cfg) -> Optional[Dict[str, Any]]:
 
 def _run(recipe: Recipe, quick: bool, output: str, output_is_zoo: bool, write: bool, work_dir: str, threads: int,
          progress: bool, command: str, reuse: bool) -> Dict[str, Any]:
-    from .. import __version__, load
-    from ..bench import machine_description
-    from ..train import finetune
+    from .. import __version__
+    from .. import load
+    from .timing import machine_description
+    from ..training.finetune import finetune
 
     name = recipe.name
     t0 = time.time()
@@ -439,7 +439,6 @@ def write_table(zoo_dir: Optional[str] = None, output: Optional[str] = None,
 
     ``readme``: also replace the zoo results block of this Markdown file (the project's README.md).
     """
-    from ..checkpoint import atomic_write
 
     zoo_dir = zoo_dir or default_zoo_dir()
     recipes = load_recipes(zoo_dir)
@@ -453,17 +452,10 @@ def write_table(zoo_dir: Optional[str] = None, output: Optional[str] = None,
     if readme is not None:  # checked before anything is written
         with open(readme) as f:
             readme_text = _replace_block(f.read(), render_readme_block(recipes, paper), readme)
-    atomic_write(path, _text_writer(render_table(recipes, paper)), overwrite=True)
+    write_text(path, render_table(recipes, paper), overwrite=True)
     if readme_text is not None:
-        atomic_write(readme, _text_writer(readme_text), overwrite=True)
+        write_text(readme, readme_text, overwrite=True)
     return path
-
-
-def _text_writer(text: str) -> Callable[[str], None]:
-    def write(tmp: str) -> None:
-        with open(tmp, 'w') as f:
-            f.write(text)
-    return write
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -553,5 +545,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = 'python -m dpp_surgery.zoo ' + shlex.join(argv)
-    from ..cli import run_command
+    from ..utils import run_command
     return run_command(args.func, args, 'dpp_surgery.zoo')

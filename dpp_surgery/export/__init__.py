@@ -1,0 +1,23 @@
+"""ONNX export of converted models: the writer (:mod:`.onnx`) and the native onnxruntime kernel (:mod:`.ort_kernel`).
+
+Importing this package imports onnx and onnxruntime only when a name is first used.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    **dict.fromkeys(('export_onnx', 'onnx_session', 'verify_onnx', 'register_onnx_schema', 'dpp_nodes', 'ExportError',
+                     'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS', 'DEFAULT_OPSET', 'DPP_DOMAIN', 'DPP_OP'),
+                    'dpp_surgery.export.onnx'),
+    **dict.fromkeys(('ort_kernel_library', 'ort_kernel_status', 'OrtKernelWarning'), 'dpp_surgery.export.ort_kernel'),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    return getattr(importlib.import_module(module), name)

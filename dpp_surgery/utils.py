@@ -1,0 +1,97 @@
+"""Helpers shared by the library and the tools: error text, suggestions, atomic file writes."""
+import contextlib
+import difflib
+import logging
+import os
+import sys
+import re
+import tempfile
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+__all__ = ['first_line', 'did_you_mean', 'check_choice', 'atomic_write', 'write_text', 'log_to_stderr', 'run_command']
+
+_ANSI = re.compile(r'\x1b\[[0-9;]*m')
+
+
+def first_line(error: BaseException, fallback: Optional[str] = None) -> str:
+    """The first line of ``str(error)`` without terminal colour codes (torch.onnx colours its messages); if that is
+    empty, ``fallback`` (default: the exception's class name)."""
+    text = _ANSI.sub('', str(error)).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if fallback is None else fallback
+
+
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``valid`` to ``name``, or ``''`` when none is close."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ''
+
+
+def check_choice(value: str, name: str, allowed: Sequence[str]) -> str:
+    """``value`` lower-cased if it is one of ``allowed``; ValueError naming ``name`` and the choices otherwise."""
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, but got {value!r}")
+    return value.lower()
+
+
+def atomic_write(path: str, write_fn: Callable[[str], None], overwrite: bool) -> None:
+    """Call ``write_fn(tmp_path)`` and move the result to ``path`` atomically (never a half-written ``path``)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f'{path} exists; pass overwrite=True (CLI: --overwrite) to replace it')
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str, text: str, overwrite: bool) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write, overwrite)
+
+
+@contextlib.contextmanager
+def log_to_stderr(name: str = 'dpp_surgery') -> Iterator[None]:
+    """For the command lines and tools: the info lines of logger ``name`` (fine-tuning's precision, resume,
+    checkpoint and epoch lines) on stderr, between tqdm's bars, while inside; the logger as it was afterwards."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger(name)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm(loggers=[logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def run_command(func: Callable[[Any], Optional[int]], args: Any, prog: str) -> int:
+    """``func(args)`` as a command (the ``dpp-surgery`` command line and the tools): its return code (0 for None),
+    the package's progress lines on stderr (:func:`log_to_stderr`); an error is one line ``PROG: error: ...`` on
+    stderr with code 1 (no traceback), Ctrl-C is ``PROG: interrupted`` with code 130."""
+    try:
+        with log_to_stderr():
+            return func(args) or 0
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
+        print(f'{prog}: error: {first_line(e)}', file=sys.stderr)
+        return 1
