@@ -77,6 +77,35 @@ def test_import_builds_nothing_and_skips_onnx():
     subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
 
 
+def test_import_registers_cheaply_and_validates_when_a_model_is_created(tmp_path):
+    """Registration at import reads a recipe's name, architecture and weight source only; a recipe broken elsewhere
+    is still a timm model, and creating it (or listing the registered recipes) raises its RecipeError."""
+    from dpp_surgery.models import registry
+
+    bad = _tiny_recipe(name='resnet18_dpp', architecture='resnet18')
+    bad['policy'] = {'placement': 'sideways'}
+    folder = tmp_path / 'zoo'
+    folder.mkdir()
+    _write(str(folder), bad)
+    saved = dict(registry._REGISTERED)
+    try:
+        assert registry.register_recipes(str(folder), strict=True, validate=False) == ['resnet18_dpp']
+        assert not registry._REGISTERED['resnet18_dpp'].validated
+        with pytest.raises(RecipeError, match='resnet18_dpp.json: .*placement'):
+            timm.create_model('resnet18_dpp')
+        with pytest.raises(RecipeError, match='placement'):
+            registry.registered_recipes()
+        with pytest.raises(RecipeError, match='placement'):  # the full check, as before, when asked for
+            registry.register_recipes(str(folder), strict=True)
+    finally:
+        registry._REGISTERED.clear()
+        registry._REGISTERED.update(saved)
+        registry.register_recipes()  # the committed recipes again
+    recipes = registry.registered_recipes()  # the committed ones, every field checked
+    assert set(COMMITTED) <= set(recipes) and all(r.validated for r in recipes.values())
+    assert recipes['efficientnet_lite0_dpp'].policy == get_recipe('efficientnet_lite0_dpp').policy
+
+
 def test_create_random_init_has_dpp_and_arch_cfg():
     model = timm.create_model('resnet18_dpp')
     arch_cfg = timm.models.get_pretrained_cfg('resnet18').to_dict()

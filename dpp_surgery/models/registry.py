@@ -332,8 +332,19 @@ def get_recipe(name: str, zoo_dir: Optional[str] = None) -> Recipe:
 
 
 def registered_recipes() -> Dict[str, Recipe]:
-    """The recipes registered with timm in this process, by model name."""
-    return dict(_REGISTERED)
+    """The recipes registered with timm in this process, by model name, every field validated (a recipe registered
+    at import is checked now; :class:`RecipeError` if it is malformed)."""
+    return {name: _validated(name) for name in list(_REGISTERED)}
+
+
+def _validated(name: str) -> Recipe:
+    """The registered recipe ``name`` with every field checked: a recipe registered at import with the light checks
+    is validated once, here."""
+    recipe = _REGISTERED[name]
+    if not recipe.validated:
+        recipe = validate_recipe(recipe.raw, recipe.path or name)
+        _REGISTERED[name] = recipe
+    return recipe
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -569,9 +580,7 @@ def create_zoo_model(
     recipe = _REGISTERED.get(name)
     if recipe is None:
         raise ValueError(f'{name!r} is not a registered zoo model; registered: {", ".join(_REGISTERED) or "none"}')
-    if not recipe.validated:  # registered at import with the light checks: the full ones run once, here
-        recipe = validate_recipe(recipe.raw, recipe.path or name)
-        _REGISTERED[name] = recipe
+    recipe = _validated(name)  # registered at import with the light checks: the full ones run once
     if kwargs.pop('features_only', False):
         feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
         model = create_zoo_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
