@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..layers.kernel import max_window
+from ..layers.kernel import MAX_WINDOW
 from ..utils import atomic_write, first_line
 from ..surgery.plan import is_same_padding
 from .translation import (
@@ -98,7 +98,7 @@ def _torch_export(model: nn.Module, example_input: torch.Tensor, attempts: List,
     for dynamic_shapes in attempts:
         try:
             if custom:
-                with dpp_as_custom_nodes(model, max_window=max_window()):
+                with dpp_as_custom_nodes(model, max_window=MAX_WINDOW):
                     program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
             else:
                 program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)

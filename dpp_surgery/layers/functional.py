@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernel import NORM_CODES, Dpp2dParams, Kernel, load_kernel, max_window as kernel_max_window
+from .kernel import MAX_WINDOW, NORM_CODES, Dpp2dParams, Kernel, load_kernel
 from ..utils import check_choice
 from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry
 
@@ -273,7 +273,7 @@ def _kernel_usable(x: Tensor, r: ResolvedGeometry, impl: str) -> bool:
     ok = kernel is not None and r.kernel[0] * r.kernel[1] <= kernel.max_window
     if impl == 'kernel' and not ok:
         raise RuntimeError(
-            f'impl="kernel" needs a CPU float32/float64 input, a window of at most {kernel_max_window()} positions '
+            f'impl="kernel" needs a CPU float32/float64 input, a window of at most {MAX_WINDOW} positions '
             'and a built kernel (see dpp_surgery.kernel_status()); use impl="auto" to fall back to the PyTorch path.')
     return ok
 

@@ -14,8 +14,8 @@ from typing import Dict, Optional
 
 from ..native import NativeLibrary, build_library
 
-__all__ = ['load_kernel', 'kernel_status', 'max_window', 'KernelBuildWarning', 'Kernel', 'Dpp2dParams',
-           'NORM_CODES', 'ABI_VERSION', 'FALLBACK_MAX_WINDOW', 'SOURCES', 'HEADERS']
+__all__ = ['load_kernel', 'kernel_status', 'KernelBuildWarning', 'Kernel', 'Dpp2dParams', 'NORM_CODES',
+           'ABI_VERSION', 'MAX_WINDOW', 'SOURCES', 'HEADERS']
 
 _CSRC = Path(__file__).resolve().parent / 'csrc'
 SOURCES = (_CSRC / 'dpp2d.cpp',)  # the kernel's implementation (also compiled into the onnxruntime library)
@@ -25,9 +25,10 @@ HEADERS = (_CSRC / 'dpp2d.h',)  # its C ABI
 ABI_VERSION = 1  # DPP2D_ABI_VERSION
 NORM_CODES = {'none': 0, 'mean': 1, 'sum': 2}  # enum Dpp2dNorm, by the names dpp2d_norm_code takes
 
-# The window limit (kh * kw positions) of the native kernels (DPP2D_MAX_WINDOW) for when no kernel is loaded, for
-# example to decide at export time which windows become ONNX DPP2d nodes; a loaded kernel reports its own.
-FALLBACK_MAX_WINDOW = 64
+# The window limit (kh * kw positions) of the native kernels (DPP2D_MAX_WINDOW): what DPP2d hands the CPU kernel
+# and what export(mode='custom') makes ONNX DPP2d nodes of, without building anything; a library that reports
+# another limit is refused when it loads.
+MAX_WINDOW = 64
 
 
 class Dpp2dParams(ctypes.Structure):
@@ -97,6 +98,9 @@ def _check_abi(lib: ctypes.CDLL, path: str) -> None:
     if version != ABI_VERSION or size != ctypes.sizeof(Dpp2dParams):
         raise RuntimeError(f'{path} has kernel ABI version {version} with a {size}-byte Dpp2dParams, but '
                            f'{__name__} expects version {ABI_VERSION} with {ctypes.sizeof(Dpp2dParams)} bytes')
+    if lib.dpp2d_max_window() != MAX_WINDOW:
+        raise RuntimeError(f'{path} takes windows of up to {lib.dpp2d_max_window()} positions, but {__name__} '
+                           f'expects {MAX_WINDOW}')
     codes = {name: lib.dpp2d_norm_code(name.encode()) for name in NORM_CODES}
     if codes != NORM_CODES:
         raise RuntimeError(f'{path} has norm codes {codes}, but {__name__} expects {NORM_CODES}')
@@ -123,9 +127,3 @@ def kernel_status() -> dict:
     """Whether the fused kernel is loaded, where from, and why not if it is not."""
     return _KERNEL.status()
 
-
-def max_window() -> int:
-    """The largest window (kh * kw positions) the kernel takes: the loaded library's limit (building it on first
-    use), else :data:`FALLBACK_MAX_WINDOW`."""
-    kernel = load_kernel()
-    return FALLBACK_MAX_WINDOW if kernel is None else kernel.max_window

@@ -455,7 +455,7 @@ def _offline_state_dict(arch: str) -> Dict[str, torch.Tensor]:
 
 def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]) -> Tuple[nn.Module, Dict]:
     """The converted model rebuilt from a dpp_surgery checkpoint, and the preprocessing stored with it."""
-    from ..training.checkpoint import CheckpointError, read_conversions, rebuild, record_creation
+    from ..training.checkpoint import CheckpointError, read_conversions, read_tensors, rebuild, record_creation
 
     meta, conversions = read_conversions(path)
     if meta['model_name'] not in (recipe.architecture, recipe.name):
@@ -469,22 +469,11 @@ def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]
                              f'drop {key} or convert a model built with it')
     build_kwargs = {**stored, **kwargs}
     # a checkpoint of a registered zoo model replays a conversion its entry point already applied: rebuild expects it
-    model = rebuild(meta['model_name'], build_kwargs, conversions, _read_tensors(path), path, label=recipe.name)
+    model = rebuild(meta['model_name'], build_kwargs, conversions, read_tensors(path), path, label=recipe.name)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)  # a new head, like timm's pretrained loading with another class count
     record_creation(model, recipe.architecture, {k: v for k, v in build_kwargs.items() if k != 'num_classes'})
     return model, meta['preprocessing']
-
-
-def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from ..training.checkpoint import CheckpointError
-
-    try:
-        return load_file(path, device='cpu')
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
 
 
 # timm.create_model's feature-extraction arguments (build_model_with_cfg reads them)

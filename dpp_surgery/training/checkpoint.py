@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..surgery import ConversionPolicy
 
 __all__ = [
-    'save', 'load', 'read_metadata', 'read_conversions', 'create', 'record_creation', 'rebuild', 'CheckpointError',
+    'save', 'load', 'read_metadata', 'read_conversions', 'read_tensors', 'create', 'record_creation', 'rebuild', 'CheckpointError',
     'FORMAT', 'validate_input_size',
     'validate_image_size', 'validate_policy', 'MODEL_KWARGS', 'MAX_CHANNELS', 'MAX_IMAGE_SIDE', 'MAX_CONVERSIONS',
     'MAX_NUM_CLASSES',
@@ -582,6 +582,17 @@ def read_conversions(path: str) -> Tuple[Dict[str, Any], List[Conversion]]:
         raise CheckpointError(f'{path}: {e}') from e
 
 
+def read_tensors(path: str, device: str = 'cpu') -> Dict[str, torch.Tensor]:
+    """The tensors of the checkpoint ``path`` on ``device``; CheckpointError if they cannot be read (truncated or
+    corrupted)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
+
+
 def rebuild(model_name: str, model_kwargs: Dict[str, Any], conversions: Sequence[Conversion],
             state: Dict[str, torch.Tensor], where: str, label: Optional[str] = None) -> nn.Module:
     """The model a checkpoint describes: :func:`create` ``(model_name, **model_kwargs)``, the conversions replayed
@@ -635,13 +646,8 @@ def load(path: str, map_location: str = 'cpu') -> nn.Module:
     Raises:
         CheckpointError: see :func:`read_metadata`, or weights that do not match the rebuilt model.
     """
-    from safetensors.torch import load_file
-
     meta, conversions = read_conversions(path)
-    try:
-        state = load_file(path, device=str(map_location))
-    except Exception as e:
-        raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
+    state = read_tensors(path, map_location)
     try:
         model = rebuild(meta['model_name'], meta['model_kwargs'], conversions, state, path)
     except CheckpointError:

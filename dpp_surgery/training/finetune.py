@@ -476,13 +476,13 @@ def _progress_bar(run: _Run, epoch: int, skip: int):
 
 
 def _train_epoch(run: _Run, epoch: int, loader_gen: torch.Generator) -> tuple:
-    """One epoch of training. Returns the loss sum, correct predictions, images and images timed (summed over the
-    ranks) with the seconds it took, and whether ``cfg.max_steps`` was reached."""
+    """One epoch of training. Returns the loss sum, correct predictions and images (summed over the ranks) with the
+    seconds it took, and whether ``cfg.max_steps`` was reached."""
     cfg = run.cfg
     run.ddp_model.train()
     it, skip = _epoch_batches(run, epoch, loader_gen)
     bar = _progress_bar(run, epoch, skip)
-    loss_sum, correct, seen, t0, images_timed = 0.0, 0.0, 0.0, time.time(), 0
+    loss_sum, correct, seen, t0 = 0.0, 0.0, 0.0, time.time()
     run.optimizer.zero_grad(set_to_none=True)
     stop = False
     for b, (images, labels) in enumerate(it, start=skip):
@@ -491,7 +491,6 @@ def _train_epoch(run: _Run, epoch: int, loader_gen: torch.Generator) -> tuple:
         if not run.keep_head:
             correct += (logits.argmax(-1) == y).sum().item()
         seen += len(y)
-        images_timed += len(y)
         if (b + 1) % cfg.accum_steps == 0:
             stop = _optimizer_step(run, epoch, b + 1)
         if bar is not None:
@@ -502,8 +501,8 @@ def _train_epoch(run: _Run, epoch: int, loader_gen: torch.Generator) -> tuple:
     if bar is not None:
         bar.close()
     elapsed = time.time() - t0
-    loss_sum, correct, seen, images_timed = _reduce([loss_sum, correct, seen, float(images_timed)], run.device)
-    return (loss_sum, correct, seen, images_timed, elapsed), stop
+    loss_sum, correct, seen = _reduce([loss_sum, correct, seen], run.device)
+    return (loss_sum, correct, seen, elapsed), stop
 
 
 def _forward_backward(run: _Run, images, labels):
@@ -546,7 +545,7 @@ def _test_epoch(run: _Run, epoch: int, train: tuple) -> Dict[str, Any]:
     """The epoch's metrics: the training figures of :func:`_train_epoch` and the test of :attr:`_Run.eval_model`
     (against the teacher in label-free distillation)."""
     cfg = run.cfg
-    loss_sum, correct, seen, images_timed, elapsed = train
+    loss_sum, correct, seen, elapsed = train
     test_loader = DataLoader(run.test_set, batch_size=max(cfg.batch_size, 64), sampler=run.test_sampler,
                              shuffle=False, num_workers=cfg.num_workers)
     test = evaluate(run.eval_model, test_loader, run.transform, run.device, run.precision.dtype,
@@ -557,7 +556,7 @@ def _test_epoch(run: _Run, epoch: int, train: tuple) -> Dict[str, Any]:
         # label-free distillation: the 'accuracy' is top-1 agreement with the teacher, the loss its KL divergence
         'test_loss': test['loss'], 'test_accuracy': test['accuracy'], 'test_count': test['count'],
         'test_metric': 'teacher_agreement' if run.keep_head else 'accuracy',
-        'lr': run.optimizer.param_groups[0]['lr'], 'images_per_second': images_timed / max(elapsed, 1e-9),
+        'lr': run.optimizer.param_groups[0]['lr'], 'images_per_second': seen / max(elapsed, 1e-9),
         'dpp': dpp_stats(run.model), 'world_size': run.world, 'amp': run.precision.amp,
         'precision': run.precision.description,
     }
