@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test test-slow bench clean
+.PHONY: setup data demo test test-slow test-gpu bench bench-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,18 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# on a machine with a CUDA device: the Triton kernels compiled for it (the default run tests them in Triton's
+# interpreter), and their benchmarks
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) -m dpp_surgery.bench layer
+
+bench-gpu: setup
+	$(PY) -m dpp_surgery.bench layer --device cuda
+	$(PY) -m dpp_surgery.bench train --device cuda --models resnet50 efficientnet_lite0 --size 224 --batch 64 \
+		--amp bf16 --channels-last
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -218,6 +218,8 @@ def test_constructor_type_errors():
         DPP2d(4, kernel_size=(2, 2, 2))
     with pytest.raises(ValueError, match='channels must be a positive int'):
         DPP2d(0)
+    with pytest.raises(ValueError, match="impl must be one of.*'triton'"):
+        DPP2d(4, impl='cuda')  # at construction, not at the first call
 
 
 def test_functional_errors():

@@ -6,13 +6,19 @@ from dpp_surgery.tools import bench
 
 def test_bench_layer_small(tmp_path, capsys):
     out = tmp_path / 'layer.json'
-    assert bench.main(['--json', str(out), 'layer', '--shape', '2', '16', '12', '12', '--repeat', '2']) == 0
+    assert bench.main(['--json', str(out), 'layer', '--shape', '2', '16', '12', '12', '--repeat', '2',
+                       '--dtypes', 'float32', 'bfloat16']) == 0
     text = capsys.readouterr().out
-    assert '| DPP lite-sym 2x2 | NCHW |' in text and '| DPP lite-sym 2x2 | channels_last |' in text
+    for dtype in ('float32', 'bfloat16'):
+        assert f'| DPP lite-sym 2x2 | {dtype} | NCHW |' in text
+        assert f'| DPP lite-sym 2x2 | {dtype} | channels_last |' in text
+    assert '(PyTorch path) | float32 | NCHW |' in text and '(PyTorch path) | float32 | channels_last' not in text
+    assert 'torch.compile' not in text  # (on the CPU only with --compile)
     assert 'MaxPool2d(3,2,1)' in text and 'AvgPool2d(2,2)' in text
     assert text.count('PASS') + text.count('MISS') == 10
     result = json.loads(out.read_text())
-    dpp = next(r for r in result['rows'] if r['op'] == 'DPP lite-sym 2x2' and r['layout'] == 'NCHW')
+    dpp = next(r for r in result['rows'] if r['op'] == 'DPP lite-sym 2x2' and r['layout'] == 'NCHW'
+               and r['dtype'] == 'float32')
     assert dpp['fwd_ms'] > 0 and dpp['fwd_bwd_ms'] > 0
     # a training step needs at least the input gradient and the output
     assert 1.0 < dpp['memory_x'] < 10.0

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import check_choice
-from .functional import DEFAULT_EPS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d
+from .functional import DEFAULT_EPS, GUIDES, IMPLEMENTATIONS, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d
 from .geometry import PaddingArg, PoolGeometry
 
 __all__ = ['DPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters']
@@ -58,8 +58,10 @@ class DPP2d(nn.Module):
     hang over the edge keep only their valid positions.
 
     On the CPU, float32 and float64 run a fused kernel that is built on first use (see
-    :func:`dpp_surgery.kernel_status`); elsewhere a pure-PyTorch path computes the same values. float16 and
-    bfloat16 inputs are computed in float32 and returned in their own dtype.
+    :func:`dpp_surgery.kernel_status`). On CUDA, every float dtype runs fused Triton kernels (windows of up to 64
+    positions) that load and store the activation in its own dtype and compute in float32, with a backward that
+    recomputes from the input. Elsewhere a pure-PyTorch path computes the same values; it computes float16 and
+    bfloat16 inputs in float32 and returns them in their own dtype.
 
     Args:
         channels: number of input channels C.
@@ -73,7 +75,8 @@ class DPP2d(nn.Module):
         init: ``'paper'`` (alpha = lambda = 1), ``'avg'`` (close to average pooling), ``'max'`` (close to max
             pooling; needs ``reward='asym'``), or a pair ``(alpha, lambda)`` of positive numbers.
         eps: added to the squared deviation.
-        impl: ``'auto'``, ``'kernel'`` or ``'torch'`` (see :func:`dpp_surgery.dpp2d`).
+        impl: ``'auto'``, ``'kernel'`` (the CPU kernel), ``'triton'`` (the Triton kernels) or ``'torch'`` (see
+            :func:`dpp_surgery.dpp2d`).
 
     Shape:
         - Input: :math:`(N, C, H_{in}, W_{in})`
@@ -115,7 +118,7 @@ class DPP2d(nn.Module):
         self.guide = check_choice(guide, 'guide', GUIDES)
         self.reward = check_choice(reward, 'reward', REWARDS)
         self.norm = check_choice(norm, 'norm', NORMS)
-        self.impl = impl
+        self.impl = check_choice(impl, 'impl', IMPLEMENTATIONS)
         if not eps > 0:
             raise ValueError(f'eps must be > 0, but got {eps}')
         self.eps = float(eps)

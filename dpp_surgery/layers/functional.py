@@ -1,22 +1,29 @@
 """Functional Detail-Preserving Pooling: argument checks, the pure-PyTorch path and the fused-kernel op.
 
-See :class:`dpp_surgery.DPP2d` for the definition. Two implementations compute the same thing:
+See :class:`dpp_surgery.DPP2d` for the definition. Three implementations compute the same thing:
 
-* the fused CPU kernel (``layers/csrc/dpp2d.cpp``), registered as the custom op ``torch.ops.dpp_surgery.dpp2d``
-  with its own backward that recomputes from the input (used on CPU for float32/float64 when it builds);
+* the fused CPU kernel (``layers/csrc/dpp2d.cpp``), registered as the CPU kernel of the custom op
+  ``torch.ops.dpp_surgery.dpp2d`` with its own backward that recomputes from the input (used on CPU for
+  float32/float64 when it builds);
+* the Triton kernels (``layers/triton_dpp.py``), registered as the CUDA kernel of the same op (used for CUDA
+  tensors of every float dtype, in their own dtype); with ``TRITON_INTERPRET=1`` they also run on CPU tensors
+  through Triton's interpreter (``impl='triton'``, how the CPU-only tests run them);
 * a pure-PyTorch composite of unfold and element-wise ops (any device, the fallback, the tested reference
-  for the kernel, and what ONNX export and ``torch.fx`` see).
+  for the kernels, and what ONNX export and ``torch.fx`` see).
 """
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import MAX_WINDOW, NORM_CODES, Dpp2dParams, Kernel, load_kernel
+from .kernel import (MAX_WINDOW, NORM_CODES, Dpp2dParams, Kernel, KernelBuildWarning, load_kernel, load_triton,
+                     triton_status)
 from ..utils import check_choice
 from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry
 
@@ -29,7 +36,7 @@ THETA_ALPHA_MAX = 10.0  # the authors' graphs clamp theta_alpha <= 10
 GUIDES = ('lite', 'full')
 REWARDS = ('sym', 'asym')
 NORMS = ('mean', 'none', 'sum')
-IMPLEMENTATIONS = ('auto', 'kernel', 'torch')
+IMPLEMENTATIONS = ('auto', 'kernel', 'triton', 'torch')
 
 
 def _check_input(x: Tensor, channels: int) -> None:
@@ -57,15 +64,65 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or _in_onnx_export()
 
 
+def _parameter_error(name: str, bad: int, earlier: bool = False) -> ValueError:
+    when = ' (found after an earlier call on the GPU, which checks without waiting for the device)' if earlier else ''
+    return ValueError(
+        f'DPP2d parameter {name} has {bad} non-finite value(s) (NaN or inf){when}. Training has probably '
+        'diverged: lower the learning rate or reload a checkpoint.')
+
+
+class _DeferredCheck:
+    """The finiteness check of one parameter on an accelerator, without a host-device synchronisation.
+
+    Each time the parameter changes (its version counter moves, as every optimizer step does), the count of
+    non-finite values is computed on the device and copied into pinned host memory without waiting; a later
+    call reads it once the device has finished (an event says when) and raises then. So a parameter that
+    diverges is reported one or a few calls late, with the same message, and no call ever waits for the device.
+    """
+
+    __slots__ = ('version', 'ptr', 'count', 'event', 'bad')
+
+    def __init__(self):
+        self.version = self.ptr = self.count = self.event = None
+        self.bad = 0
+
+    def __call__(self, t: Tensor, name: str) -> None:
+        current = (t._version, t.data_ptr())
+        if self.event is not None and self.event.query():
+            self.bad, self.event = int(self.count.item()), None  # (a host tensor: no device access)
+        if self.bad and current == (self.version, self.ptr):
+            raise _parameter_error(name, self.bad, earlier=True)  # until the parameter changes
+        if current != (self.version, self.ptr) and self.event is None:
+            self.event = self._start(t)
+            self.version, self.ptr, self.bad = current[0], current[1], 0
+
+    def _start(self, t: Tensor):
+        """Queue the count of t's non-finite values into ``self.count``; the event that says it has arrived."""
+        if self.count is None:
+            self.count = torch.empty((), dtype=torch.int64, pin_memory=True)
+        with torch.no_grad():
+            self.count.copy_((~torch.isfinite(t.detach())).sum(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(t.device))  # the stream the count was queued on
+        return event
+
+
+_DEFERRED = WeakIdKeyDictionary()  # parameter -> its _DeferredCheck
+
+
 def _check_parameters(theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor]) -> None:
     if torch.compiler.is_compiling() or _exporting():
         return  # data-dependent checks would break graphs; they run in eager mode
     for name, t in (('theta_alpha', theta_alpha), ('theta_lambda', theta_lambda), ('guide_weight', guide_weight)):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            bad = (~torch.isfinite(t)).sum().item()
-            raise ValueError(
-                f'DPP2d parameter {name} has {bad} non-finite value(s) (NaN or inf). Training has probably '
-                'diverged: lower the learning rate or reload a checkpoint.')
+        if t is None:
+            continue
+        if t.device.type == 'cuda' and not torch.cuda.is_current_stream_capturing():
+            check = _DEFERRED.get(t)
+            if check is None:
+                check = _DEFERRED[t] = _DeferredCheck()
+            check(t, name)
+        elif t.device.type != 'cuda' and not bool(torch.isfinite(t).all()):
+            raise _parameter_error(name, int((~torch.isfinite(t)).sum().item()))
 
 
 def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: ResolvedGeometry) -> Tensor:
@@ -264,18 +321,91 @@ def _backward(ctx, grad):
 _dpp2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _kernel_usable(x: Tensor, r: ResolvedGeometry, impl: str) -> bool:
+def _triton_kernels():
+    module = load_triton()
+    if module is None:
+        raise RuntimeError(f'the Triton DPP kernels are not available ({triton_status()["error"]}); '
+                           'install Triton (it ships with the CUDA wheels of PyTorch) or use impl="torch"')
+    return module
+
+
+@_dpp2d_op.register_kernel('cuda')
+def _(x, guide, alpha, lam, geometry, asym, norm, eps):
+    return _triton_kernels().forward(x, guide, alpha, lam, geometry, asym, norm, eps)
+
+
+@_dpp2d_backward_op.register_kernel('cuda')
+def _(grad, x, guide, alpha, lam, geometry, asym, norm, eps):
+    return _triton_kernels().backward(grad, x, guide, alpha, lam, geometry, asym, norm, eps)
+
+
+class _InterpretedTriton(torch.autograd.Function):
+    """The Triton kernels on CPU tensors through Triton's interpreter (``impl='triton'`` with TRITON_INTERPRET=1):
+    the same forward and backward calls as the op's CUDA kernels, with the op's autograd contract."""
+
+    @staticmethod
+    def forward(ctx, x, guide, alpha, lam, geometry, asym, norm, eps):
+        ctx.save_for_backward(x, guide, alpha, lam)
+        ctx.args = (geometry, asym, norm, eps)
+        return _triton_kernels().forward(x, guide, alpha, lam, geometry, asym, norm, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, guide, alpha, lam = ctx.saved_tensors
+        gx, gg, ga, gl = _triton_kernels().backward(grad, x, guide, alpha, lam, *ctx.args)
+        return gx, (gg if guide is not None else None), ga, gl, None, None, None, None
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned_no_triton = False
+
+
+def _triton_refusal(x: Tensor, window: int) -> Optional[str]:
+    """Why the Triton kernels cannot run on x, or None if they can."""
+    if _exporting():
+        return 'torch.export, ONNX export and torch.jit.trace record DPP as standard operators'
+    if window > MAX_WINDOW:
+        return f'the window has {window} positions and the kernels take at most {MAX_WINDOW}'
+    if x.dtype not in _TRITON_DTYPES:
+        return f'the kernels take float16/bfloat16/float32/float64 inputs, not {x.dtype}'
+    if x.device.type not in ('cuda', 'cpu'):
+        return f'Triton runs on CUDA devices, not {x.device.type}'
+    module = load_triton()
+    if module is None:
+        return f'Triton cannot be imported ({triton_status()["error"]})'
+    if x.device.type == 'cpu' and not module.INTERPRETED:
+        return ('CPU tensors run the Triton kernels only through Triton\'s interpreter: set TRITON_INTERPRET=1 in '
+                'the environment before the first DPP2d call of the process')
+    return None
+
+
+def _choose(x: Tensor, r: ResolvedGeometry, impl: str) -> str:
+    """The implementation that runs: 'kernel' (CPU), 'triton' (CUDA, or CPU through the interpreter) or 'torch'."""
+    global _warned_no_triton
     if impl == 'torch':
-        return False
+        return 'torch'
+    window = r.kernel[0] * r.kernel[1]
+    if impl == 'triton' or (impl == 'auto' and x.device.type == 'cuda'):
+        reason = _triton_refusal(x, window)
+        if reason is None:
+            return 'triton'
+        if impl == 'triton':
+            raise RuntimeError(f'impl="triton" cannot run here: {reason}. Use impl="auto" to fall back to the '
+                               'PyTorch path where the kernels do not apply.')
+        if load_triton() is None and not _warned_no_triton:
+            _warned_no_triton = True
+            warnings.warn(f'DPP2d on CUDA: {reason}; using the slower pure-PyTorch path', KernelBuildWarning,
+                          stacklevel=3)
+        return 'torch'
     kernel = None
     if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and not _exporting():
         kernel = load_kernel()
-    ok = kernel is not None and r.kernel[0] * r.kernel[1] <= kernel.max_window
+    ok = kernel is not None and window <= kernel.max_window
     if impl == 'kernel' and not ok:
         raise RuntimeError(
             f'impl="kernel" needs a CPU float32/float64 input, a window of at most {MAX_WINDOW} positions '
             'and a built kernel (see dpp_surgery.kernel_status()); use impl="auto" to fall back to the PyTorch path.')
-    return ok
+    return 'kernel' if ok else 'torch'
 
 
 def dpp2d(
@@ -305,7 +435,10 @@ def dpp2d(
         reward: 'sym' or 'asym'.
         norm: window normalisation of the squared deviation: 'mean' (default), 'none' or 'sum'.
         eps: added to the squared deviation.
-        impl: 'auto' (fused kernel where it applies), 'kernel' (require it) or 'torch' (pure PyTorch).
+        impl: 'auto' (the CPU kernel for CPU float32/float64, the Triton kernels for CUDA tensors, else pure
+            PyTorch), 'kernel' (require the CPU kernel), 'triton' (require the Triton kernels: CUDA tensors, or CPU
+            tensors with ``TRITON_INTERPRET=1``) or 'torch' (pure PyTorch). Each required kernel raises a
+            RuntimeError naming why where it cannot run (windows over 64 positions, export, a missing build).
         geometry: a prebuilt :class:`PoolGeometry` (what DPP2d passes).
     """
     reward = check_choice(reward, 'reward', REWARDS)
@@ -324,15 +457,26 @@ def dpp2d(
     _check_parameters(theta_alpha, theta_lambda, guide_weight)
     r = geometry.resolve(input.shape[-2], input.shape[-1])
 
+    asym = reward == 'asym'
+    chosen = _choose(input, r, impl)
+    geo = [r.kernel[0], r.kernel[1], r.stride[0], r.stride[1], r.pad_top, r.pad_left, r.out_size[0], r.out_size[1]]
+    if chosen == 'triton':
+        # activations (and the Full guide) stay in their own dtype; the kernels compute in float32 (float64)
+        x = input
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(acc)
+        lam = torch.exp(theta_lambda).to(acc)
+        guide = None if guide_weight is None else full_guide(x, guide_weight, geometry, r)
+        if x.device.type == 'cuda':
+            return torch.ops.dpp_surgery.dpp2d(x, guide, alpha, lam, geo, asym, NORM_CODES[norm], float(eps))
+        return _InterpretedTriton.apply(x, guide, alpha, lam, geo, asym, NORM_CODES[norm], float(eps))
+
     out_dtype = input.dtype
     x = input if input.dtype in (torch.float32, torch.float64) else input.float()
     alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(x.dtype)
     lam = torch.exp(theta_lambda).to(x.dtype)
     guide = None if guide_weight is None else full_guide(x, guide_weight, geometry, r)
-    asym = reward == 'asym'
-    if _kernel_usable(x, r, impl):
-        geo = [r.kernel[0], r.kernel[1], r.stride[0], r.stride[1], r.pad_top, r.pad_left, r.out_size[0],
-               r.out_size[1]]
+    if chosen == 'kernel':
         out = torch.ops.dpp_surgery.dpp2d(x, guide, alpha, lam, geo, asym, NORM_CODES[norm], float(eps))
     else:
         out = _reference(x, guide, alpha, lam, r, asym, norm, eps)

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 from ..native import NativeLibrary, build_library
 
-__all__ = ['load_kernel', 'kernel_status', 'KernelBuildWarning', 'Kernel', 'Dpp2dParams', 'NORM_CODES',
+__all__ = ['load_kernel', 'kernel_status', 'load_triton', 'triton_status', 'KernelBuildWarning', 'Kernel', 'Dpp2dParams', 'NORM_CODES',
            'ABI_VERSION', 'MAX_WINDOW', 'SOURCES', 'HEADERS']
 
 _CSRC = Path(__file__).resolve().parent / 'csrc'
@@ -123,7 +123,34 @@ def load_kernel() -> Optional[Kernel]:
     return _KERNEL.get()
 
 
+_TRITON: Dict[str, object] = {}  # the Triton kernels module, or the reason it cannot be imported
+
+
+def load_triton():
+    """The Triton kernels (:mod:`dpp_surgery.layers.triton_dpp`), imported on first use; None if Triton is missing
+    or cannot be imported (CPU-only PyTorch wheels do not ship it)."""
+    if not _TRITON:
+        try:
+            from . import triton_dpp
+            _TRITON.update(module=triton_dpp, error=None)
+        except Exception as error:  # ImportError, or a Triton that fails to initialise
+            _TRITON.update(module=None, error=f'{type(error).__name__}: {error}')
+    return _TRITON['module']
+
+
+def triton_status() -> dict:
+    """Whether the Triton kernels (CUDA, or CPU through Triton's interpreter) can run, and why not."""
+    module = load_triton()
+    version = None
+    if module is not None:
+        import triton
+        version = triton.__version__
+    return {'available': module is not None, 'version': version,
+            'interpreter': bool(module is not None and module.INTERPRETED), 'error': _TRITON['error']}
+
+
 def kernel_status() -> dict:
-    """Whether the fused kernel is loaded, where from, and why not if it is not."""
-    return _KERNEL.status()
+    """Whether the fused CPU kernel is loaded, where from, and why not if it is not; under ``'triton'``, the same
+    for the Triton kernels that DPP2d runs on CUDA (:func:`triton_status`)."""
+    return dict(_KERNEL.status(), triton=triton_status())
 

@@ -5,7 +5,9 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
 
 * ``layer``: median forward and forward+backward times of DPP2d variants against AvgPool2d(2,2),
   MaxPool2d(2,2) and MaxPool2d(3,2,1), in NCHW and channels_last, and the peak extra memory of a
-  training step as a multiple of the input's bytes.
+  training step as a multiple of the input's bytes. ``--device cuda`` times the Triton kernels against the pools
+  and the PyTorch path (eager and under torch.compile) in float32 and bfloat16 with CUDA events, and adds the
+  forward's achieved memory bandwidth as a fraction of the GPU's peak.
 * ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
 * ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
   (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), and the share of
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import DPP2d, INIT_PRESETS
-from .timing import interleaved_medians, machine_description
+from .timing import gpu_description, interleaved_medians, machine_description, peak_bandwidth
 
 __all__ = ['main', 'peak_training_memory']
 
@@ -41,13 +43,24 @@ __all__ = ['main', 'peak_training_memory']
 def peak_training_memory(module: torch.nn.Module, x: torch.Tensor) -> float:
     """Peak memory allocated by ``module(x).sum().backward()`` beyond ``x``, as a multiple of ``x``'s bytes.
 
-    Measured with PyTorch's memory profiler (every CPU tensor created and destroyed during the step).
+    On the CPU, measured with PyTorch's memory profiler (every CPU tensor created and destroyed during the step);
+    on CUDA, by the caching allocator's peak statistics over the step.
     """
+    x = x.detach().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    if x.device.type == 'cuda':
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        out = module(x)
+        out.sum().backward()
+        del out
+        torch.cuda.synchronize(x.device)
+        return (torch.cuda.max_memory_allocated(x.device) - base) / (x.numel() * x.element_size())
+
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
-    x = x.detach().requires_grad_(True)
-    module.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         out = module(x)
         out.sum().backward()
@@ -87,7 +100,11 @@ class _LogExp(torch.nn.Module):
         return torch.exp(torch.log(x.abs() + 1e-3) * 0.5)
 
 
-def _layer_cases(channels: int) -> Dict[str, torch.nn.Module]:
+TORCH_PATH = 'DPP lite-sym 2x2 (PyTorch path)'
+COMPILED_PATH = 'DPP lite-sym 2x2 (PyTorch path, torch.compile)'
+
+
+def _layer_cases(channels: int, device: torch.device, compiled: bool) -> Dict[str, torch.nn.Module]:
     cases: Dict[str, torch.nn.Module] = {
         'AvgPool2d(2,2)': torch.nn.AvgPool2d(2, 2),
         'MaxPool2d(2,2)': torch.nn.MaxPool2d(2, 2),
@@ -96,61 +113,126 @@ def _layer_cases(channels: int) -> Dict[str, torch.nn.Module]:
     for guide in ('lite', 'full'):
         for reward in ('sym', 'asym'):
             cases[f'DPP {guide}-{reward} 2x2'] = DPP2d(channels, guide=guide, reward=reward)
+    if device.type == 'cuda':
+        for norm in ('none', 'sum'):
+            cases[f'DPP lite-sym 2x2 norm={norm}'] = DPP2d(channels, norm=norm)
     cases['DPP lite-sym 3x3/s2/p1'] = DPP2d(channels, 3, 2, 1)
-    cases['DPP lite-sym 2x2 (PyTorch path)'] = DPP2d(channels, impl='torch')
+    cases[TORCH_PATH] = DPP2d(channels, impl='torch')
+    if compiled:
+        cases[COMPILED_PATH] = torch.compile(DPP2d(channels, impl='torch'))
     cases['for scale: torch exp(0.5 log(abs(x)+eps))'] = _LogExp()
-    return cases
+    return {k: m.to(device) for k, m in cases.items()}
+
+
+LAYER_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def _forward_bytes(x: torch.Tensor, module: torch.nn.Module) -> int:
+    """The least memory traffic of a pooling forward: the input read once, the output written once."""
+    with torch.no_grad():
+        out = module(x)
+    return x.numel() * x.element_size() + out.numel() * out.element_size()
 
 
 def bench_layer(args) -> dict:
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit('error: --device cuda, but PyTorch sees no CUDA device here')
     torch.manual_seed(0)
-    shape = tuple(args.shape)
-    base = torch.randn(*shape)
-    cases = _layer_cases(shape[1])
+    shape = tuple(args.shape or ((32, 256, 56, 56) if cuda else (32, 64, 56, 56)))
+    dtypes = args.dtypes or (['float32', 'bfloat16'] if cuda else ['float32'])
+    compiled = cuda if args.compile is None else args.compile
+    inner = args.inner or (10 if cuda else 1)
+    base = torch.randn(*shape, device=device)
+    cases = _layer_cases(shape[1], device, compiled)
+    peak = peak_bandwidth(device) if cuda else None
     rows: List[dict] = []
-    for layout in ('NCHW', 'channels_last'):
-        x = base if layout == 'NCHW' else base.contiguous(memory_format=torch.channels_last)
-        names = [n for n in cases if not ('PyTorch path' in n and layout == 'channels_last')]
-        fns = {}
-        for name in names:
-            fns[(name, 'fwd')], fns[(name, 'fwd_bwd')] = _fwd_bwd_fns(cases[name], x)
-        print(f'  timing {len(names)} ops [{layout}]', file=sys.stderr)
-        times = interleaved_medians(fns, args.repeat)
-        for name in names:
-            row = {'op': name, 'layout': layout, 'fwd_ms': times[(name, 'fwd')], 'fwd_bwd_ms': times[(name, 'fwd_bwd')]}
-            row['memory_x'] = peak_training_memory(cases[name], x) if not args.no_memory else float('nan')
-            rows.append(row)
+    for dtype_name in dtypes:
+        for layout in ('NCHW', 'channels_last'):
+            x = base.to(LAYER_DTYPES[dtype_name])
+            if layout == 'channels_last':
+                x = x.contiguous(memory_format=torch.channels_last)
+            # (the PyTorch path is slow on the CPU: timed in one layout there)
+            names = [n for n in cases if cuda or not ('PyTorch path' in n and layout == 'channels_last')]
+            fns = {}
+            for name in names:
+                fns[(name, 'fwd')], fns[(name, 'fwd_bwd')] = _fwd_bwd_fns(cases[name], x)
+            print(f'  timing {len(names)} ops [{dtype_name}, {layout}]', file=sys.stderr)
+            times = interleaved_medians(fns, args.repeat, device=device, inner=inner)
+            for name in names:
+                row = {'op': name, 'dtype': dtype_name, 'layout': layout, 'fwd_ms': times[(name, 'fwd')],
+                       'fwd_bwd_ms': times[(name, 'fwd_bwd')]}
+                row['memory_x'] = peak_training_memory(cases[name], x) if not args.no_memory else float('nan')
+                row['bandwidth'] = (_forward_bytes(x, cases[name]) / (row['fwd_ms'] * 1e-3) / peak if cuda
+                                    else float('nan'))
+                rows.append(row)
 
-    def get(op, layout):
-        return next(r for r in rows if r['op'] == op and r['layout'] == layout)
+    def get(op, dtype, layout):
+        return next((r for r in rows if r['op'] == op and r['dtype'] == dtype and r['layout'] == layout), None)
 
-    print(f'\nDPP2d layer benchmark: input {shape} float32, medians of {args.repeat} interleaved runs')
-    print(f'machine: {machine_description()}\n')
-    header = ('| op | layout | forward ms | fwd+bwd ms | fwd / AvgPool fwd | fwd+bwd / AvgPool fwd+bwd '
-              '| train-step peak memory / input |')
+    machine = gpu_description(device) if cuda else machine_description()
+    print(f'\nDPP2d layer benchmark: input {shape} on {device.type}, medians of {args.repeat} interleaved runs'
+          + (f' of {inner} calls each (CUDA events)' if inner > 1 or cuda else ''))
+    print(f'machine: {machine}\n')
+    header = ('| op | dtype | layout | forward ms | fwd+bwd ms | fwd / AvgPool fwd | fwd+bwd / AvgPool fwd+bwd '
+              '| train-step peak memory / input |' + (' forward bandwidth / peak |' if cuda else ''))
     print(header)
-    print('|' + '---|' * 7)
+    print('|' + '---|' * (9 if cuda else 8))
     for r in rows:
-        avg = get('AvgPool2d(2,2)', r['layout'])
-        print(f"| {r['op']} | {r['layout']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+        avg = get('AvgPool2d(2,2)', r['dtype'], r['layout'])
+        print(f"| {r['op']} | {r['dtype']} | {r['layout']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
               f"{r['fwd_ms'] / avg['fwd_ms']:.2f}x | {r['fwd_bwd_ms'] / avg['fwd_bwd_ms']:.2f}x | "
-              f"{r['memory_x']:.2f}x |")
-    print('\nTargets (per layout, against AvgPool2d(2,2) in the same layout):')
+              f"{r['memory_x']:.2f}x |" + (f" {100 * r['bandwidth']:.0f}% |" if cuda else ''))
+    targets = _cuda_layer_targets(get, dtypes) if cuda else _cpu_layer_targets(get, dtypes)
+    print('\nTargets (against AvgPool2d(2,2) in the same dtype and layout):')
+    for text, value, limit, at_most in targets:
+        ok = value <= limit if at_most else value >= limit
+        print(f"  {'PASS' if ok else 'MISS'}  {text}: {value:.2f}")
+    return {'machine': machine, 'shape': shape, 'rows': rows,
+            'targets': [{'target': t, 'value': v, 'limit': lim, 'at_most': m} for t, v, lim, m in targets]}
+
+
+def _cpu_layer_targets(get, dtypes) -> List[tuple]:
+    """(text, value, limit, value must be at most the limit) for the CPU kernel, in float32."""
     targets = []
+    if 'float32' not in dtypes:
+        return targets
     for layout in ('NCHW', 'channels_last'):
-        avg, dpp = get('AvgPool2d(2,2)', layout), get('DPP lite-sym 2x2', layout)
-        dpp3 = get('DPP lite-sym 3x3/s2/p1', layout)
+        avg, dpp = get('AvgPool2d(2,2)', 'float32', layout), get('DPP lite-sym 2x2', 'float32', layout)
+        dpp3 = get('DPP lite-sym 3x3/s2/p1', 'float32', layout)
         targets += [
-            (f'{layout}: Lite-sym 2x2 forward <= 2x AvgPool2d forward', dpp['fwd_ms'] / avg['fwd_ms'], 2.0),
-            (f'{layout}: Lite-sym 2x2 fwd+bwd <= 3x AvgPool2d fwd+bwd', dpp['fwd_bwd_ms'] / avg['fwd_bwd_ms'], 3.0),
-            (f'{layout}: training memory <= 3x input', dpp['memory_x'], 3.0),
-            (f'{layout}: 3x3/s2/p1 forward within 2x of 2x2', dpp3['fwd_ms'] / dpp['fwd_ms'], 2.0),
-            (f'{layout}: 3x3/s2/p1 fwd+bwd within 2x of 2x2', dpp3['fwd_bwd_ms'] / dpp['fwd_bwd_ms'], 2.0),
+            (f'{layout}: Lite-sym 2x2 forward <= 2x AvgPool2d forward', dpp['fwd_ms'] / avg['fwd_ms'], 2.0, True),
+            (f'{layout}: Lite-sym 2x2 fwd+bwd <= 3x AvgPool2d fwd+bwd', dpp['fwd_bwd_ms'] / avg['fwd_bwd_ms'], 3.0,
+             True),
+            (f'{layout}: training memory <= 3x input', dpp['memory_x'], 3.0, True),
+            (f'{layout}: 3x3/s2/p1 forward within 2x of 2x2', dpp3['fwd_ms'] / dpp['fwd_ms'], 2.0, True),
+            (f'{layout}: 3x3/s2/p1 fwd+bwd within 2x of 2x2', dpp3['fwd_bwd_ms'] / dpp['fwd_bwd_ms'], 2.0, True),
         ]
-    for text, value, limit in targets:
-        print(f"  {'PASS' if value <= limit else 'MISS'}  {text}: {value:.2f}")
-    return {'machine': machine_description(), 'shape': shape, 'rows': rows,
-            'targets': [{'target': t, 'value': v, 'limit': lim} for t, v, lim in targets]}
+    return targets
+
+
+def _cuda_layer_targets(get, dtypes) -> List[tuple]:
+    """The Triton kernels' targets, in bfloat16 channels_last (where timed)."""
+    if 'bfloat16' not in dtypes:
+        return []
+    at = ('bfloat16', 'channels_last')
+    avg, dpp = get('AvgPool2d(2,2)', *at), get('DPP lite-sym 2x2', *at)
+    eager, compiled = get(TORCH_PATH, *at), get(COMPILED_PATH, *at)
+    targets = [
+        ('bf16 channels_last: Lite-sym 2x2 forward <= 1.3x AvgPool2d forward', dpp['fwd_ms'] / avg['fwd_ms'], 1.3,
+         True),
+        ('bf16 channels_last: Lite-sym 2x2 fwd+bwd <= 2x AvgPool2d fwd+bwd', dpp['fwd_bwd_ms'] / avg['fwd_bwd_ms'],
+         2.0, True),
+        ('bf16 channels_last: forward bandwidth >= 60% of peak', dpp['bandwidth'], 0.6, False),
+        ('bf16 channels_last: training memory <= 2x input', dpp['memory_x'], 2.0, True),
+        ('bf16 channels_last: fwd+bwd >= 5x faster than the PyTorch path', eager['fwd_bwd_ms'] / dpp['fwd_bwd_ms'],
+         5.0, False),
+    ]
+    if compiled is not None:
+        targets.append(('bf16 channels_last: fwd+bwd >= 2x faster than the PyTorch path under torch.compile',
+                        compiled['fwd_bwd_ms'] / dpp['fwd_bwd_ms'], 2.0, False))
+    return targets
 
 
 def bench_init(args) -> dict:
@@ -488,14 +570,16 @@ def bench_train(args) -> dict:
     rows, choices = [], {}
     for name in args.models:
         torch.manual_seed(0)
-        models = {'original': timm.create_model(name, num_classes=10).to(device).train()}
+        models = {'original': timm.create_model(name, num_classes=10).train()}
         models['converted'] = copy.deepcopy(models['original'])
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             convert(models['converted'], input_size=(3, size, size))
-        cost = measure_cost(models['original'], models['converted'], ConversionPolicy(), (3, size, size))
+        cost = measure_cost(models['original'], models['converted'], ConversionPolicy(), (3, size, size))  # (CPU)
         flop_ratio = cost['gflops']['converted'] / cost['gflops']['unconverted']
-        x = torch.randn(batch, 3, size, size, device=device)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        models = {k: m.to(device, memory_format=fmt) for k, m in models.items()}
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (batch,), device=device)
         fns = {}
         for amp in args.amp:
@@ -509,7 +593,7 @@ def bench_train(args) -> dict:
                 choices[(name, which, amp)] = choice
                 print(f'{name} {which} amp {amp}: {choice.description}', file=sys.stderr)
                 fns[(which, amp)] = _train_step_fn(model, x, y, choice.dtype)
-        times = interleaved_medians(fns, args.repeat, warmup=2)
+        times = interleaved_medians(fns, args.repeat, warmup=2, device=device)
         for amp in args.amp:
             t_orig, t_conv = times[('original', amp)], times[('converted', amp)]
             rows.append({'model': name, 'amp': amp, 'original_precision': choices[(name, 'original', amp)].amp,
@@ -519,11 +603,13 @@ def bench_train(args) -> dict:
                          'flop_ratio': flop_ratio, 'gflops': cost['gflops']})
             print(f'  {rows[-1]}', file=sys.stderr)
     print(f'\nTraining step (forward, backward, SGD step; median ms of {args.repeat} interleaved runs), batch {batch}, '
-          f'{size} px, {args.threads} threads, {device.type}, random init, default policy. "ran as": the precision '
+          f'{size} px, {args.threads} threads, {device.type}{", channels_last" if args.channels_last else ""}, '
+          'random init, default policy. "ran as": the precision '
           'that amp chose for that model (auto: bfloat16 only where the CPU has it natively and a probe of the model '
           'measured it faster). GFLOPs: torch\'s FlopCounterMode of the original, plus the changes plan() estimates '
           'at the replaced sites.')
-    print(f'machine: {machine_description()}\n')
+    machine = gpu_description(device) if device.type == 'cuda' else machine_description()
+    print(f'machine: {machine}\n')
     print('| model | amp | original ran as | original ms | original img/s | converted ran as | converted ms | '
           'converted img/s | converted / original time | FLOP ratio | time ratio / FLOP ratio |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')
@@ -548,7 +634,7 @@ def bench_train(args) -> dict:
     print()
     for text, ok in checks:
         print(f"{'PASS' if ok else 'MISS'}: {text}")
-    return {'machine': machine_description(),
+    return {'machine': machine,
             'precisions': {f'{n} {w} {a}': c.to_dict() for (n, w, a), c in choices.items()},
             'settings': {'batch': batch, 'size': size, 'repeat': args.repeat, 'threads': args.threads},
             'rows': rows, 'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
@@ -561,9 +647,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON to PATH')
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('layer', help='speed and memory of DPP2d against max/average pooling')
-    p.add_argument('--shape', type=int, nargs=4, default=[32, 64, 56, 56], metavar=('N', 'C', 'H', 'W'),
-                   help='input shape (default 32 64 56 56)')
+    p.add_argument('--shape', type=int, nargs=4, metavar=('N', 'C', 'H', 'W'),
+                   help='input shape (default 32 64 56 56 on the CPU, 32 256 56 56 on CUDA)')
     p.add_argument('--repeat', type=int, default=20, help='timed runs per measurement (default 20)')
+    p.add_argument('--inner', type=int, help='calls per timed run (default 1 on the CPU, 10 on CUDA)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (default cpu)')
+    p.add_argument('--dtypes', nargs='+', choices=list(LAYER_DTYPES),
+                   help='input dtypes (default float32 on the CPU, float32 bfloat16 on CUDA)')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='also time the PyTorch path under torch.compile (default: on CUDA only)')
     p.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
     p.set_defaults(func=bench_layer)
     p = sub.add_parser('init', help='closeness of the init presets to average and max pooling')
@@ -595,7 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--repeat', type=int, default=5, help='timed steps per measurement (default 5)')
     p.add_argument('--amp', nargs='+', default=['none', 'auto'], choices=['none', 'auto', 'bf16', 'fp16'],
                    help='precisions to time (default: none auto)')
-    p.add_argument('--device', default='cpu', help='device (default cpu)')
+    p.add_argument('--device', default='cpu', help='device: cpu or cuda (default cpu)')
+    p.add_argument('--channels-last', action='store_true', help='models and input in channels_last')
     p.set_defaults(func=bench_train)
     return parser
 

@@ -6,13 +6,13 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ..layers import kernel_status
 
-__all__ = ['machine_description', 'interleaved_medians']
+__all__ = ['machine_description', 'gpu_description', 'peak_bandwidth', 'interleaved_medians']
 
 
 def machine_description() -> str:
@@ -25,16 +25,58 @@ def machine_description() -> str:
             f'torch {torch.__version__}, Python {platform.python_version()}, fused kernel {kernel}')
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int = 3) -> Dict[str, float]:
+def peak_bandwidth(device) -> float:
+    """The device's peak memory bandwidth in bytes/s, from its memory clock (double data rate) and bus width."""
+    props = torch.cuda.get_device_properties(device)
+    return 2.0 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8
+
+
+def gpu_description(device) -> str:
+    """One line naming the GPU (model, compute capability, memory, peak bandwidth) and the CUDA and Triton
+    versions; the host CPU follows in :func:`machine_description`."""
+    props = torch.cuda.get_device_properties(device)
+    try:
+        import triton
+        tri = f'Triton {triton.__version__}'
+    except ImportError:
+        tri = 'no Triton'
+    return (f'{props.name} (compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB, '
+            f'peak bandwidth {peak_bandwidth(device) / 1e12:.2f} TB/s), CUDA {torch.version.cuda}, {tri}; host: '
+            f'{machine_description()}')
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int = 3,
+                        device: Optional[torch.device] = None, inner: int = 1) -> Dict[str, float]:
     """Median milliseconds of each function, timed in round-robin order so that drifts in machine load hit
-    every function alike and ratios between them stay meaningful."""
+    every function alike and ratios between them stay meaningful.
+
+    On a CUDA ``device`` each measurement is the time between two CUDA events around ``inner`` back-to-back calls
+    (divided by ``inner``), read after the round has finished on the device: the device's time, not the time the
+    host took to queue the work. Elsewhere, wall-clock time of ``inner`` calls, divided by ``inner``."""
+    cuda = device is not None and torch.device(device).type == 'cuda'
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    if cuda:
+        torch.cuda.synchronize(device)
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeat):
+        events = {}
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                events[name] = (start, end)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / inner)
+        if cuda:
+            torch.cuda.synchronize(device)
+            for name, (start, end) in events.items():
+                times[name].append(start.elapsed_time(end) / 1e3 / inner)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
