@@ -112,7 +112,13 @@ def test_custom_export_one_node_per_layer_with_functions(custom_export):
     functions = {(f.domain, f.name, f.overload): f for f in proto.functions}
     for n in nodes:
         f = functions[(DPP_DOMAIN, DPP_OP, n.overload)]
-        assert all(b.domain in ('', 'ai.onnx') for b in f.node) and {'Log', 'Exp'} <= {b.op_type for b in f.node}
+        ops = {b.op_type for b in f.node}
+        assert all(b.domain in ('', 'ai.onnx') for b in f.node)
+        a = attrs[n.name]
+        # windows that tile the input: pools and powers at full resolution (the Exp is alpha's); overlapping ones:
+        # strided slices and window reductions
+        assert ({'AveragePool', 'MaxPool', 'Resize', 'Pow'} <= ops and not ops & {'Log', 'ReduceSum', 'ReduceMax'}
+                if a['kernel_shape'] == a['strides'] else {'Slice', 'Log', 'Exp'} <= ops), (a, sorted(ops))
     assert proto.ir_version >= 10
     # everything else is standard
     assert all(n.domain in ('', 'ai.onnx', DPP_DOMAIN) for n in proto.graph.node)
@@ -284,3 +290,54 @@ def test_coverage_export_time_limit():
     assert signal.getsignal(signal.SIGALRM) is handler
     remaining = signal.getitimer(signal.ITIMER_REAL)[0]
     assert (remaining == 0.0) if not outer else (0 < remaining <= outer)
+
+
+_GEOMETRY_CYCLE = [(2, 2, 0, False), (2, 2, 0, True), (2, 2, 'same', False), (3, 2, 1, False),
+                   ((3, 2), (2, 1), 0, True), (3, 2, 'same', False)]
+_VARIANTS = [(g, r, n) for g in ('lite', 'full') for r in ('sym', 'asym') for n in ('mean', 'none', 'sum')]
+
+
+class _EveryVariant(torch.nn.Module):
+    """Every variant and norm, each in two geometries (tiling windows with and without padding or ceil_mode,
+    overlapping ones), side by side."""
+
+    def __init__(self):
+        super().__init__()
+        from dpp_surgery import DPP2d
+        cycle = _GEOMETRY_CYCLE
+        self.pools = torch.nn.ModuleList([
+            DPP2d(3, k, s, p, ceil_mode=c, guide=g, reward=r, norm=n)
+            for i, (g, r, n) in enumerate(_VARIANTS) for k, s, p, c in (cycle[i % 6], cycle[(i + 3) % 6])])
+
+    def forward(self, x):
+        return tuple(pool(x) for pool in self.pools)
+
+
+@pytest.mark.parametrize('dynamic', [True, pytest.param(False, marks=pytest.mark.slow)], ids=['dynamic', 'fixed'])
+def test_decomposed_operators_are_the_listed_ones(tmp_path, dynamic):
+    """The decomposition's operators are DECOMPOSED_OPS (the README's list): a new one, or one no longer used, fails
+    here. Decomposed files carry no functions, and every layer's output matches PyTorch in onnxruntime."""
+    from dpp_surgery.export import DECOMPOSED_OPS
+    net = _EveryVariant().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        path = export_onnx(net, str(tmp_path / 'every.onnx'), mode='decomposed', example_input=x, min_size=8,
+                           dynamic=dynamic)
+    proto = onnx.load(path)
+    ops = {n.op_type for n in proto.graph.node}
+    assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node) and not proto.functions
+    if dynamic:
+        assert ops == DECOMPOSED_OPS, (sorted(ops - DECOMPOSED_OPS), sorted(DECOMPOSED_OPS - ops))
+    else:
+        assert ops <= DECOMPOSED_OPS, sorted(ops - DECOMPOSED_OPS)
+    session = onnx_session(path)
+    shapes = [(2, 3, 16, 16), (1, 3, 17, 13)] if dynamic else [(1, 3, 16, 16)]
+    for shape in shapes:
+        x = torch.randn(*shape)
+        outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            refs = net(x)
+        assert len(outs) == len(refs) == 24
+        for out, ref in zip(outs, refs):
+            np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-5)

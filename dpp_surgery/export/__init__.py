@@ -8,7 +8,8 @@ import importlib
 
 _LAZY = {
     **dict.fromkeys(('export_onnx', 'onnx_session', 'verify_onnx', 'register_onnx_schema', 'dpp_nodes', 'ExportError',
-                     'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS', 'DEFAULT_OPSET', 'DPP_DOMAIN', 'DPP_OP'),
+                     'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS', 'DEFAULT_OPSET', 'DPP_DOMAIN', 'DPP_OP',
+                     'DECOMPOSED_OPS'),
                     'dpp_surgery.export.onnx'),
     **dict.fromkeys(('ort_kernel_library', 'ort_kernel_status', 'OrtKernelWarning'), 'dpp_surgery.export.ort_kernel'),
 }

@@ -33,12 +33,13 @@ from ..layers.kernel import MAX_WINDOW
 from ..utils import atomic_write, first_line
 from ..surgery.plan import is_same_padding
 from .translation import (
-    DEFAULT_RTOL, DPP_DOMAIN, DPP_OP, ExportError, attach_functions, dpp_as_custom_nodes, dpp_nodes,
+    DECOMPOSED_OPS, DEFAULT_RTOL, DPP_DOMAIN, DPP_OP, ExportError, attach_functions, dpp_as_custom_nodes, dpp_nodes,
     register_onnx_schema, translation_table,
 )
 
 __all__ = ['export_onnx', 'onnx_session', 'verify_onnx', 'register_onnx_schema', 'dpp_nodes', 'ExportError',
-           'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS', 'DEFAULT_OPSET', 'DPP_DOMAIN', 'DPP_OP']
+           'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS', 'DEFAULT_OPSET', 'DPP_DOMAIN', 'DPP_OP',
+           'DECOMPOSED_OPS']
 
 SUPPORTED_MODES = ('decomposed', 'custom')
 SUPPORTED_OPSETS = tuple(range(18, 24))

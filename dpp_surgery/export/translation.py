@@ -16,11 +16,18 @@ from torch import Tensor, nn
 
 from ..layers import DPP2d, PoolGeometry, dpp2d
 
-__all__ = ['DPP_DOMAIN', 'DPP_OP', 'DEFAULT_RTOL', 'ExportError', 'register_onnx_schema', 'dpp_as_custom_nodes',
+__all__ = ['DPP_DOMAIN', 'DPP_OP', 'DECOMPOSED_OPS', 'DEFAULT_RTOL', 'ExportError', 'register_onnx_schema', 'dpp_as_custom_nodes',
            'translation_table', 'dpp_nodes', 'attach_functions']
 
 DPP_DOMAIN = 'dpp_surgery'
 DPP_OP = 'DPP2d'
+# Every ONNX operator (default domain) that DPP's decomposition uses, over every variant, norm and geometry, with
+# dynamic or fixed sizes (tests/test_export.py keeps this list exact): what a runtime must support to run a
+# decomposed file, beyond the model's own operators.
+DECOMPOSED_OPS = frozenset({
+    'Add', 'AveragePool', 'Cast', 'Clip', 'Concat', 'Conv', 'Div', 'Exp', 'Expand', 'Greater', 'Log', 'MaxPool',
+    'Mul', 'Neg', 'Pad', 'Pow', 'Reciprocal', 'ReduceMax', 'ReduceSum', 'Reshape', 'Resize', 'Shape', 'Slice',
+    'Squeeze', 'Sub', 'Unsqueeze', 'Where'})
 DEFAULT_RTOL = 1e-4
 
 

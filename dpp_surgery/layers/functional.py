@@ -152,6 +152,76 @@ def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: Reso
     return g[:, :, :oh, :ow]
 
 
+def _pooled(
+        x: Tensor,
+        guide: Optional[Tensor],
+        alpha: Tensor,
+        lam: Tensor,
+        r: ResolvedGeometry,
+        asym: bool,
+        norm: str,
+        eps: float,
+) -> Tensor:
+    """Pure-PyTorch DPP for windows that tile the input (kernel == stride), by pooling at full resolution.
+
+    Window means are average pools (their 1/K cancels in the output), the window maximum a max pool, and
+    per-window values go back to the window by nearest-neighbour upsampling; the rest is element-wise: a short
+    chain of standard ops, with no (N, C, K, OH, OW) stack of the windows, that runtimes and torch.compile fuse.
+
+    Each window's weights ``alpha + (y / m)^(lambda/2)`` are scaled by the common factor ``(m / M)^(lambda/2)``,
+    with ``M`` the larger of the window's largest ``y`` and ``m``, which the output does not depend on: every
+    power then has a base of at most 1 (finite weights, the max-shift of the other paths in closed form). ``M`` is
+    treated as a constant for autograd, as the shift is. Positions that padding, 'same' or ceil_mode add carry a
+    mask; without those the pads only crop what floor mode leaves out.
+    """
+    kh, kw = r.kernel
+    pads = (r.pad_left, r.pad_right, r.pad_top, r.pad_bottom)
+
+    def pool(t: Tensor) -> Tensor:
+        return F.avg_pool2d(t, (kh, kw))
+
+    def up(t: Tensor) -> Tensor:
+        return F.interpolate(t, scale_factor=(kh, kw), mode='nearest')
+
+    masked = r.reaches_out
+    # (F.pad with the resolved pads, also where they only crop: torch.export keeps its sizes dynamic, which a
+    # slice or a remainder would specialise to the example's)
+    xp = F.pad(x, pads)  # (zero padding, or a crop)
+    if masked:
+        valid = F.pad(torch.ones_like(x[:1, :1]), pads)
+        share = pool(valid)  # valid share of each window
+    if guide is None:
+        guide = pool(xp) / share if masked else pool(xp)  # (xp is zero on padding)
+    d = xp - up(guide)
+    if asym:
+        d = d.clamp_min(0)
+    y = d * d + eps
+    yv = y * valid if masked else y  # (y >= eps inside: padding never holds a window's maximum)
+    hl = (lam * 0.5).view(1, -1, 1, 1)
+    a0 = alpha.view(1, -1, 1, 1)
+    if norm == 'sum':
+        m = pool(yv) * (kh * kw)
+        big = m.detach()  # the sum is at least the maximum
+        a = a0 if _exporting() else a0 * torch.pow(m / big, hl)  # (= alpha; the factor carries m's gradient)
+    else:
+        big = F.max_pool2d(yv, (kh, kw)).detach()
+        if norm == 'none':
+            big = big.clamp_min(1.0)
+            a = a0 * torch.pow(1.0 / big, hl)
+        else:
+            m = pool(yv) / share if masked else pool(yv)
+            a = a0 * torch.pow(m / big, hl)
+    big = up(big)
+    if masked:
+        y = torch.where(valid > 0, y, big)  # (a base of 1 on padding, zeroed below: no inf or NaN gradients)
+    rw = torch.pow(y / big, hl)
+    if masked:
+        rw = rw * valid
+    num = a * pool(xp) + pool(rw * xp)
+    den = a * share + pool(rw) if masked else a + pool(rw)
+    return num / den
+
+
 def _reference(
         x: Tensor,
         guide: Optional[Tensor],
@@ -162,21 +232,19 @@ def _reference(
         norm: str,
         eps: float,
 ) -> Tensor:
-    """Pure-PyTorch DPP over the stacked windows (any device, autograd by PyTorch, exportable)."""
+    """Pure-PyTorch DPP (any device, autograd by PyTorch, exportable): by pooling where the windows tile the input
+    (:func:`_pooled`), else over the stacked windows."""
+    if r.kernel == r.stride:
+        return _pooled(x, guide, alpha, lam, r, asym, norm, eps)
     n, c, h, w = x.shape
     (kh, kw), (oh, ow) = r.kernel, r.out_size
     k = kh * kw
     pads = (r.pad_left, r.pad_right, r.pad_top, r.pad_bottom)
 
     def windows(t: Tensor) -> Tensor:
-        # (N, C, K, OH, OW) by reshapes for non-overlapping windows and strided slices otherwise: standard ops
-        # that export to ONNX as Reshape/Transpose/Slice, not as a gather per element
+        # (N, C, K, OH, OW) by strided slices: standard ops that export to ONNX as Slice, not a gather per element
         tp = F.pad(t, pads)
         (sh, sw) = r.stride
-        if (kh, kw) == (sh, sw) and not _exporting():  # (reshapes of symbolic sizes would pin them when exporting)
-            tp = tp[:, :, :oh * sh, :ow * sw]
-            return tp.reshape(t.shape[0], t.shape[1], oh, kh, ow, kw).permute(0, 1, 3, 5, 2, 4).reshape(
-                t.shape[0], t.shape[1], k, oh, ow)
         parts = [tp[:, :, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw] for i in range(kh) for j in range(kw)]
         return torch.stack(parts, 2)
 

@@ -45,6 +45,9 @@ class ResolvedGeometry:
     pad_bottom: int
     pad_left: int
     pad_right: int
+    # whether windows may reach outside the input (padding, 'same' or ceil_mode) for some input size; if not,
+    # every window position is inside the input and the pads only crop
+    reaches_out: bool = True
 
 
 def _max0(v):
@@ -145,7 +148,8 @@ class PoolGeometry:
             sides.append((before, after))
         return ResolvedGeometry(
             kernel=self.kernel, stride=self.stride, out_size=(outs[0], outs[1]),
-            pad_top=sides[0][0], pad_bottom=sides[0][1], pad_left=sides[1][0], pad_right=sides[1][1])
+            pad_top=sides[0][0], pad_bottom=sides[0][1], pad_left=sides[1][0], pad_right=sides[1][1],
+            reaches_out=self.is_same or self.ceil_mode or any(p > 0 for p in self.padding))
 
     def full_guide_kernel(self) -> IntPair:
         """Kernel of the Full guide filter: ``k + 1`` for an even window side, ``k`` for an odd one.
