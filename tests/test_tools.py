@@ -45,3 +45,22 @@ def test_first_line_strips_colour_codes_and_falls_back():
     assert first_line(RuntimeError('\x1b[96mstep 2/3\x1b[0m failed\nmore detail')) == 'step 2/3 failed'
     assert first_line(ValueError('')) == 'ValueError'
     assert first_line(ValueError('  \n'), '') == ''
+
+
+def test_onnx_file_summary_counts_the_decomposition_per_layer(tmp_path):
+    """bench onnx's file table: nodes per DPP layer is the decomposed file's DPP share per DPP2d node."""
+    import onnx
+    import torch
+    from dpp_surgery import DPP2d, export_onnx
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AvgPool2d(2)).eval()
+    converted = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DPP2d(4)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    files = {label: export_onnx(model, str(tmp_path / f'{label}.onnx'), mode=mode, example_input=x, min_size=8)
+             for label, model, mode in (('original', original, 'decomposed'), ('decomposed', converted, 'decomposed'),
+                                        ('custom', converted, 'custom'))}
+    summary = bench._file_summary('tiny', converted, files, {'original': 1.0, 'decomposed': 2.0, 'custom': 3.0})
+    decomposed = len(onnx.load(files['decomposed']).graph.node)
+    assert summary['nodes']['custom'] == 2 and summary['custom_nodes'] == 1
+    assert summary['nodes_per_dpp_layer'] == decomposed - 1  # all but the conv
+    assert summary['dpp_layers'] == summary['tiling_layers'] == 1

@@ -152,6 +152,9 @@ def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: Reso
     return g[:, :, :oh, :ow]
 
 
+_BASE_LIMIT = 1.0 + 2.0 ** -10  # (1 + 2^-10)^(lambda/2) overflows float32 only for lambda above 1.8e5
+
+
 def _pooled(
         x: Tensor,
         guide: Optional[Tensor],
@@ -212,11 +215,14 @@ def _pooled(
             m = pool(yv) / share if masked else pool(yv)
             a = a0 * torch.pow(m / big, hl)
     big = up(big)
+    ratio = y / big
     if masked:
-        y = torch.where(valid > 0, y, big)  # (a base of 1 on padding, zeroed below: no inf or NaN gradients)
-    rw = torch.pow(y / big, hl)
-    if masked:
-        rw = rw * valid
+        # padding may exceed the window's maximum: a clamp just above 1 keeps its power finite, and the mask zeroes
+        # it (inside a window every y is at most its maximum: the clamp never binds, and a base of exactly 1, the
+        # maximum's own, keeps its gradient)
+        rw = torch.pow(ratio.clamp_max(_BASE_LIMIT), hl) * valid
+    else:
+        rw = torch.pow(ratio, hl)
     num = a * pool(xp) + pool(rw * xp)
     den = a * share + pool(rw) if masked else a + pool(rw)
     return num / den

@@ -10,8 +10,9 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
   forward's achieved memory bandwidth as a fraction of the GPU's peak.
 * ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
 * ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
-  (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), and the share of
-  onnxruntime time in DPP2d nodes (onnxruntime's profiler).
+  (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), the share of
+  onnxruntime time in DPP2d nodes (onnxruntime's profiler), and each file's node count, the decomposition's nodes
+  per DPP layer and the export times.
 * ``train``: training-step time and images/s of original and converted resnet18/resnet50/efficientnet_lite0 in
   float32 and in the precision ``amp='auto'`` picks on this machine, with the converted / original time ratio
   next to the FLOP ratio.
@@ -432,7 +433,7 @@ def _export_three(name: str, size: int, folder: str):
     converted = copy.deepcopy(original)
     convert(converted, input_size=(3, size, size))
     example = torch.randn(1, 3, size, size)
-    files = {}
+    files, seconds = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         for label, model, mode in (('original', original, 'decomposed'), ('decomposed', converted, 'decomposed'),
@@ -440,8 +441,27 @@ def _export_three(name: str, size: int, folder: str):
             t0 = time.perf_counter()
             files[label] = export_onnx(model, os.path.join(folder, f'{name}_{label}.onnx'), mode=mode,
                                        example_input=example)
-            print(f'  exported {name} {label} in {time.perf_counter() - t0:.0f} s', file=sys.stderr)
-    return original, converted, files
+            seconds[label] = time.perf_counter() - t0
+            print(f'  exported {name} {label} in {seconds[label]:.0f} s', file=sys.stderr)
+    return original, converted, files, _file_summary(name, converted, files, seconds)
+
+
+def _file_summary(name: str, converted, files: Dict[str, str], seconds: Dict[str, float]) -> dict:
+    """Node counts of the three files, the decomposition's nodes per DPP layer and the export times."""
+    import onnx
+
+    from ..export import dpp_nodes
+    from ..surgery import dpp_layers
+
+    protos = {k: onnx.load(v) for k, v in files.items()}
+    nodes = {k: len(p.graph.node) for k, p in protos.items()}
+    custom = len(dpp_nodes(protos['custom']))
+    layers = dpp_layers(converted)
+    tiling = sum(1 for _, m in layers if m.geometry.kernel == m.geometry.stride)
+    # every DPP2d node of the custom file stands for one layer's decomposition in the decomposed file
+    per_layer = (nodes['decomposed'] - nodes['custom'] + custom) / custom if custom else float('nan')
+    return {'model': name, 'nodes': nodes, 'dpp_layers': len(layers), 'tiling_layers': tiling,
+            'custom_nodes': custom, 'nodes_per_dpp_layer': per_layer, 'export_s': seconds}
 
 
 def _onnx_latencies(name: str, original, converted, files, args) -> List[dict]:
@@ -520,16 +540,51 @@ def bench_onnx(args) -> dict:
               file=sys.stderr)
     rows: List[dict] = []
     shares: Dict[str, float] = {}
+    summaries: List[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            original, converted, files = _export_three(name, args.size, tmp)
+            original, converted, files, summary = _export_three(name, args.size, tmp)
+            summaries.append(summary)
             rows += _onnx_latencies(name, original, converted, files, args)
             profiled = onnx_session(files['custom'], threads=args.threads, profile=True)
             x = torch.randn(args.batches[-1], 3, args.size, args.size)
             shares[name] = _ort_node_share(profiled, {profiled.get_inputs()[0].name: x.numpy()}, 5, 'DPP2d')
     checks = _print_onnx_table(rows, shares, args)
-    return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares,
+    checks += _print_file_table(summaries, args)
+    return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares, 'files': summaries,
             'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+
+
+NODES_PER_LAYER_TARGET = 25  # ONNX nodes per DPP layer whose windows tile the input, decomposed
+EXPORT_TIME_TARGET = 1.5  # converted model's export time / the unconverted model's, either mode
+
+
+def _print_file_table(summaries: List[dict], args) -> List[Tuple[str, bool]]:
+    print(f'\nONNX files at {args.size} px (dynamic batch and spatial sizes): node counts, the decomposition\'s nodes '
+          'per DPP layer (decomposed minus custom file, per DPP2d node: shape arithmetic for the dynamic sizes '
+          'included) and export time (export_onnx, without verification)')
+    print(f'machine: {machine_description()}\n')
+    print('| model | DPP layers (tiling windows) | nodes original | nodes decomposed | nodes custom | '
+          'nodes per DPP layer | export s original | decomposed | custom | decomposed / original | '
+          'custom / original |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    checks = []
+    for s in summaries:
+        n, t = s['nodes'], s['export_s']
+        print(f"| {s['model']} | {s['dpp_layers']} ({s['tiling_layers']}) | {n['original']} | {n['decomposed']} | "
+              f"{n['custom']} | {s['nodes_per_dpp_layer']:.1f} | {t['original']:.1f} | {t['decomposed']:.1f} | "
+              f"{t['custom']:.1f} | {t['decomposed'] / t['original']:.2f}x | {t['custom'] / t['original']:.2f}x |")
+        if s['tiling_layers'] == s['dpp_layers']:
+            checks.append((f"{s['model']}: {s['nodes_per_dpp_layer']:.1f} ONNX nodes per DPP layer <= "
+                           f'{NODES_PER_LAYER_TARGET}', s['nodes_per_dpp_layer'] <= NODES_PER_LAYER_TARGET))
+        for mode in ('decomposed', 'custom'):
+            ratio = t[mode] / t['original']
+            checks.append((f"{s['model']}: {mode} export {ratio:.2f}x the original's <= {EXPORT_TIME_TARGET}x",
+                           ratio <= EXPORT_TIME_TARGET))
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    return checks
 
 
 TRAIN_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
