@@ -91,3 +91,57 @@ def test_paper_full_guide_is_3x3_stride2_pad1_depthwise():
     g = full_guide(x, layer.guide_weight, layer.geometry, layer.geometry.resolve(10, 10))
     expected = torch.nn.functional.conv2d(x, layer.guide_weight, stride=2, padding=1, groups=6)
     torch.testing.assert_close(g, expected)
+
+
+# windows that tile the input, with and without padding, 'same' or ceil_mode: the export form (pooling)
+TILING = {
+    '2x2s2': ((2, 2), (2, 2), 0, False),
+    '2x2s2_ceil': ((2, 2), (2, 2), 0, True),
+    '2x2s2_same': ((2, 2), (2, 2), 'same', False),
+    '3x2s3x2p1x0': ((3, 2), (3, 2), (1, 0), False),
+}
+
+
+def _pooled_and_stacked(layer, x):
+    """The pooled form (what export writes for tiling windows) and the stacked form (eager), from the same inputs."""
+    from dpp_surgery.layers import functional
+    g = layer.geometry
+    r = g.resolve(x.shape[-2], x.shape[-1])
+    alpha = torch.exp(layer.theta_alpha.clamp(max=10.0))
+    lam = torch.exp(layer.theta_lambda)
+    guide = None if layer.guide_weight is None else functional.full_guide(x, layer.guide_weight, g, r)
+    args = (guide, alpha, lam, r, layer.reward == 'asym', layer.norm, layer.eps)
+    return functional._pooled(x, *args), functional._reference(x, *args)
+
+
+@pytest.mark.parametrize('geometry', list(TILING), ids=list(TILING))
+def test_pooled_form_matches_references_with_gradients(geometry):
+    """The pooled form against the float64 loop reference, and its gradients against the stacked form's."""
+    kernel, stride, padding, ceil_mode = TILING[geometry]
+    for guide, reward, norm in VARIANTS:
+        for h, w in SIZES:
+            layer = _make(3, kernel, stride, padding, ceil_mode, guide, reward, norm).double()
+            x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+            pooled, stacked = _pooled_and_stacked(layer, x)
+            ref = dpp2d_reference(x.detach(), layer.theta_alpha, layer.theta_lambda, kernel, stride, padding,
+                                  ceil_mode, layer.guide_weight, reward, norm)
+            torch.testing.assert_close(pooled, ref, rtol=1e-10, atol=1e-12)
+            probe = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)
+            leaves = [x] + list(layer.parameters())
+            g1 = torch.autograd.grad((pooled * probe).sum(), leaves, retain_graph=True)
+            g2 = torch.autograd.grad((stacked * probe).sum(), leaves)
+            for a, b in zip(g1, g2):
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_pooled_form_keeps_huge_lambda_finite():
+    """lambda = e^8 (about 3000) on a ceil_mode window: the padding's clamped base keeps every value finite."""
+    layer = _make(2, (2, 2), (2, 2), 0, True, 'lite', 'sym', 'mean')
+    with torch.no_grad():
+        layer.theta_lambda.fill_(8.0)
+    x = (torch.randn(1, 2, 7, 7) * 1e3).requires_grad_(True)
+    pooled, stacked = _pooled_and_stacked(layer, x)
+    assert torch.isfinite(pooled).all()
+    torch.testing.assert_close(pooled, stacked, rtol=1e-3, atol=1e-4 * x.abs().max().item())  # (float32)
+    pooled.sum().backward()
+    assert torch.isfinite(x.grad).all()

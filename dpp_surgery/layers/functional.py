@@ -238,9 +238,10 @@ def _reference(
         norm: str,
         eps: float,
 ) -> Tensor:
-    """Pure-PyTorch DPP (any device, autograd by PyTorch, exportable): by pooling where the windows tile the input
-    (:func:`_pooled`), else over the stacked windows."""
-    if r.kernel == r.stride:
+    """Pure-PyTorch DPP (any device, autograd by PyTorch, exportable) over the stacked windows; when exporting,
+    windows that tile the input are computed by pooling (:func:`_pooled`), which exports to a short chain of
+    standard operators (in eager PyTorch the stacked form is faster and lighter)."""
+    if r.kernel == r.stride and _exporting():
         return _pooled(x, guide, alpha, lam, r, asym, norm, eps)
     n, c, h, w = x.shape
     (kh, kw), (oh, ow) = r.kernel, r.out_size
@@ -248,9 +249,14 @@ def _reference(
     pads = (r.pad_left, r.pad_right, r.pad_top, r.pad_bottom)
 
     def windows(t: Tensor) -> Tensor:
-        # (N, C, K, OH, OW) by strided slices: standard ops that export to ONNX as Slice, not a gather per element
+        # (N, C, K, OH, OW) by reshapes for windows that tile the input and strided slices otherwise: standard ops
+        # that export to ONNX as Slice, not a gather per element
         tp = F.pad(t, pads)
         (sh, sw) = r.stride
+        if (kh, kw) == (sh, sw):
+            tp = tp[:, :, :oh * sh, :ow * sw]
+            return tp.reshape(t.shape[0], t.shape[1], oh, kh, ow, kw).permute(0, 1, 3, 5, 2, 4).reshape(
+                t.shape[0], t.shape[1], k, oh, ow)
         parts = [tp[:, :, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw] for i in range(kh) for j in range(kw)]
         return torch.stack(parts, 2)
 
