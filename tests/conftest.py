@@ -18,6 +18,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # (finetune and the benchmarks set the process's threads)
 
 
 def kernel_available() -> bool:

@@ -1,9 +1,10 @@
 """Runs in a spawned process: receives pickled models, returns their outputs and class names."""
 
 
-def run_models(cases, queue) -> None:
+def run_models(cases, queue, threads: int) -> None:
     import torch
 
+    torch.set_num_threads(threads)  # the parent's: a convolution's rounding depends on how its work is split
     results = []
     with torch.no_grad():
         for model, x in cases:

@@ -109,7 +109,7 @@ def test_spawned_worker_round_trip():
     cases = [(_converted(*case[:3]), torch.randn(1, 3, case[1], case[1])) for case in CASES[:4]]
     ctx = mp.get_context('spawn')
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_models, args=(cases, queue))
+    proc = ctx.Process(target=run_models, args=(cases, queue, torch.get_num_threads()))
     proc.start()
     try:
         results = queue.get(timeout=180)
