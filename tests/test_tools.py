@@ -64,3 +64,24 @@ def test_onnx_file_summary_counts_the_decomposition_per_layer(tmp_path):
     assert summary['nodes']['custom'] == 2 and summary['custom_nodes'] == 1
     assert summary['nodes_per_dpp_layer'] == decomposed - 1  # all but the conv
     assert summary['dpp_layers'] == summary['tiling_layers'] == 1
+
+
+def test_onnx_file_table_checks(capsys):
+    """The file table's targets: nodes per layer only where every DPP layer tiles its input, export time per mode,
+    decomposed latency against the FLOP ratio."""
+    import argparse
+    summaries = [
+        {'model': 'a', 'nodes': {'original': 10, 'decomposed': 50, 'custom': 12}, 'dpp_layers': 2, 'tiling_layers': 2,
+         'custom_nodes': 2, 'nodes_per_dpp_layer': 20.0, 'export_s': {'original': 2.0, 'decomposed': 2.5,
+                                                                       'custom': 4.0}, 'flop_ratio': 1.5},
+        {'model': 'b', 'nodes': {'original': 10, 'decomposed': 90, 'custom': 12}, 'dpp_layers': 2, 'tiling_layers': 1,
+         'custom_nodes': 2, 'nodes_per_dpp_layer': 40.0, 'export_s': {'original': 2.0, 'decomposed': 2.0,
+                                                                       'custom': 2.0}, 'flop_ratio': 1.2},
+    ]
+    rows = [{'model': 'a', 'batch': 1, 'ort decomposed': 14.0, 'ort original': 10.0},
+            {'model': 'b', 'batch': 1, 'ort decomposed': 13.0, 'ort original': 10.0}]
+    checks = bench._print_file_table(summaries, rows, argparse.Namespace(size=32))
+    assert [ok for _, ok in checks] == [True, True, False, True, True, True, False]
+    text = capsys.readouterr().out
+    assert 'PASS: a: 20.0 ONNX nodes per DPP layer <= 25' in text and 'b: 40.0 ONNX nodes' not in text
+    assert 'MISS: a: custom export 2.00x' in text and 'MISS: b batch 1: onnxruntime decomposed / original 1.30x' in text

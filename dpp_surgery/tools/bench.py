@@ -443,7 +443,12 @@ def _export_three(name: str, size: int, folder: str):
                                        example_input=example)
             seconds[label] = time.perf_counter() - t0
             print(f'  exported {name} {label} in {seconds[label]:.0f} s', file=sys.stderr)
-    return original, converted, files, _file_summary(name, converted, files, seconds)
+    summary = _file_summary(name, converted, files, seconds)
+    from ..surgery import ConversionPolicy
+    from .zoo import measure_cost
+    gflops = measure_cost(original, converted, ConversionPolicy(), (3, size, size))['gflops']
+    summary['flop_ratio'] = gflops['converted'] / gflops['unconverted']
+    return original, converted, files, summary
 
 
 def _file_summary(name: str, converted, files: Dict[str, str], seconds: Dict[str, float]) -> dict:
@@ -550,7 +555,7 @@ def bench_onnx(args) -> dict:
             x = torch.randn(args.batches[-1], 3, args.size, args.size)
             shares[name] = _ort_node_share(profiled, {profiled.get_inputs()[0].name: x.numpy()}, 5, 'DPP2d')
     checks = _print_onnx_table(rows, shares, args)
-    checks += _print_file_table(summaries, args)
+    checks += _print_file_table(summaries, rows, args)
     return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares, 'files': summaries,
             'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
 
@@ -559,7 +564,7 @@ NODES_PER_LAYER_TARGET = 25  # ONNX nodes per DPP layer whose windows tile the i
 EXPORT_TIME_TARGET = 1.5  # converted model's export time / the unconverted model's, either mode
 
 
-def _print_file_table(summaries: List[dict], args) -> List[Tuple[str, bool]]:
+def _print_file_table(summaries: List[dict], rows: List[dict], args) -> List[Tuple[str, bool]]:
     print(f'\nONNX files at {args.size} px (dynamic batch and spatial sizes): node counts, the decomposition\'s nodes '
           'per DPP layer (decomposed minus custom file, per DPP2d node: shape arithmetic for the dynamic sizes '
           'included) and export time (export_onnx, without verification)')
@@ -581,6 +586,11 @@ def _print_file_table(summaries: List[dict], args) -> List[Tuple[str, bool]]:
             ratio = t[mode] / t['original']
             checks.append((f"{s['model']}: {mode} export {ratio:.2f}x the original's <= {EXPORT_TIME_TARGET}x",
                            ratio <= EXPORT_TIME_TARGET))
+        if 'flop_ratio' in s:
+            for r in (r for r in rows if r['model'] == s['model']):
+                ratio = r['ort decomposed'] / r['ort original']
+                checks.append((f"{s['model']} batch {r['batch']}: onnxruntime decomposed / original {ratio:.2f}x <= "
+                               f"FLOP ratio {s['flop_ratio']:.2f}", ratio <= s['flop_ratio']))
     print()
     for text, ok in checks:
         print(f"{'PASS' if ok else 'MISS'}: {text}")
