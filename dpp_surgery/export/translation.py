@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ..layers import DPP2d, PoolGeometry, dpp2d
 
-__all__ = ['DPP_DOMAIN', 'DPP_OP', 'DECOMPOSED_OPS', 'DEFAULT_RTOL', 'ExportError', 'register_onnx_schema', 'dpp_as_custom_nodes',
-           'translation_table', 'dpp_nodes', 'attach_functions']
+__all__ = ['DPP_DOMAIN', 'DPP_OP', 'DECOMPOSED_OPS', 'DEFAULT_RTOL', 'ExportError', 'register_onnx_schema',
+           'dpp_as_custom_nodes', 'translation_table', 'dpp_nodes', 'attach_functions']
 
 DPP_DOMAIN = 'dpp_surgery'
 DPP_OP = 'DPP2d'

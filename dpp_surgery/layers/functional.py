@@ -116,13 +116,14 @@ def _check_parameters(theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: O
     for name, t in (('theta_alpha', theta_alpha), ('theta_lambda', theta_lambda), ('guide_weight', guide_weight)):
         if t is None:
             continue
-        if t.device.type == 'cuda' and not torch.cuda.is_current_stream_capturing():
+        if t.device.type != 'cuda':
+            if not bool(torch.isfinite(t).all()):
+                raise _parameter_error(name, int((~torch.isfinite(t)).sum().item()))
+        elif not torch.cuda.is_current_stream_capturing():  # (a CUDA graph being captured queues no check)
             check = _DEFERRED.get(t)
             if check is None:
                 check = _DEFERRED[t] = _DeferredCheck()
             check(t, name)
-        elif t.device.type != 'cuda' and not bool(torch.isfinite(t).all()):
-            raise _parameter_error(name, int((~torch.isfinite(t)).sum().item()))
 
 
 def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: ResolvedGeometry) -> Tensor:
@@ -424,16 +425,15 @@ class _InterpretedTriton(torch.autograd.Function):
     the same forward and backward calls as the op's CUDA kernels, with the op's autograd contract."""
 
     @staticmethod
-    def forward(ctx, x, guide, alpha, lam, geometry, asym, norm, eps):
-        ctx.save_for_backward(x, guide, alpha, lam)
-        ctx.args = (geometry, asym, norm, eps)
-        return _triton_kernels().forward(x, guide, alpha, lam, geometry, asym, norm, eps)
+    def forward(ctx, *args):
+        _setup_context(ctx, args, None)
+        return _triton_kernels().forward(*args)
 
     @staticmethod
     def backward(ctx, grad):
         x, guide, alpha, lam = ctx.saved_tensors
         gx, gg, ga, gl = _triton_kernels().backward(grad, x, guide, alpha, lam, *ctx.args)
-        return gx, (gg if guide is not None else None), ga, gl, None, None, None, None
+        return gx, (gg if ctx.has_guide else None), ga, gl, None, None, None, None
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -539,25 +539,18 @@ def dpp2d(
 
     asym = reward == 'asym'
     chosen = _choose(input, r, impl)
-    geo = [r.kernel[0], r.kernel[1], r.stride[0], r.stride[1], r.pad_top, r.pad_left, r.out_size[0], r.out_size[1]]
-    if chosen == 'triton':
-        # activations (and the Full guide) stay in their own dtype; the kernels compute in float32 (float64)
-        x = input
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(acc)
-        lam = torch.exp(theta_lambda).to(acc)
-        guide = None if guide_weight is None else full_guide(x, guide_weight, geometry, r)
-        if x.device.type == 'cuda':
-            return torch.ops.dpp_surgery.dpp2d(x, guide, alpha, lam, geo, asym, NORM_CODES[norm], float(eps))
-        return _InterpretedTriton.apply(x, guide, alpha, lam, geo, asym, NORM_CODES[norm], float(eps))
-
-    out_dtype = input.dtype
-    x = input if input.dtype in (torch.float32, torch.float64) else input.float()
-    alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(x.dtype)
-    lam = torch.exp(theta_lambda).to(x.dtype)
+    # the arithmetic is float32 (float64 for float64); the Triton kernels load and store the activation (and the
+    # Full guide) in its own dtype, the other paths compute on a float32 copy of a float16/bfloat16 one
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input if chosen == 'triton' else input.to(acc)
+    alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(acc)
+    lam = torch.exp(theta_lambda).to(acc)
     guide = None if guide_weight is None else full_guide(x, guide_weight, geometry, r)
-    if chosen == 'kernel':
-        out = torch.ops.dpp_surgery.dpp2d(x, guide, alpha, lam, geo, asym, NORM_CODES[norm], float(eps))
-    else:
-        out = _reference(x, guide, alpha, lam, r, asym, norm, eps)
-    return out.to(out_dtype)
+    if chosen == 'torch':
+        return _reference(x, guide, alpha, lam, r, asym, norm, eps).to(input.dtype)
+    args = (x, guide, alpha, lam,
+            [r.kernel[0], r.kernel[1], r.stride[0], r.stride[1], r.pad_top, r.pad_left, r.out_size[0], r.out_size[1]],
+            asym, NORM_CODES[norm], float(eps))
+    if chosen == 'triton' and x.device.type == 'cpu':
+        return _InterpretedTriton.apply(*args)
+    return torch.ops.dpp_surgery.dpp2d(*args).to(input.dtype)

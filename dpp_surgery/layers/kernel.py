@@ -14,8 +14,8 @@ from typing import Dict, Optional
 
 from ..native import NativeLibrary, build_library
 
-__all__ = ['load_kernel', 'kernel_status', 'load_triton', 'triton_status', 'KernelBuildWarning', 'Kernel', 'Dpp2dParams', 'NORM_CODES',
-           'ABI_VERSION', 'MAX_WINDOW', 'SOURCES', 'HEADERS']
+__all__ = ['load_kernel', 'kernel_status', 'load_triton', 'triton_status', 'KernelBuildWarning', 'Kernel',
+           'Dpp2dParams', 'NORM_CODES', 'ABI_VERSION', 'MAX_WINDOW', 'SOURCES', 'HEADERS']
 
 _CSRC = Path(__file__).resolve().parent / 'csrc'
 SOURCES = (_CSRC / 'dpp2d.cpp',)  # the kernel's implementation (also compiled into the onnxruntime library)

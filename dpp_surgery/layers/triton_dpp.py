@@ -68,6 +68,16 @@ def _deviation(v, g, ASYM: tl.constexpr):
 
 
 @triton.jit
+def _reward(v, valid, g, hl, lm, m, eps, ASYM: tl.constexpr):
+    """One window element's deviation d, y = d^2 + eps, lu = log(y) less the log normaliser, and its shifted
+    reward exp(lambda/2 lu - M) (1 at positions outside the window, whose exponent the shift does not bound)."""
+    d = _deviation(v, g, ASYM)
+    y = d * d + eps
+    lu = tl.log(y) - lm
+    return d, y, lu, tl.exp(tl.where(valid, hl * lu - m, 0.0))
+
+
+@triton.jit
 def _window(x_ptr, g_ptr, xbase, gofs, ih0, iw0, sxh, sxw, H, W, mask, a, hl, eps,
             KH: tl.constexpr, KW: tl.constexpr, ASYM: tl.constexpr, NORM: tl.constexpr, HAS_GUIDE: tl.constexpr,
             ACC: tl.constexpr):
@@ -110,9 +120,7 @@ def _window(x_ptr, g_ptr, xbase, gofs, ih0, iw0, sxh, sxw, H, W, mask, a, hl, ep
     for i in tl.static_range(KH):
         for j in tl.static_range(KW):
             v, valid = _element(x_ptr, xbase, ih0 + i, iw0 + j, sxh, sxw, H, W, mask, ACC)
-            d = _deviation(v, g, ASYM)
-            # (positions outside the window would overflow: their exponent is not bounded by the shift)
-            r = tl.exp(tl.where(valid, hl * (tl.log(d * d + eps) - lm) - m, 0.0))
+            d, y, lu, r = _reward(v, valid, g, hl, lm, m, eps, ASYM)
             w = tl.where(valid, ea + r, 0.0)
             ws += w
             wx += w * v
@@ -184,10 +192,8 @@ def _backward_kernel(x_ptr, g_ptr, a_ptr, l_ptr, go_ptr, gx_ptr, gg_ptr, s_ptr, 
     for i in tl.static_range(KH):
         for j in tl.static_range(KW):
             v, valid = _element(x_ptr, xbase, ih0 + i, iw0 + j, sxh, sxw, H, W, mask, ACC)
-            d = _deviation(v, g, ASYM)
-            y = d * d + eps
-            lu = tl.log(y) - lm
-            pk = tl.where(valid, cc * (v - out) * tl.exp(tl.where(valid, hl * lu - m, 0.0)), 0.0)
+            d, y, lu, r = _reward(v, valid, g, hl, lm, m, eps, ASYM)
+            pk = tl.where(valid, cc * (v - out) * r, 0.0)
             sq += tl.where(valid, cc * (v - out), 0.0)
             sp += pk
             spl += pk * lu
@@ -212,9 +218,7 @@ def _backward_kernel(x_ptr, g_ptr, a_ptr, l_ptr, go_ptr, gx_ptr, gg_ptr, s_ptr, 
         for i in tl.static_range(KH):
             for j in tl.static_range(KW):
                 v, valid = _element(x_ptr, xbase, ih0 + i, iw0 + j, sxh, sxw, H, W, mask, ACC)
-                d = _deviation(v, g, ASYM)
-                y = d * d + eps
-                r = tl.exp(tl.where(valid, hl * (tl.log(y) - lm) - m, 0.0))
+                d, y, lu, r = _reward(v, valid, g, hl, lm, m, eps, ASYM)
                 gx = cc * (ea + r) + 2.0 * d * (hl * cc * (v - out) * r / y - coup) + gshare
                 ofs = n * sdn + c64 * sdc + (ih0 + i).to(tl.int64) * sdh + (iw0 + j).to(tl.int64) * sdw
                 _store(gx_ptr + ofs, gx, valid)

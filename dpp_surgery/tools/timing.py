@@ -10,9 +10,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..layers import kernel_status
+from ..layers.kernel import load_kernel, triton_status
 
-__all__ = ['machine_description', 'gpu_description', 'peak_bandwidth', 'interleaved_medians']
+__all__ = ['machine_description', 'gpu_description', 'device_description', 'peak_bandwidth', 'interleaved_medians']
 
 
 def machine_description() -> str:
@@ -20,7 +20,7 @@ def machine_description() -> str:
     versions."""
     from ..training.precision import cpu_description
 
-    kernel = 'on' if kernel_status()['loaded'] else 'off'
+    kernel = 'on' if load_kernel() is not None else 'off'
     return (f'{cpu_description()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, '
             f'torch {torch.__version__}, Python {platform.python_version()}, fused kernel {kernel}')
 
@@ -35,14 +35,16 @@ def gpu_description(device) -> str:
     """One line naming the GPU (model, compute capability, memory, peak bandwidth) and the CUDA and Triton
     versions; the host CPU follows in :func:`machine_description`."""
     props = torch.cuda.get_device_properties(device)
-    try:
-        import triton
-        tri = f'Triton {triton.__version__}'
-    except ImportError:
-        tri = 'no Triton'
+    version = triton_status()['version']
+    tri = f'Triton {version}' if version else 'no Triton'
     return (f'{props.name} (compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB, '
             f'peak bandwidth {peak_bandwidth(device) / 1e12:.2f} TB/s), CUDA {torch.version.cuda}, {tri}; host: '
             f'{machine_description()}')
+
+
+def device_description(device) -> str:
+    """:func:`gpu_description` for a CUDA device, else :func:`machine_description`."""
+    return gpu_description(device) if torch.device(device).type == 'cuda' else machine_description()
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int, warmup: int = 3,
@@ -64,16 +66,14 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int, warmu
         events = {}
         for name, fn in fns.items():
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(inner):
-                    fn()
-                end.record()
-                events[name] = (start, end)
+                events[name] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[name][0].record()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            if cuda:
+                events[name][1].record()
             else:
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
                 times[name].append((time.perf_counter() - t0) / inner)
         if cuda:
             torch.cuda.synchronize(device)
