@@ -48,22 +48,25 @@ def test_first_line_strips_colour_codes_and_falls_back():
 
 
 def test_onnx_file_summary_counts_the_decomposition_per_layer(tmp_path):
-    """bench onnx's file table: nodes per DPP layer is the decomposed file's DPP share per DPP2d node."""
+    """bench onnx's file table: nodes per DPP layer are the decomposed file's nodes written for each DPP2d node."""
     import onnx
     import torch
     from dpp_surgery import DPP2d, export_onnx
     torch.manual_seed(0)
-    original = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AvgPool2d(2)).eval()
-    converted = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DPP2d(4)).eval()
+    original = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AvgPool2d(2),
+                                   torch.nn.MaxPool2d(3, 2, 1)).eval()
+    converted = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DPP2d(4), DPP2d(4, 3, 2, 1)).eval()
     x = torch.randn(1, 3, 32, 32)
     files = {label: export_onnx(model, str(tmp_path / f'{label}.onnx'), mode=mode, example_input=x, min_size=8)
              for label, model, mode in (('original', original, 'decomposed'), ('decomposed', converted, 'decomposed'),
                                         ('custom', converted, 'custom'))}
     summary = bench._file_summary('tiny', converted, files, {'original': 1.0, 'decomposed': 2.0, 'custom': 3.0})
     decomposed = len(onnx.load(files['decomposed']).graph.node)
-    assert summary['nodes']['custom'] == 2 and summary['custom_nodes'] == 1
-    assert summary['nodes_per_dpp_layer'] == decomposed - 1  # all but the conv
-    assert summary['dpp_layers'] == summary['tiling_layers'] == 1
+    assert summary['nodes']['custom'] == 3 and summary['custom_nodes'] == 2 and summary['dpp_layers'] == 2
+    per = summary['nodes_per_layer']
+    assert len(per['tiling']) == len(per['other']) == 1
+    assert per['tiling'][0] + per['other'][0] == decomposed - 1  # all but the conv
+    assert 0 < per['tiling'][0] <= 25 < per['other'][0]
 
 
 def test_onnx_file_table_checks(capsys):
@@ -71,17 +74,17 @@ def test_onnx_file_table_checks(capsys):
     decomposed latency against the FLOP ratio."""
     import argparse
     summaries = [
-        {'model': 'a', 'nodes': {'original': 10, 'decomposed': 50, 'custom': 12}, 'dpp_layers': 2, 'tiling_layers': 2,
-         'custom_nodes': 2, 'nodes_per_dpp_layer': 20.0, 'export_s': {'original': 2.0, 'decomposed': 2.5,
-                                                                       'custom': 4.0}, 'flop_ratio': 1.5},
-        {'model': 'b', 'nodes': {'original': 10, 'decomposed': 90, 'custom': 12}, 'dpp_layers': 2, 'tiling_layers': 1,
-         'custom_nodes': 2, 'nodes_per_dpp_layer': 40.0, 'export_s': {'original': 2.0, 'decomposed': 2.0,
-                                                                       'custom': 2.0}, 'flop_ratio': 1.2},
+        {'model': 'a', 'nodes': {'original': 10, 'decomposed': 50, 'custom': 12}, 'dpp_layers': 2, 'custom_nodes': 2,
+         'nodes_per_layer': {'tiling': [20, 19], 'other': []},
+         'export_s': {'original': 2.0, 'decomposed': 2.5, 'custom': 4.0}, 'flop_ratio': 1.5},
+        {'model': 'b', 'nodes': {'original': 10, 'decomposed': 90, 'custom': 12}, 'dpp_layers': 2, 'custom_nodes': 2,
+         'nodes_per_layer': {'tiling': [], 'other': [40, 40]},
+         'export_s': {'original': 2.0, 'decomposed': 2.0, 'custom': 2.0}, 'flop_ratio': 1.2},
     ]
     rows = [{'model': 'a', 'batch': 1, 'ort decomposed': 14.0, 'ort original': 10.0},
             {'model': 'b', 'batch': 1, 'ort decomposed': 13.0, 'ort original': 10.0}]
     checks = bench._print_file_table(summaries, rows, argparse.Namespace(size=32))
     assert [ok for _, ok in checks] == [True, True, False, True, True, True, False]
     text = capsys.readouterr().out
-    assert 'PASS: a: 20.0 ONNX nodes per DPP layer <= 25' in text and 'b: 40.0 ONNX nodes' not in text
+    assert 'PASS: a: at most 20 ONNX nodes per tiling DPP layer <= 25' in text and 'b: at most' not in text
     assert 'MISS: a: custom export 2.00x' in text and 'MISS: b batch 1: onnxruntime decomposed / original 1.30x' in text

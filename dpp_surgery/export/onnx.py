@@ -34,7 +34,7 @@ from ..utils import atomic_write, first_line
 from ..surgery.plan import is_same_padding
 from .translation import (
     DECOMPOSED_OPS, DEFAULT_RTOL, DPP_DOMAIN, DPP_OP, ExportError, attach_functions, dpp_as_custom_nodes, dpp_nodes,
-    register_onnx_schema, translation_table,
+    inline_decompositions, register_onnx_schema, translation_table,
 )
 
 __all__ = ['export_onnx', 'onnx_session', 'verify_onnx', 'register_onnx_schema', 'dpp_nodes', 'ExportError',
@@ -92,16 +92,14 @@ def _shape_attempts(model: nn.Module, example_input: torch.Tensor, dynamic: bool
     return example_input, [(full,), ({0: batch},)]
 
 
-def _torch_export(model: nn.Module, example_input: torch.Tensor, attempts: List, custom: bool):
-    """The ExportedProgram of the first of ``attempts`` that torch.export accepts; ExportError naming the module that
-    failed otherwise."""
+def _torch_export(model: nn.Module, example_input: torch.Tensor, attempts: List):
+    """The ExportedProgram of the first of ``attempts`` that torch.export accepts, with every DPP layer the native
+    kernels take as one op (either mode: decomposed files get their decomposition written in place of each node,
+    not traced); ExportError naming the module that failed otherwise."""
     error = None
     for dynamic_shapes in attempts:
         try:
-            if custom:
-                with dpp_as_custom_nodes(model, max_window=MAX_WINDOW):
-                    program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
-            else:
+            with dpp_as_custom_nodes(model, max_window=MAX_WINDOW):
                 program = torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
         except Exception as e:  # noqa: BLE001 - the next attempt, or reported with the failing module
             error = e
@@ -117,16 +115,17 @@ def _torch_export(model: nn.Module, example_input: torch.Tensor, attempts: List,
 
 
 def _to_onnx(program, example_input: torch.Tensor, opset: int, custom: bool):
-    """The ONNX model of ``program``: an ONNXProgram (decomposed), or a ModelProto with the DPP2d functions
-    attached (custom)."""
+    """The ONNX ModelProto of ``program``: with the DPP2d nodes and their functions (custom), or with each DPP2d
+    node replaced by its decomposition (decomposed)."""
     try:
         onnx_program = torch.onnx.export(program, (example_input,), dynamo=True, opset_version=opset,
                                          external_data=False, optimize=True, verbose=False,
-                                         custom_translation_table=translation_table() if custom else None)
-        if not custom:
-            return onnx_program
+                                         custom_translation_table=translation_table())
         proto = onnx_program.model_proto
-        attach_functions(proto, opset)
+        if custom:
+            attach_functions(proto, opset)
+        else:
+            inline_decompositions(proto)
         return proto
     except ExportError:
         raise
@@ -188,7 +187,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        program = _torch_export(model, example_input, attempts, custom=mode == 'custom')
+        program = _torch_export(model, example_input, attempts)
         exported = _to_onnx(program, example_input, opset, custom=mode == 'custom')
     finally:
         model.train(was_training)

@@ -15,19 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import DPP2d, PoolGeometry, dpp2d
+from .decomposition import DECOMPOSED_OPS, Emitter, emit_dpp, geometry_of
 
 __all__ = ['DPP_DOMAIN', 'DPP_OP', 'DECOMPOSED_OPS', 'DEFAULT_RTOL', 'ExportError', 'register_onnx_schema',
-           'dpp_as_custom_nodes', 'translation_table', 'dpp_nodes', 'attach_functions']
+           'dpp_as_custom_nodes', 'translation_table', 'dpp_nodes', 'attach_functions', 'inline_decompositions']
 
 DPP_DOMAIN = 'dpp_surgery'
 DPP_OP = 'DPP2d'
-# Every ONNX operator (default domain) that DPP's decomposition uses, over every variant, norm and geometry, with
-# dynamic or fixed sizes (tests/test_export.py keeps this list exact): what a runtime must support to run a
-# decomposed file, beyond the model's own operators.
-DECOMPOSED_OPS = frozenset({
-    'Add', 'AveragePool', 'Cast', 'Clip', 'Concat', 'Conv', 'Div', 'Exp', 'Expand', 'Greater', 'Log', 'MaxPool',
-    'Mul', 'Neg', 'Pad', 'Pow', 'Reciprocal', 'ReduceMax', 'ReduceSum', 'Reshape', 'Resize', 'Shape', 'Slice',
-    'Squeeze', 'Sub', 'Unsqueeze', 'Where'})
 DEFAULT_RTOL = 1e-4
 
 
@@ -166,15 +160,12 @@ def _overload(cfg: Dict, channels: Optional[int]) -> str:
 
 
 class _DPPFunction(nn.Module):
-    """One DPP configuration as a module of (X, theta_alpha, theta_lambda[, guide_weight]): exported to build the
-    model-local ONNX function of its DPP2d nodes."""
+    """One DPP configuration as a module of (X, theta_alpha, theta_lambda[, guide_weight]): the PyTorch reference its
+    ONNX decomposition is checked against."""
 
     def __init__(self, cfg: Dict):
         super().__init__()
-        p = cfg.get('pads', [0, 0, 0, 0])
-        self.geometry = PoolGeometry.create(tuple(cfg['kernel_shape']), tuple(cfg['strides']),
-                                            'same' if cfg.get('auto_pad') == 'SAME' else (p[0], p[1]),
-                                            bool(cfg.get('ceil_mode', 0)))
+        self.geometry = geometry_of(cfg)
         self.reward, self.norm, self.eps = cfg.get('reward', 'sym'), cfg.get('norm', 'mean'), cfg.get('eps', 1e-3)
 
     def forward(self, X, theta_alpha, theta_lambda, guide_weight=None):  # noqa: N803 - the ONNX input names
@@ -182,47 +173,36 @@ class _DPPFunction(nn.Module):
                      eps=self.eps, impl='torch', geometry=self.geometry)
 
 
+_FUNCTION_INPUTS = ('X', 'theta_alpha', 'theta_lambda', 'guide_weight')
+
+
 def _dpp_function(cfg: Dict, channels: int, opset: int):
-    """The decomposition of one DPP configuration as an ONNX FunctionProto (dynamic N, H, W; C too for Lite)."""
+    """The decomposition of one DPP configuration as an ONNX FunctionProto (dynamic N, H, W; C too for Lite),
+    checked in onnxruntime against PyTorch."""
+    from onnx import helper
+
+    names = list(_FUNCTION_INPUTS[:4 if cfg['full'] else 3])
+    em = Emitter('', as_function=True)
+    emit_dpp(em, 'X', 'theta_alpha', 'theta_lambda', 'guide_weight' if cfg['full'] else None, cfg, channels,
+             output='Y')
+    function = helper.make_function(
+        DPP_DOMAIN, DPP_OP, names, ['Y'], em.nodes, [helper.make_opsetid('', opset)],
+        attributes=['kernel_shape', 'strides', 'pads', 'auto_pad', 'ceil_mode', 'reward', 'norm', 'eps'],
+        doc_string=f'{DPP_OP} decomposed into standard operators ({"Full" if cfg["full"] else "Lite"} guide)',
+        overload=_overload(cfg, channels if cfg['full'] else None))
+    _check_function(function, cfg, channels, opset)
+    return function
+
+
+def _check_function(function, cfg: Dict, channels: int, opset: int) -> None:
+    """Run the function in onnxruntime at even and odd sizes against PyTorch (ExportError if they differ)."""
+    import onnxruntime as ort
     from onnx import helper
 
     module = _DPPFunction(cfg).eval()
     kh, kw = cfg['kernel_shape']
     sh, sw = cfg['strides']
-    lo = max(kh, kw) + 2 * max(sh, sw) + 1  # the traced graph assumes at least two windows per side
-    args: Tuple = (torch.randn(2, channels, 4 * lo, 4 * lo), torch.zeros(channels), torch.zeros(channels))
-    auto = torch.export.Dim.AUTO  # (named ranges make the solver reject guards it cannot prove, e.g. 2*(H//2) <= H)
-    # the Full guide is a grouped convolution, whose group count ONNX keeps static: C is part of its overload
-    static = torch.export.Dim.STATIC
-    c = static if cfg['full'] else auto
-    shapes: Tuple = ({0: auto, 1: c, 2: auto, 3: auto}, {0: c}, {0: c})
-    if cfg['full']:
-        kg = module.geometry.full_guide_kernel()
-        args += (torch.zeros(channels, 1, *kg),)
-        shapes += ({0: static},)
-    program = torch.export.export(module, args, dynamic_shapes=shapes)
-    graph = torch.onnx.export(program, args, dynamo=True, opset_version=opset, external_data=False, optimize=True,
-                              verbose=False).model_proto.graph
-    x_dims = graph.input[0].type.tensor_type.shape.dim
-    if any(d.HasField('dim_value') for i, d in enumerate(x_dims) if i != 1 or not cfg['full']):
-        raise ExportError(f'the decomposition of DPP2d {_overload(cfg, None)} did not stay dynamic in its input size')
-    # constants folded into initializers become Constant nodes of the function body
-    consts = [helper.make_node('Constant', [], [t.name], value=t) for t in graph.initializer]
-    function = helper.make_function(
-        DPP_DOMAIN, DPP_OP, [i.name for i in graph.input], [o.name for o in graph.output], consts + list(graph.node),
-        [helper.make_opsetid('', opset)], attributes=['kernel_shape', 'strides', 'pads', 'auto_pad', 'ceil_mode',
-                                                      'reward', 'norm', 'eps'],
-        doc_string=f'{DPP_OP} decomposed into standard operators ({"Full" if cfg["full"] else "Lite"} guide)',
-        overload=_overload(cfg, channels if cfg['full'] else None))
-    _check_function(function, module, args, lo, opset)
-    return function
-
-
-def _check_function(function, module: nn.Module, args: Tuple, lo: int, opset: int) -> None:
-    """Run the function in onnxruntime at even and odd sizes against PyTorch: torch.export may specialise a traced
-    graph to properties of the example's size (a guard), which would make the function wrong at other sizes."""
-    import onnxruntime as ort
-    from onnx import helper
+    lo = max(kh, kw) + 2 * max(sh, sw) + 1  # at least two windows per side
 
     names = list(function.input)
     node = helper.make_node(DPP_OP, names, ['Y'], domain=DPP_DOMAIN, overload=function.overload)
@@ -232,9 +212,9 @@ def _check_function(function, module: nn.Module, args: Tuple, lo: int, opset: in
                               functions=[function], ir_version=10)
     session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
     gen = torch.Generator().manual_seed(0)
-    channels = args[1].shape[0]
-    params = [torch.randn(channels, generator=gen), torch.randn(channels, generator=gen) * 0.5] + [
-        torch.randn(a.shape, generator=gen) for a in args[3:]]
+    params = [torch.randn(channels, generator=gen), torch.randn(channels, generator=gen) * 0.5]
+    if cfg['full']:
+        params.append(torch.randn(channels, 1, *module.geometry.full_guide_kernel(), generator=gen))
     for h, w in ((lo, lo + 1), (lo + 2, lo + 3), (2 * lo + 1, 3 * lo)):
         x = torch.randn(1, channels, h, w, generator=gen)
         with torch.no_grad():
@@ -272,3 +252,57 @@ def attach_functions(model, opset: int) -> int:
         if not any(o.domain == DPP_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DPP_DOMAIN, 1))
     return len(nodes)
+
+
+def _static_size(model, name: str) -> Optional[Tuple[int, int]]:
+    """The fixed (H, W) of the (N, C, H, W) tensor ``name`` in ``model``'s graph, or None where either is dynamic."""
+    for vi in list(model.graph.value_info) + list(model.graph.input):
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) == 4 and all(d.HasField('dim_value') for d in dims[2:]):
+                return int(dims[2].dim_value), int(dims[3].dim_value)
+            return None
+    return None
+
+
+def inline_decompositions(model) -> int:
+    """Replace every DPP2d node of ``model`` (a ModelProto, changed in place) by its decomposition in standard
+    operators (:mod:`.decomposition`): the parameters' transforms folded into constants, fixed sizes where the graph
+    knows them. Removes the then unused parameter initializers and the ``dpp_surgery`` opset. Returns the number of
+    nodes replaced."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    replaced = 0
+    nodes = []
+    extra = []
+    for node in model.graph.node:
+        if not (node.domain == DPP_DOMAIN and node.op_type == DPP_OP):
+            nodes.append(node)
+            continue
+        cfg = _node_config(node)
+        x, ta, tl = node.input[:3]
+        gw = node.input[3] if cfg['full'] else None
+        channels = list(inits[ta].dims)[0] if ta in inits else None
+        if cfg['full'] and channels is None:
+            raise ExportError(f'cannot tell the channel count of DPP2d node {node.name!r}')
+        params = (numpy_helper.to_array(inits[ta]), numpy_helper.to_array(inits[tl])) if (
+            ta in inits and tl in inits) else None
+        em = Emitter(f'{node.name or f"dpp{replaced}"}/', as_function=False)
+        emit_dpp(em, x, ta, tl, gw, cfg, channels, size=_static_size(model, x), params=params, output=node.output[0])
+        nodes.extend(em.nodes)
+        extra.extend(em.initializers)
+        replaced += 1
+    if not replaced:
+        return 0
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(extra)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    kept_opsets = [o for o in model.opset_import if o.domain != DPP_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept_opsets)
+    return replaced
