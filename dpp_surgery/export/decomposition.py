@@ -28,15 +28,16 @@ import numpy as np
 from ..layers import PoolGeometry
 from ..layers.functional import THETA_ALPHA_MAX
 
-__all__ = ['Emitter', 'emit_dpp', 'DECOMPOSED_OPS']
+__all__ = ['Emitter', 'emit_dpp', 'DECOMPOSED_OPS', 'FUNCTION_OPS']
 
 # Every ONNX operator (default domain) the decomposition uses, over every variant, norm and geometry, with dynamic
 # or fixed sizes (tests/test_export.py keeps this list exact): what a runtime must support to run a decomposed file,
 # beyond the model's own operators.
 DECOMPOSED_OPS = frozenset({
-    'Add', 'Concat', 'ConstantOfShape', 'Conv', 'Div', 'Exp', 'Log', 'Max', 'Min', 'Mod', 'Mul', 'Pad', 'Pow', 'ReduceMax',
-    'ReduceMean', 'ReduceSum', 'Relu', 'Reshape', 'Shape', 'Slice', 'SpaceToDepth', 'Squeeze', 'Sub', 'Unsqueeze'})
-# (function bodies, which take the parameters as inputs, also use Clip for alpha's clamp)
+    'Add', 'Concat', 'ConstantOfShape', 'Conv', 'Div', 'Exp', 'Log', 'Max', 'Min', 'Mul', 'Pad', 'Pow', 'ReduceMax',
+    'ReduceMean', 'ReduceSum', 'Relu', 'Reshape', 'Shape', 'Squeeze', 'Sub', 'Unsqueeze'})
+# function bodies (custom files), which take the parameters as inputs and work for any channel count, also use these
+FUNCTION_OPS = DECOMPOSED_OPS | {'Clip', 'Mod', 'Slice', 'SpaceToDepth'}
 
 _INT_MAX = np.iinfo(np.int64).max
 _MIN_HALF_LAMBDA = 1e-30  # lambda/2 below this (exp(theta_lambda) underflowing) still gives padding a zero weight
@@ -91,24 +92,36 @@ class _Region:
     sizes fixed where the input size is known and computed from ``Shape`` otherwise."""
 
     def __init__(self, em: Emitter, g: PoolGeometry, x: str, size: Optional[Tuple[int, int]], edge: bool):
-        self.em, self.g = em, g
+        self.em, self.g, self._args = em, g, (x, size, edge)
+        self._cuts: Dict[str, str] = {}
+        self._ready = False
+        if size is not None:
+            r = g.resolve(*size)
+            # (a window reaches a padded position only where some pad is positive)
+            reaches = any(v > 0 for v in (r.pad_top, r.pad_left, r.pad_bottom, r.pad_right))
+        else:
+            reaches = g.is_same or g.ceil_mode or any(g.padding)
+        self.masked = reaches and not edge
+
+    def _prepare(self) -> None:
+        """The pads or ends of the cut (nodes emitted on first use only)."""
+        if self._ready:
+            return
+        self._ready = True
+        em, g, (x, size, edge) = self.em, self.g, self._args
         k, s = g.kernel, g.stride
         self.pads = self.ends = None
         self.mode = 'constant'
         if size is not None:
             r = g.resolve(*size)
             pads = [0, 0, r.pad_top, r.pad_left, 0, 0, r.pad_bottom, r.pad_right]
-            # (a window reaches a padded position only where some pad is positive)
-            self.masked = any(v > 0 for v in pads)
-            if self.masked:
+            if any(v > 0 for v in pads):
                 self.pads = em.ints(pads, 'pads')
+                self.mode = 'edge' if edge else 'constant'
             elif any(pads):
                 self.ends = em.ints([size[0] + r.pad_bottom, size[1] + r.pad_right], 'ends')
-            self.hw = em.ints(list(size), 'hw') if self.masked else None
-            if self.masked and edge:
-                self.masked, self.mode = False, 'edge'
             return
-        hw = self.hw = em.op('Shape', x, start=2, end=4)
+        hw = self.hw
         if edge and (g.is_same or g.ceil_mode or any(g.padding)):
             # 2x2 windows: a window reaching out has one valid row (column), before or after; edge padding repeats it,
             # which leaves DPP unchanged (see emit_dpp). After-padding: size % 2 ('same', ceil_mode without padding)
@@ -122,7 +135,7 @@ class _Region:
             else:  # one side padded: per side
                 after = em.op('Add', em.op('Mul', odd, em.ints([1 - 2 * b for b in before])), em.ints(before))
             self.pads = em.op('Concat', em.ints([0, 0, *before, 0, 0]), after, axis=0)
-            self.masked, self.mode = False, 'edge'
+            self.mode = 'edge'
             return
         if g.is_same:
             out = em.op('Div', em.op('Add', hw, em.ints([s[0] - 1, s[1] - 1])), em.ints(s))
@@ -141,8 +154,7 @@ class _Region:
         extent = em.op('Mul', out, em.ints(s)) if s != (1, 1) else out
         if k != s:
             extent = em.op('Add', extent, em.ints([k[0] - s[0], k[1] - s[1]]))
-        self.masked = g.is_same or g.ceil_mode or any(before)
-        if not self.masked:  # no padding, floor mode: the region only crops
+        if not (g.is_same or g.ceil_mode or any(before)):  # no padding, floor mode: the region only crops
             self.ends = extent
             return
         if before is None:  # 'same': half the total padding before, the rest after
@@ -157,20 +169,34 @@ class _Region:
         zeros = em.ints([0, 0])
         self.pads = em.op('Concat', zeros, first, zeros, after, axis=0)
 
+    @property
+    def hw(self) -> str:
+        """The input's (H, W): a constant, or from ``Shape`` (one node, on first use)."""
+        if getattr(self, '_hw', None) is None:
+            x, size, _ = self._args
+            self._hw = self.em.ints(list(size), 'hw') if size is not None else self.em.op('Shape', x, start=2, end=4)
+        return self._hw
+
     def cut(self, t: str) -> str:
-        """``t`` (N, C, H, W) padded with zeros and cropped to the windows' region."""
-        if self.pads is not None:
-            return self.em.op('Pad', t, self.pads, mode=self.mode)
-        if self.ends is not None:
-            return self.em.op('Slice', t, self.em.ints([0, 0]), self.ends, self.em.ints([2, 3]))
-        return t
+        """``t`` (N, C, H, W) padded (zeros, or edge values) and cropped to the windows' region; once per tensor."""
+        if t not in self._cuts:
+            self._prepare()
+            em = self.em
+            if self.pads is not None:
+                out = em.op('Pad', t, self.pads, mode=self.mode)
+            elif self.ends is not None:
+                out = em.op('Slice', t, em.ints([0, 0]), self.ends, em.ints([2, 3]))
+            else:
+                out = t
+            self._cuts[t] = out
+        return self._cuts[t]
 
     def ones(self) -> str:
-        """The region's mask (1, 1, ...): 1 on input positions, 0 on padding."""
+        """Ones of the input's spatial size, (1, 1, H, W): cut to the region, the mask of input positions."""
         from onnx import helper
         em = self.em
         shape = em.op('Concat', em.ints([1, 1]), self.hw, axis=0)
-        return self.cut(em.op('ConstantOfShape', shape, value=helper.make_tensor('one', 1, [1], [1.0])))
+        return em.op('ConstantOfShape', shape, value=helper.make_tensor('one', 1, [1], [1.0]))
 
 
 class _Weights:
@@ -225,25 +251,57 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
     # guide that is the window mean (Lite) and a norm invariant to repeating every position alike ('mean', 'none')
     edge = g.kernel == g.stride == (2, 2) and guide_weight is None and norm in ('mean', 'none')
     region = _Region(em, g, x, size, edge)
-    # the K positions of every window on one axis: (N, K, C, OH, OW) by SpaceToDepth for square windows that tile
-    # the input, else (N, C, K, OH, OW) by one strided Slice per position
-    blocks = g.kernel == g.stride and kh == kw
+    # the K positions of every window on one axis: (N, C, K, OH, OW) by a one-hot grouped convolution where the
+    # channel count is fixed; in function bodies (N, K, C, OH, OW) by SpaceToDepth for square windows that tile the
+    # input, else (N, C, K, OH, OW) by one strided Slice per position
+    blocks = em.as_function and g.kernel == g.stride and kh == kw
+    # (convolutions pad zeros symmetrically and drop what floor mode leaves out: then no cut of the input)
+    simple = not (em.as_function or g.is_same or g.ceil_mode or (edge and any(g.padding)))
     axis = 1 if blocks else 2
     axes = em.ints([axis], 'axis')
 
     if blocks:
         shape5 = em.ints([0, k, -1, 0, 0], 'blocks')
 
-        def stack(t):
-            return em.op('Reshape', em.op('Unsqueeze', em.op('SpaceToDepth', t, blocksize=kh), axes), shape5)
-    else:
+        def stack(t, c=None):
+            return em.op('Reshape', em.op('Unsqueeze', em.op('SpaceToDepth', region.cut(t), blocksize=kh), axes),
+                         shape5)
+    elif not em.as_function:
+        # one grouped convolution with one-hot filters (C * K outputs, K per channel: exact copies) unfolds the
+        # windows, padding included where it is symmetric (floor mode): no padded copy, no Slice per position
+        unfold = em.ints([0, -1, k, 0, 0], 'unfold')
+        conv_pads = [g.padding[0], g.padding[1]] * 2 if simple else [0, 0, 0, 0]
+        filters = {}
+        if edge and not simple:
+            # fixed edge padding, then floor mode: one more row (column) after for 'same' and unpadded ceil_mode, whose
+            # extra window exists exactly where the size is odd (padded by 1, ceil_mode adds no window: its last one
+            # would start in the padding)
+            before = (0, 0) if g.is_same else g.padding
+            after = [b + (1 if g.is_same or (g.ceil_mode and b == 0) else 0) for b in before]
+            edge_pads = em.ints([0, 0, before[0], before[1], 0, 0, *after], 'pads')
+
+        def source(t):
+            if simple:
+                return t
+            if edge:
+                return em.op('Pad', t, edge_pads, mode='edge')
+            return region.cut(t)
+
+        def stack(t, c=channels):
+            if c not in filters:
+                eye = np.eye(k, dtype=np.float32).reshape(k, 1, kh, kw)
+                filters[c] = em.const(np.tile(eye, (c, 1, 1, 1)), hint='unfold_filter')
+            cols = em.op('Conv', source(t), filters[c], group=int(c), kernel_shape=[kh, kw], strides=[sh, sw],
+                         pads=conv_pads)
+            return em.op('Reshape', em.op('Unsqueeze', cols, axes), unfold)
+    else:  # (function bodies, whose channel count is not fixed: one strided Slice per position)
         steps, spatial = em.ints([sh, sw], 'steps'), em.ints([3, 4], 'spatial')
 
         def end(i, n):  # the region has (out - 1) * s + n positions: slice i ends n - 1 - i before its end
             return _INT_MAX if i == n - 1 else -(n - 1 - i)
 
-        def stack(t):
-            tu = em.op('Unsqueeze', t, axes)
+        def stack(t, c=None):
+            tu = em.op('Unsqueeze', region.cut(t), axes)
             parts = [em.op('Slice', tu, em.ints([i, j]), em.ints([end(i, kh), end(j, kw)]), spatial, steps)
                      for i in range(kh) for j in range(kw)]
             return em.op('Concat', *parts, axis=2)
@@ -251,21 +309,22 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
     def mean(t):
         return em.op('ReduceMean', t, axes, keepdims=1)
 
-    xc = region.cut(x)
     w = _Weights(em, theta_alpha, theta_lambda, params, [1, 1, -1, 1, 1] if blocks else [1, -1, 1, 1, 1], k, norm)
-    cols = stack(xc)
+    cols = stack(x)
     px = mean(cols)  # (padding counts as zero)
     share = None
     if region.masked:
-        valid = stack(region.ones())
+        valid = stack(region.ones(), 1)
         share = mean(valid)  # the valid share of each window
     if guide_weight is None:
         guide = em.op('Div', px, share) if share else px
     else:
         kgh, kgw = g.full_guide_kernel()
+        # the filter starts kg - k positions before the window; below and right it needs only the window's padding
+        pt, pl = g.padding if simple else (0, 0)
         guide = em.op('Unsqueeze', em.op(
-            'Conv', xc, guide_weight, group=int(channels), kernel_shape=[kgh, kgw], strides=[sh, sw],
-            pads=[kgh - kh, kgw - kw, 0, 0]), axes)
+            'Conv', x if simple else region.cut(x), guide_weight, group=int(channels), kernel_shape=[kgh, kgw],
+            strides=[sh, sw], pads=[pt + kgh - kh, pl + kgw - kw, pt, pl]), axes)
     d = em.op('Sub', cols, guide)
     if reward == 'asym':
         d = em.op('Relu', d)
