@@ -89,7 +89,23 @@ def _shape_attempts(model: nn.Module, example_input: torch.Tensor, dynamic: bool
     # then only the batch stays dynamic
     if any(is_same_padding(m) for m in model.modules()):
         return example_input, [({0: batch},)]  # 'same' padding computed from sizes in Python: fixed spatial size
+    if not _runs_at_other_sizes(model, example_input):
+        return example_input, [({0: batch},)]
     return example_input, [(full,), ({0: batch},)]
+
+
+def _runs_at_other_sizes(model: nn.Module, example_input: torch.Tensor) -> bool:
+    """Whether ``model`` (in eval mode) runs one pixel larger than the example, the size verification checks: models
+    whose attention biases or position embeddings are tied to the input resolution (timm's levit, efficientformer,
+    vitamin) do not, and torch.export may still accept dynamic sizes for them, making a file wrong at any other size."""
+    h, w = example_input.shape[-2:]
+    probe = torch.zeros(1, example_input.shape[1], h + 1, w + 1, dtype=example_input.dtype)
+    try:
+        with torch.no_grad():
+            model(probe)
+    except Exception:  # noqa: BLE001 - any failure: the model serves its example size only
+        return False
+    return True
 
 
 def _torch_export(model: nn.Module, example_input: torch.Tensor, attempts: List):
@@ -105,9 +121,9 @@ def _torch_export(model: nn.Module, example_input: torch.Tensor, attempts: List)
             error = e
             continue
         if dynamic_shapes is not None and 2 not in dynamic_shapes[0]:
-            warnings.warn(f'{type(model).__name__} pins its spatial input size under torch.export; the ONNX '
-                          f'file has a dynamic batch but a fixed {tuple(example_input.shape[-2:])} input.',
-                          ExportWarning, stacklevel=3)
+            warnings.warn(f'{type(model).__name__} pins its spatial input size (under torch.export, or it runs at '
+                          f'no other size); the ONNX file has a dynamic batch but a fixed '
+                          f'{tuple(example_input.shape[-2:])} input.', ExportWarning, stacklevel=3)
         return program
     where = _failing_module(error, model)
     place = f'in module {where!r}' if where else f'in {type(model).__name__}'
@@ -183,10 +199,10 @@ def export_onnx(
         example_input = torch.randn(1, *_input_size(model))
     if example_input.dim() != 4:
         raise ValueError(f'example_input must be (N, C, H, W), but got shape {tuple(example_input.shape)}')
-    example_input, attempts = _shape_attempts(model, example_input, dynamic, min_size)
     was_training = model.training
     model.eval()
     try:
+        example_input, attempts = _shape_attempts(model, example_input, dynamic, min_size)
         program = _torch_export(model, example_input, attempts)
         exported = _to_onnx(program, example_input, opset, custom=mode == 'custom')
     finally:

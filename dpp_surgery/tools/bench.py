@@ -400,6 +400,7 @@ def bench_coverage(args) -> dict:
 
 ONNX_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
 DPP_SHARE_TARGET = 0.15  # at most this share of converted resnet50's onnxruntime time in DPP nodes
+DECOMPOSED_OVER_CUSTOM_TARGET = 1.2  # decomposed file's onnxruntime latency / the custom file's (native kernel)
 
 
 def _ort_node_share(session, feed: Dict, runs: int, op_type: str) -> float:
@@ -527,6 +528,10 @@ def _print_onnx_table(rows: List[dict], shares: Dict[str, float], args) -> List[
         ('custom kernel faster than the decomposition on every model and batch',
          all(r['ort custom'] < r['ort decomposed'] for r in rows)),
     ]
+    for r in rows:
+        ratio = r['ort decomposed'] / r['ort custom']
+        checks.append((f"{r['model']} batch {r['batch']}: onnxruntime decomposed / custom {ratio:.2f}x <= "
+                       f'{DECOMPOSED_OVER_CUSTOM_TARGET}x', ratio <= DECOMPOSED_OVER_CUSTOM_TARGET))
     if 'resnet50' in shares:
         checks.append((f'DPP2d nodes <= {100 * DPP_SHARE_TARGET:.0f}% of converted resnet50 onnxruntime time '
                        f'({100 * shares["resnet50"]:.1f}%)', shares['resnet50'] <= DPP_SHARE_TARGET))
