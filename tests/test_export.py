@@ -51,6 +51,97 @@ def test_same_padding_models_export_with_fixed_spatial_size(tmp_path):
     assert report['ok'] and not report['spatial_dynamic']
 
 
+class _TiedToItsSize(torch.nn.Module):
+    """A position embedding of the input's own size (as levit's attention biases, efficientformer's and vitamin's):
+    the model runs at that size only."""
+
+    def __init__(self, size=32):
+        super().__init__()
+        from dpp_surgery import DPP2d
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.pos = torch.nn.Parameter(torch.randn(1, 4, size, size))
+        self.pool = DPP2d(4)
+
+    def forward(self, x):
+        return self.pool(self.conv(x) + self.pos)
+
+
+def test_models_tied_to_their_size_export_at_it(tmp_path):
+    """torch.export accepts dynamic sizes for such a model, but the file would fail (or be wrong) at any other size:
+    it is exported at the example's size with the ExportWarning, and verified there."""
+    from dpp_surgery.export.onnx import _runs_at_other_sizes
+    model = _TiedToItsSize().eval()
+    assert not _runs_at_other_sizes(model, torch.randn(1, 3, 32, 32))
+    assert _runs_at_other_sizes(_converted().eval(), torch.randn(1, 3, 64, 64))
+    with pytest.warns(ExportWarning, match='fixed'):
+        path = export_onnx(model, str(tmp_path / 'tied.onnx'), example_input=torch.randn(1, 3, 32, 32), min_size=8)
+    report = verify_onnx(model, path, base_size=(32, 32))
+    assert report['ok'] and not report['spatial_dynamic']
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert not dims[0].HasField('dim_value') and [d.dim_value for d in dims[2:]] == [32, 32]
+
+
+class _FusedAttention(torch.nn.Module):
+    """timm's convention: ``fused_attn`` chooses F.scaled_dot_product_attention over matmul/softmax."""
+
+    def __init__(self):
+        super().__init__()
+        from dpp_surgery import DPP2d
+        self.fused_attn = True
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.pool = DPP2d(4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (N, HW, C)
+        if self.fused_attn:
+            t = torch.nn.functional.scaled_dot_product_attention(t, t, t)
+        else:
+            t = (t @ t.transpose(1, 2) / c ** 0.5).softmax(-1) @ t
+        return self.pool(t.transpose(1, 2).reshape(n, c, h, w))
+
+
+def test_fused_attention_that_fails_export_is_written_out(tmp_path, monkeypatch):
+    """Where the ONNX exporter fails on timm's fused attention (nest, maxxvit), the export is retried with the same
+    attention as matmul/softmax; the modules get their setting back, and a failure either way is the first one."""
+    import dpp_surgery.export.onnx as exp
+    model = _FusedAttention().eval()
+    real = exp._to_onnx
+    seen = []
+
+    def fussy(program, *args, **kwargs):
+        fused = any(n.target == torch.ops.aten.scaled_dot_product_attention.default
+                    or 'scaled_dot_product' in str(n.target) for n in program.graph.nodes)
+        seen.append(fused)
+        if fused:
+            raise exp.ExportError('ONNX conversion failed: AssertionError: only 4D query, key, and value are supported')
+        return real(program, *args, **kwargs)
+
+    monkeypatch.setattr(exp, '_to_onnx', fussy)
+    path = export_onnx(model, str(tmp_path / 'attn.onnx'), example_input=torch.randn(1, 3, 8, 8), min_size=4)
+    assert seen == [True, False] and model.fused_attn is True
+    assert verify_onnx(model, path, base_size=(8, 8))['ok']
+    monkeypatch.setattr(exp, '_to_onnx', lambda *a, **k: (_ for _ in ()).throw(exp.ExportError('always')))
+    with pytest.raises(exp.ExportError, match='always'):
+        export_onnx(model, str(tmp_path / 'never.onnx'), example_input=torch.randn(1, 3, 8, 8), min_size=4)
+    assert model.fused_attn is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,size', [('levit_128s', 224), ('nest_tiny', 224), ('maxvit_pico_rw_256', 256)])
+def test_timm_models_that_needed_a_fix_export(tmp_path, name, size):
+    """Real models: levit (size-tied attention biases), nest (5-D fused attention), maxxvit (a view of the fused
+    attention's output): converted, exported decomposed at their size, matching PyTorch."""
+    model = _converted(name, size)
+    with warnings.catch_warnings(record=True) as caught:  # (torch.export warns about levit's bias cache too)
+        warnings.simplefilter('always')
+        path = export_onnx(model, str(tmp_path / f'{name}.onnx'), example_input=torch.randn(1, 3, size, size))
+    assert any(issubclass(w.category, ExportWarning) and 'fixed' in str(w.message) for w in caught)
+    report = verify_onnx(model, path, base_size=(size, size), batches=(1,))
+    assert report['ok'], report['worst']
+
+
 def test_export_errors(tmp_path):
     model = _converted()
     with pytest.raises(ValueError, match="unsupported export mode 'fused'; supported modes: decomposed, custom"):

@@ -19,6 +19,7 @@ given real images at even and odd sizes, batch 1 and 8. DPP's own ONNX forms liv
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -130,6 +131,18 @@ def _torch_export(model: nn.Module, example_input: torch.Tensor, attempts: List)
     raise ExportError(f'torch.export failed {place}: {type(error).__name__}: {first_line(error)}') from error
 
 
+@contextlib.contextmanager
+def _plain_attention(modules: Sequence[nn.Module]):
+    """timm attention modules computing attention as matmul/softmax instead of the fused kernel, inside."""
+    for m in modules:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.fused_attn = True
+
+
 def _to_onnx(program, example_input: torch.Tensor, opset: int, custom: bool):
     """The ONNX ModelProto of ``program``: with the DPP2d nodes and their functions (custom), or with each DPP2d
     node replaced by its decomposition (decomposed)."""
@@ -203,8 +216,21 @@ def export_onnx(
     model.eval()
     try:
         example_input, attempts = _shape_attempts(model, example_input, dynamic, min_size)
-        program = _torch_export(model, example_input, attempts)
-        exported = _to_onnx(program, example_input, opset, custom=mode == 'custom')
+        try:
+            exported = _to_onnx(_torch_export(model, example_input, attempts), example_input, opset,
+                                custom=mode == 'custom')
+        except ExportError as error:
+            # timm's fused attention (F.scaled_dot_product_attention) trips the ONNX exporter in some models (5-D
+            # inputs in nest, a view of its output in maxxvit): retry with the same attention written out
+            fused = [m for m in model.modules() if getattr(m, 'fused_attn', None) is True]
+            if not fused:
+                raise
+            try:
+                with _plain_attention(fused):
+                    exported = _to_onnx(_torch_export(model, example_input, attempts), example_input, opset,
+                                        custom=mode == 'custom')
+            except ExportError:
+                raise error from None
     finally:
         model.train(was_training)
     _write(exported, path, overwrite)
