@@ -69,6 +69,20 @@ def test_onnx_file_summary_counts_the_decomposition_per_layer(tmp_path):
     assert 0 < per['tiling'][0] <= 25 < per['other'][0]
 
 
+def test_onnx_latency_table_checks(capsys):
+    """The latency table's targets: decomposed within 1.2x the custom file per model and batch, the kernel's share."""
+    import argparse
+    keys = ['torch original', 'torch converted', 'ort original', 'ort decomposed', 'ort custom',
+            'ort custom (function)']
+    rows = [dict(zip(keys, (10.0, 12.0, 5.0, 6.0, 5.5, 7.0)), model='a', batch=1, dpp_layers=2),
+            dict(zip(keys, (10.0, 12.0, 5.0, 8.0, 5.5, 7.0)), model='a', batch=8, dpp_layers=2)]
+    checks = bench._print_onnx_table(rows, {'resnet50': 0.1}, argparse.Namespace(size=32, threads=2, batches=[1, 8]))
+    text = capsys.readouterr().out
+    assert 'PASS: a batch 1: onnxruntime decomposed / custom 1.09x <= 1.2x' in text
+    assert 'MISS: a batch 8: onnxruntime decomposed / custom 1.45x <= 1.2x' in text
+    assert [ok for _, ok in checks] == [True, True, True, True, False, True]
+
+
 def test_onnx_file_table_checks(capsys):
     """The file table's targets: nodes per layer only where every DPP layer tiles its input, export time per mode,
     decomposed latency against the FLOP ratio."""

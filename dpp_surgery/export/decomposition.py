@@ -1,22 +1,25 @@
-"""DPP2d written directly in standard ONNX operators: the body of every ``dpp_surgery.DPP2d`` function, and what a
-decomposed file has in place of each node.
+"""DPP2d written directly in standard ONNX operators: what a decomposed file has in place of each ``dpp_surgery.DPP2d``
+node, and the body of every DPP2d function in a custom file.
 
-Written, not traced: one DPP layer is a few dozen nodes built in milliseconds, where tracing the PyTorch composite
-through torch.export and the ONNX exporter took seconds per configuration and left the exporter's size arithmetic
-in the graph. Two forms, the same mathematics as :func:`dpp_surgery.layers.functional._pooled`:
+Written, not traced: a layer is a few dozen nodes built in milliseconds, where tracing the PyTorch composite through
+torch.export and the ONNX exporter took seconds per configuration and left the exporter's size arithmetic in the
+graph. The mathematics is the PyTorch path's (:func:`dpp_surgery.layers.functional._reference`, checked against it in
+onnxruntime):
 
-* windows that tile the input (kernel == stride, what convert produces for strided convolutions and 2x2 pools):
-  window sums are ``AveragePool``/``MaxPool`` at full resolution and per-window values go back to their window by
-  ``Resize`` (nearest, integer scales), so a layer is one short chain of element-wise ops and pools
-  (20 nodes at a fixed size, 24 with dynamic sizes, for the Lite guide);
-* other windows (overlapping, or gaps between them): the window positions are ``Slice`` ops with static starts,
-  ends and steps over one region cropped to fit, stacked once by ``Concat``; every later step reduces over that
-  stack.
+* the K positions of every window go on one axis: in decomposed files by one grouped ``Conv`` with one-hot filters
+  (exact copies; it pads symmetrically and drops what floor mode leaves out, so a layer without padding needs no
+  size arithmetic at all), in function bodies, which serve any channel count, by ``SpaceToDepth`` (square windows
+  that tile the input) or one strided ``Slice`` per position;
+* guide, window sums and maxima are reductions over that axis, the weights element-wise ``Sub``/``Mul``/``Log``/
+  ``Exp`` (Pow with a per-channel exponent runs element by element in runtimes);
+* every base of a power is at most 1 (finite weights): the weights ``alpha + (y / m)^(lambda/2)`` of a window are
+  scaled by ``(m / M)^(lambda/2)``, with ``M`` the window's largest ``y``, or, where the parameters are constants and
+  lambda allows (the lean form, :class:`_Weights`), by the window sum, which makes the alpha term a constant;
+* padded positions carry ``y = 0`` (weight 0) by a mask, except for 2x2 windows with the Lite guide and the 'mean' or
+  'none' norm, where edge padding repeats the one valid row or column of a window that reaches out, which leaves
+  DPP unchanged (so ceil_mode and 'same' layers need no mask either).
 
-In both, the weights ``alpha + (y / m)^(lambda/2)`` of a window are scaled by ``(m / M)^(lambda/2)``, ``M`` the
-window's largest ``y`` (so every base is at most 1: finite weights), and padded positions carry ``y = 0``, whose
-weight ``0^(lambda/2)`` is zero. The input region the windows cover is taken by ``Pad``/``Slice`` with sizes
-computed from ``Shape`` (or fixed ones where the input size is known). Used operators: :data:`DECOMPOSED_OPS`.
+A 2x2 layer without padding is 20 nodes with dynamic sizes; the operators used are :data:`DECOMPOSED_OPS`.
 """
 from __future__ import annotations
 

@@ -3,9 +3,10 @@
 ``export_onnx(model, path, mode=...)`` writes one self-contained file (weights inside) with dynamic batch and
 spatial sizes, in one of two modes:
 
-* ``'decomposed'``: every DPP layer is standard ONNX operators: the windows are strided ``Slice`` ops (no gather
-  per element), and the weighting is element-wise ``Sub``/``Mul``/``Log``/``Exp``/``ReduceSum``. It runs on
-  onnxruntime and any other runtime.
+* ``'decomposed'``: every DPP layer is standard ONNX operators (:data:`DECOMPOSED_OPS`), written directly in place
+  of each DPP2d node (:mod:`.decomposition`): the windows unfolded by one grouped convolution with one-hot filters,
+  then reductions over the window axis and element-wise ``Sub``/``Mul``/``Log``/``Exp``, with the parameters'
+  transforms folded into constants. It runs on onnxruntime and any other runtime.
 * ``'custom'``: every DPP layer is one node ``DPP2d`` in the domain ``dpp_surgery`` (schema:
   :func:`register_onnx_schema`), with its geometry and variant as attributes (``kernel_shape``, ``strides``,
   ``pads``, ``auto_pad``, ``ceil_mode``, ``reward``, ``norm``, ``eps``) and ``theta_alpha``, ``theta_lambda`` (and
@@ -15,7 +16,11 @@ spatial sizes, in one of two modes:
   onnxruntime then runs instead of the function.
 
 ``verify_onnx`` checks the file with ``onnx.checker`` and compares onnxruntime with PyTorch on random inputs and
-given real images at even and odd sizes, batch 1 and 8. DPP's own ONNX forms live in :mod:`.translation`.
+given real images at even and odd sizes, batch 1 and 8. DPP's own ONNX forms live in :mod:`.translation` and
+:mod:`.decomposition`. Both modes trace the model once, with every DPP layer as one op.
+
+Models that run at no other spatial size than the example's (attention biases or position embeddings tied to the
+resolution) and timm's 'same'-padding models are exported with a dynamic batch and a fixed size (ExportWarning).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """DPP's ONNX translations: the ``dpp_surgery.DPP2d`` node (schema, the op that export traces, the exporter's
-translation table) and its decomposition carried in the file as model-local ONNX functions.
+translation table), its decomposition carried in custom files as model-local ONNX functions, and decomposed files'
+decomposition written in place of each node (:func:`inline_decompositions`; both from :mod:`.decomposition`).
 
 While :func:`dpp_as_custom_nodes` is active, every DPP2d layer of a model whose window the native kernels take runs
 as the opaque op ``torch.ops.dpp_surgery.dpp2d_onnx``, which :func:`translation_table` turns into one ``DPP2d``
