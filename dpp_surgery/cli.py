@@ -21,6 +21,8 @@ _FINETUNE_HELP = {
     'pretrained_file': 'load pretrained weights from this local file (timm pretrained_cfg_overlay)',
     'convert': 'convert the model with DPP before fine-tuning (--no-convert fine-tunes the original)',
     'placement': 'placement of DPP for strided convs: block, post or pre (default: the default policy)',
+    'dpp_init': "DPP init for every DPP layer: paper, avg, max or ALPHA,LAMBDA (default: the policy's)",
+    'dpp_norm': "DPP window normalisation for every DPP layer: mean, none or sum (default: the policy's)",
     'data': 'data directory: ImageFolder (train/ val/), CIFAR-10/100 python, or MNIST/Fashion-MNIST IDX '
             '(default: Debian\'s Fashion-MNIST in /usr/share/datasets/fashion-mnist)',
     'image_size': 'input size in pixels; images are resized to it (default 64)',
@@ -45,6 +47,7 @@ _FINETUNE_HELP = {
     'distill_alpha': 'weight of the distillation term; 1 = labels unused (the model keeps its own classes)',
     'distill_temperature': 'softmax temperature of the distillation',
     'seed': 'random seed (data order, init of new layers)',
+    'subset_seed': 'seed of the draw of the train/test subsets (-1 = --seed); fix it to compare seeds on one subset',
     'output': 'output folder: metrics.jsonl, last/best.safetensors, train_state.pt, config.json',
     'resume': 'continue the run in --output from its last checkpoint',
     'overwrite': 'start over in an --output folder that holds a previous run',
@@ -54,6 +57,7 @@ _FINETUNE_HELP = {
     'device': 'auto, cpu, cuda or cuda:N',
     'progress': 'show progress bars',
     'max_steps': 'stop after this many optimizer steps in total (0 = no limit)',
+    'dpp_trace_every': 'every N optimizer steps, write DPP alpha/lambda and gradient sizes to dpp_trace.jsonl (0 = off)',
 }
 
 
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {'int': int, 'float': float}.get(str(f.type), str)
             if f.name == 'placement':
                 p.add_argument(flag, default=f.default, choices=['block', 'post', 'pre'], help=help_text)
+            elif f.name == 'dpp_norm':
+                p.add_argument(flag, default=f.default, choices=['mean', 'none', 'sum'], help=help_text)
             else:
                 p.add_argument(flag, type=kind, default=f.default, help=help_text)
     p.set_defaults(func=_cmd_finetune)

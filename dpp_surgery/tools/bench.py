@@ -289,14 +289,15 @@ def bench_init(args) -> dict:
     return {'machine': machine_description(), 'rows': rows}
 
 
-def photo_views(size: int = 224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
-    """Every shipped photo as 10 views (centre and 4 corner crops of a resize to size/0.875, and their mirror
-    images), normalised: (10 * photos, 3, size, size)."""
-    from .photos import load_photos
+def photo_views(size: int = 224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), names=None) -> torch.Tensor:
+    """Every shipped photo (or those in ``names``) as 10 views (centre and 4 corner crops of a resize to size/0.875,
+    and their mirror images), normalised: (10 * photos, 3, size, size)."""
+    from .photos import load_photo, load_photos
 
     views = []
     short = int(round(size / 0.875))
-    for img in load_photos().values():
+    photos = load_photos() if names is None else {n: load_photo(n) for n in names}
+    for img in photos.values():
         h, w = img.shape[-2:]
         scale = short / min(h, w)
         img = F.interpolate(img, size=(max(short, round(h * scale)), max(short, round(w * scale))), mode='bilinear',

@@ -229,12 +229,68 @@ def _dpp_values(model: nn.Module) -> List[Dict[str, Any]]:
     return out
 
 
+# where `python -m dpp_surgery.experiments placement` writes its record by default
+PLACEMENT_RESULTS = os.path.join('results', 'placement', 'placement.json')
+_PLACEMENT_MAX_BYTES = 20 * 2 ** 20  # a placement record is a few hundred kB; anything larger is not one
+
+
+def load_placement_points(path: str) -> List[Dict[str, Any]]:
+    """Per policy of a placement record: its name, GFLOPs at the training size, FLOP ratio and the test accuracy of
+    every seed, for the figure's panel.
+
+    Raises:
+        ValueError: if the file is too large, not JSON, or not a record of ``experiments placement``.
+    """
+    if os.path.getsize(path) > _PLACEMENT_MAX_BYTES:
+        raise ValueError(f'{path} is over {_PLACEMENT_MAX_BYTES // 2 ** 20} MiB, not a record of `python -m '
+                         'dpp_surgery.experiments placement`; pass that command\'s placement.json')
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        points = []
+        for name, entry in record['policies'].items():
+            accs = [float(r['test_accuracy']) for r in record['runs'] if r['variant'] == name]
+            if not accs:
+                raise ValueError(f'no runs of policy {name}')
+            points.append({'name': str(name), 'gflops': float(entry['gflops_train']),
+                           'flop_ratio': float(entry['flop_ratio_train']), 'accuracies': accs})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f'{path} is not a record of `python -m dpp_surgery.experiments placement` ({e}); rerun '
+                         'that command or pass its placement.json with --placement-results') from e
+    if not points:
+        raise ValueError(f'{path} holds no policies; rerun `python -m dpp_surgery.experiments placement`')
+    return points
+
+
+def _placement_panel(ax, points: Optional[List[Dict[str, Any]]], source: str) -> None:
+    """Test accuracy (mean, and every seed) against GFLOPs per policy, or how to get the numbers."""
+    ax.set_title('Placement experiment: test accuracy against cost per policy\n'
+                 f'(from {source}; dots = seeds, cross = mean)', fontsize=9)
+    if points is None:
+        ax.text(0.5, 0.5, 'no placement results yet:\npython -m dpp_surgery.experiments placement',
+                ha='center', va='center', fontsize=9)
+        ax.set_axis_off()
+        return
+    for i, pt in enumerate(points):
+        color = f'C{i}'
+        accs = [100 * a for a in pt['accuracies']]
+        ax.scatter([pt['gflops']] * len(accs), accs, color=color, alpha=0.5, s=18)
+        ax.scatter([pt['gflops']], [sum(accs) / len(accs)], color=color, marker='X', s=90,
+                   label=f"{pt['name']} ({pt['flop_ratio']:.2f}x FLOPs)")
+    ax.set_xlabel('GFLOPs per image at the training size')
+    ax.set_ylabel('test accuracy (%)')
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc='best')
+
+
 def _save_figure(photo_crops: Dict[str, torch.Tensor], photo: str, dpp: List[Dict[str, Any]], title: str,
-                 path: str) -> None:
+                 path: str, placement_points: Optional[List[Dict[str, Any]]] = None,
+                 placement_source: str = PLACEMENT_RESULTS) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(16, 8.5), layout='constrained')
-    left, right = fig.subfigures(1, 2, width_ratios=[1.35, 1])
+    fig = Figure(figsize=(22, 8.5), layout='constrained')
+    left, right, third = fig.subfigures(1, 3, width_ratios=[1.35, 1, 0.9])
+    _placement_panel(third.subplots(1, 1), placement_points, placement_source)
     axes = left.subplots(3, 3)
     for ax, (name, img) in zip(axes.flat, photo_crops.items()):
         ax.imshow(img[0].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation='nearest')
@@ -270,6 +326,16 @@ def _save_figure(photo_crops: Dict[str, torch.Tensor], photo: str, dpp: List[Dic
     fig.savefig(path, dpi=100)
 
 
+def _placement_results(args):
+    """The placement panel's points and where they come from: ``--placement-results`` (which must be a placement
+    record), else the default record if there is one (else None: the panel says how to make it)."""
+    if args.placement_results is not None:
+        return load_placement_points(args.placement_results), args.placement_results
+    if os.path.isfile(PLACEMENT_RESULTS):
+        return load_placement_points(PLACEMENT_RESULTS), PLACEMENT_RESULTS
+    return None, PLACEMENT_RESULTS
+
+
 def _preflight(args) -> None:
     """Check everything the job needs before spending minutes on it; raises with the fix in the message."""
     from ..training import data
@@ -278,6 +344,10 @@ def _preflight(args) -> None:
     load_photo(args.photo)
     if args.pooling_only:
         return
+    if args.placement_results is not None and not os.path.isfile(args.placement_results):
+        raise FileNotFoundError(f'--placement-results {args.placement_results} does not exist; run `python -m '
+                                'dpp_surgery.experiments placement` first or leave the option out')
+    _placement_results(args)  # a file that is not a placement record fails now, not after the fine-tune
     data.detect_format(args.data or data.DEFAULT_DATA)
     package_file()
     try:
@@ -466,7 +536,9 @@ def _figure(job: _Job) -> None:
     crops = {'original (not pooled)': _crop(job.photo), **{k: _crop(v) for k, v in job.pooled.items()}}
     tuned_what = 'not fine-tuned (--skip-finetune)' if args.skip_finetune else f'fine-tuned on {job.data_name}'
     path = os.path.join(args.out, 'demo.png')
-    _save_figure(crops, args.photo, dpp, f'Learned DPP parameters of {MODEL_NAME},\n{tuned_what}', path)
+    points, source = _placement_results(args)
+    _save_figure(crops, args.photo, dpp, f'Learned DPP parameters of {MODEL_NAME},\n{tuned_what}', path,
+                 placement_points=points, placement_source=source)
     print(f'wrote {path} and {os.path.join(args.out, "pooling.png")}')
 
 
@@ -560,6 +632,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help='only pool the photo: print the pooling table and write pooling.png')
     parser.add_argument('--photo', default='china.jpg', choices=SAMPLE_PHOTOS, help='which sample photo')
     parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
+    parser.add_argument('--placement-results', metavar='JSON',
+                        help='placement.json of `python -m dpp_surgery.experiments placement` for the figure\'s '
+                             f'accuracy-against-GFLOPs panel (default {PLACEMENT_RESULTS} if it exists)')
     args = parser.parse_args(argv)
     profile = _QUICK if args.quick else _FULL
     for key in ('train_subset', 'test_subset', 'epochs'):

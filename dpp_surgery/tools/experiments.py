@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 from ..utils import write_text
 
-__all__ = ['main', 'paper', 'paper_table', 'paired_differences']
+__all__ = ['main', 'paper', 'paper_table', 'paired_differences', 'refuse_overwrite', 't95']
 
 PAPER_FILES = ('paper.md', 'paper.json')
 # Fashion-MNIST training-set mean and std of the pixel values in [0, 1]
@@ -36,7 +36,7 @@ _OPT_NAMES = {'sgd': 'SGD (Nesterov momentum 0.9)', 'adamw': 'AdamW'}
 FASHION_FILES = ('fashion_mnist.md', 'fashion_mnist.json')
 
 
-def _refuse_overwrite(output: str, names, overwrite: bool) -> None:
+def refuse_overwrite(output: str, names, overwrite: bool) -> None:
     """Stop before any training if ``output`` already holds results and ``overwrite`` was not asked for."""
     if overwrite:
         return
@@ -50,7 +50,7 @@ def fashion_mnist(args) -> dict:
     from .timing import machine_description
     from ..training.finetune import FinetuneConfig, finetune
 
-    _refuse_overwrite(args.output, FASHION_FILES, args.overwrite)
+    refuse_overwrite(args.output, FASHION_FILES, args.overwrite)
     runs = []
     for seed in args.seeds:
         for converted in (False, True):
@@ -119,7 +119,7 @@ def _check_paper_args(args) -> None:
                              f'{getattr(args, name)}')
     if not args.lr > 0 or args.weight_decay < 0:
         raise ValueError(f'--lr must be > 0 and --weight-decay >= 0, but got {args.lr} and {args.weight_decay}')
-    _refuse_overwrite(args.output, PAPER_FILES, args.overwrite)
+    refuse_overwrite(args.output, PAPER_FILES, args.overwrite)
 
 
 def _fashion_tensors(train_subset: int, test_subset: int):
@@ -213,7 +213,7 @@ _BASELINES = ('max', 'avg')
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def _t95(dof: int) -> float:
+def t95(dof: int) -> float:
     if dof <= len(_T95):
         return _T95[dof - 1]
     return 2.1 if dof <= 20 else 2.05 if dof <= 30 else 1.96  # rounded up: never more lenient than the test
@@ -232,7 +232,7 @@ def paired_differences(runs: List[dict], variant: str, baseline: str) -> Optiona
     mean = statistics.mean(diffs)
     se = statistics.stdev(diffs) / len(diffs) ** 0.5
     t = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return {'mean': mean, 'se': se, 't': t, 'seeds': len(seeds), 'resolved': abs(t) > _t95(len(seeds) - 1)}
+    return {'mean': mean, 'se': se, 't': t, 'seeds': len(seeds), 'resolved': abs(t) > t95(len(seeds) - 1)}
 
 
 def _findings(runs: List[dict], variants: List[str]) -> List[str]:
@@ -259,7 +259,7 @@ def _findings(runs: List[dict], variants: List[str]) -> List[str]:
     seeds = min(d['seeds'] for d in diffs.values())
     lines.append(f'- Paired by seed (difference of test error in points +/- its standard error over {seeds} '
                  f'seeds; resolved = a two-sided paired t-test at 95% tells it from zero, |t| > '
-                 f'{_t95(seeds - 1):.2f}):')
+                 f'{t95(seeds - 1):.2f}):')
     for word, text in (('lower', 'resolved, lower error'), ('higher', 'resolved, higher error'),
                        ('not resolved', 'not resolved (within seed noise)')):
         if word in verdicts:
@@ -402,6 +402,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser('paper-table', help='regenerate paper.md (table and findings) from paper.json, no training')
     p.add_argument('--output', default='zoo/paper', help='folder holding paper.json (default zoo/paper)')
     p.set_defaults(func=paper_table_cmd)
+    from .conversion_study import add_parsers
+    add_parsers(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     from ..utils import run_command

@@ -33,7 +33,8 @@ from ..layers import DPP2d, param_groups
 from ..utils import atomic_write
 from .precision import AMP_CHOICES, AmpChoice, probe_cpu_bf16, resolve_amp
 
-__all__ = ['FinetuneConfig', 'finetune', 'evaluate', 'build_model', 'build_optimizer', 'dpp_stats', 'subset']
+__all__ = ['FinetuneConfig', 'finetune', 'evaluate', 'build_model', 'build_optimizer', 'conversion_kwargs', 'dpp_stats',
+           'dpp_trace', 'distill_loss', 'subset']
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ STATE_FILE = 'train_state.pt'
 LAST_FILE = 'last.safetensors'
 BEST_FILE = 'best.safetensors'
 METRICS_FILE = 'metrics.jsonl'
+TRACE_FILE = 'dpp_trace.jsonl'
 
 
 @dataclass
@@ -51,6 +53,8 @@ class FinetuneConfig:
     pretrained_file: Optional[str] = None
     convert: bool = True
     placement: Optional[str] = None  # None: the default policy
+    dpp_init: Optional[str] = None  # None: the policy's; 'paper', 'avg', 'max' or 'ALPHA,LAMBDA' for every DPP layer
+    dpp_norm: Optional[str] = None  # None: the policy's; 'mean', 'none' or 'sum' for every DPP layer
     data: Optional[str] = None  # None: Debian's Fashion-MNIST
     image_size: int = 64
     train_subset: int = 0  # 0 = all
@@ -73,6 +77,7 @@ class FinetuneConfig:
     distill_alpha: float = 1.0  # weight of the KL term; 1.0 = labels unused
     distill_temperature: float = 2.0
     seed: int = 0
+    subset_seed: int = -1  # the draw of the train/test subsets (-1: seed); fix it to compare seeds on one subset
     output: str = 'runs/finetune'
     resume: bool = False
     overwrite: bool = False
@@ -82,6 +87,7 @@ class FinetuneConfig:
     device: str = 'auto'
     progress: bool = True
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit; for tests)
+    dpp_trace_every: int = 0  # every N optimizer steps, DPP values and gradient sizes to dpp_trace.jsonl (0 = off)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,11 +158,47 @@ def build_model(cfg: FinetuneConfig, num_classes: int, keep_head: bool = False):
     if not keep_head and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     if cfg.convert:
-        kwargs = {} if cfg.placement is None else {'placement': cfg.placement}
+        kwargs = conversion_kwargs(cfg)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             convert(model, input_size=(3, cfg.image_size, cfg.image_size), **kwargs)
     return model, teacher
+
+
+def _parse_init(text: str):
+    """``'paper'``/``'avg'``/``'max'``, or ``'ALPHA,LAMBDA'`` as a pair of floats."""
+    from ..layers.dpp import INIT_PRESETS
+
+    if text in INIT_PRESETS:
+        return text
+    parts = text.split(',')
+    try:
+        pair = tuple(float(v) for v in parts)
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or not all(v > 0 and v < float('inf') for v in pair):
+        raise ValueError(f"dpp_init must be one of {', '.join(INIT_PRESETS)} or 'ALPHA,LAMBDA' (two positive "
+                         f'numbers, for example 1,2), but got {text!r}')
+    return pair
+
+
+def conversion_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
+    """The :func:`dpp_surgery.convert` keywords that ``cfg`` asks for: its placement, and its DPP init and norm for
+    every site kind (each kind keeps the rest of the default policy's variant, such as the asymmetric reward of max
+    pools)."""
+    from ..surgery import ConversionPolicy, TARGETS
+
+    kwargs: Dict[str, Any] = {} if cfg.placement is None else {'placement': cfg.placement}
+    changes: Dict[str, Any] = {}
+    if cfg.dpp_init is not None:
+        changes['init'] = _parse_init(cfg.dpp_init)
+    if cfg.dpp_norm is not None:
+        changes['norm'] = cfg.dpp_norm
+    if changes:
+        default = ConversionPolicy()
+        for kind in TARGETS:
+            kwargs[kind] = dataclasses.replace(default.variant(kind), **changes)  # validates the values
+    return kwargs
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig):
@@ -342,8 +384,9 @@ def _prepare_output(run: _Run) -> None:
         if not cfg.resume or not os.path.exists(run.state_path):
             with open(os.path.join(out, 'config.json'), 'w') as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=1)
-            if os.path.exists(os.path.join(out, METRICS_FILE)):
-                os.unlink(os.path.join(out, METRICS_FILE))
+            for name in (METRICS_FILE, TRACE_FILE):
+                if os.path.exists(os.path.join(out, name)):
+                    os.unlink(os.path.join(out, name))
     if run.distributed:
         dist.barrier()
     if cfg.resume and not os.path.exists(run.state_path):
@@ -356,8 +399,9 @@ def _prepare_data(run: _Run) -> None:
     cfg = run.cfg
     _seed_everything(cfg.seed)
     data = load_datasets(cfg.data, cfg.image_size)
-    run.train_set = subset(data.train, cfg.train_subset, cfg.seed)
-    run.test_set = subset(data.test, cfg.test_subset, cfg.seed + 1)
+    draw = cfg.seed if cfg.subset_seed < 0 else cfg.subset_seed
+    run.train_set = subset(data.train, cfg.train_subset, draw)
+    run.test_set = subset(data.test, cfg.test_subset, draw + 1)
     run.num_classes = data.num_classes
     if run.distributed:
         run.sampler = DistributedSampler(run.train_set, num_replicas=run.world, rank=run.rank, shuffle=True,
@@ -526,6 +570,8 @@ def _optimizer_step(run: _Run, epoch: int, batch: int) -> bool:
     ``cfg.checkpoint_every`` steps, the last checkpoint (at ``batch`` of ``epoch``). Returns whether
     ``cfg.max_steps`` is reached."""
     cfg = run.cfg
+    if cfg.dpp_trace_every and run.global_step % cfg.dpp_trace_every == 0:
+        _write_trace(run)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -539,6 +585,49 @@ def _optimizer_step(run: _Run, epoch: int, batch: int) -> bool:
     if cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0:
         _save_state(run, epoch, batch)
     return bool(cfg.max_steps and run.global_step >= cfg.max_steps)
+
+
+def dpp_trace(model: nn.Module, optimizer=None) -> Dict[str, Any]:
+    """Where the DPP parameters stand and how hard the loss pulls them, from the gradients held now: per DPP layer,
+    alpha and lambda (mean, min and max over channels) and the root-mean-square gradient of theta_alpha and
+    theta_lambda; for scale, the RMS gradient of every other trainable parameter together; with ``optimizer``, the
+    learning rate of the DPP parameters and of the rest."""
+    m = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def rms(grads) -> Optional[float]:
+        grads = [g.detach().float() for g in grads if g is not None]
+        if not grads:
+            return None
+        return (sum(g.pow(2).sum() for g in grads) / sum(g.numel() for g in grads)).sqrt().item()
+
+    layers, dpp_ids = {}, set()
+    for name, layer in m.named_modules():
+        if isinstance(layer, DPP2d):
+            dpp_ids.update((id(layer.theta_alpha), id(layer.theta_lambda)))
+            a, lam = layer.alpha.float(), layer.lam.float()
+            layers[name] = {'alpha': a.mean().item(), 'alpha_min': a.min().item(), 'alpha_max': a.max().item(),
+                            'lambda': lam.mean().item(), 'lambda_min': lam.min().item(),
+                            'lambda_max': lam.max().item(), 'grad_theta_alpha': rms([layer.theta_alpha.grad]),
+                            'grad_theta_lambda': rms([layer.theta_lambda.grad])}
+    out: Dict[str, Any] = {'dpp': layers, 'grad_other': rms(
+        [p.grad for p in m.parameters() if p.requires_grad and id(p) not in dpp_ids])}
+    if optimizer is not None:
+        lrs = {'dpp' if any(id(p) in dpp_ids for p in g['params']) else 'other': g['lr']
+               for g in optimizer.param_groups}
+        out.update(lr_dpp=lrs.get('dpp'), lr_other=lrs.get('other'))
+    return out
+
+
+def _write_trace(run: _Run) -> None:
+    """Rank 0: one line of ``dpp_trace.jsonl`` (:func:`dpp_trace`) at the current step, from the accumulated
+    gradients before the optimizer step (unscaled first under float16)."""
+    if not run.is_main:
+        return
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    line = {'step': run.global_step, **dpp_trace(run.model, run.optimizer)}
+    with open(os.path.join(run.cfg.output, TRACE_FILE), 'a') as f:
+        f.write(json.dumps(line) + '\n')
 
 
 def _test_epoch(run: _Run, epoch: int, train: tuple) -> Dict[str, Any]:
@@ -618,14 +707,20 @@ def _precision(cfg: FinetuneConfig, device: torch.device, model: nn.Module, trai
     return resolve_amp(cfg.amp, device, probe=probe if device.type == 'cpu' else None)
 
 
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distillation term: the KL divergence from the teacher's softened distribution to the student's, per
+    image, times ``temperature ** 2`` (so that its gradients keep their size across temperatures)."""
+    T = temperature
+    return F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(teacher_logits.float() / T, -1),
+                    log_target=True, reduction='batchmean') * T * T
+
+
 def _loss(cfg: FinetuneConfig, logits, y, teacher, x):
     if teacher is None:
         return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     with torch.no_grad():
         t_logits = teacher(x)
-    T = cfg.distill_temperature
-    kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(t_logits.float() / T, -1), log_target=True,
-                  reduction='batchmean') * T * T
+    kl = distill_loss(logits, t_logits, cfg.distill_temperature)
     if cfg.distill_alpha >= 1.0:
         return kl
     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -644,3 +739,7 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f'distill_alpha must be in [0, 1], but got {cfg.distill_alpha}')
     if cfg.amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {', '.join(map(repr, AMP_CHOICES))}, but got {cfg.amp!r}")
+    if cfg.dpp_trace_every < 0:
+        raise ValueError(f'dpp_trace_every must be >= 0 (0 = off), but got {cfg.dpp_trace_every}')
+    if cfg.convert:
+        conversion_kwargs(cfg)  # a bad dpp_init or dpp_norm fails here, before any data or weights are loaded
