@@ -3,6 +3,7 @@ import contextlib
 import difflib
 import logging
 import os
+import stat
 import sys
 import re
 import tempfile
@@ -35,6 +36,12 @@ def check_choice(value: str, name: str, allowed: Sequence[str]) -> str:
     return value.lower()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write_fn: Callable[[str], None], overwrite: bool) -> None:
     """Call ``write_fn(tmp_path)`` and move the result to ``path`` atomically (never a half-written ``path``)."""
     path = os.fspath(path)
@@ -45,6 +52,8 @@ def atomic_write(path: str, write_fn: Callable[[str], None], overwrite: bool) ->
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
     os.close(fd)
     try:
+        # mkstemp's file is private (0600): give it the mode of the file it replaces, else what open() would give
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask())
         write_fn(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())

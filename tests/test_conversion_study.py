@@ -382,3 +382,20 @@ def test_demo_figure_has_the_placement_panel(tmp_path):
         right_a = a.convert('L').crop((int(a.size[0] * 0.75), 0, a.size[0], a.size[1]))
         right_b = b.convert('L').crop((int(b.size[0] * 0.75), 0, b.size[0], b.size[1]))
         assert right_a.tobytes() != right_b.tobytes()  # the points are drawn
+
+
+def test_results_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temporary file; the result has the mode a plain write gives (or the mode
+    of the file it replaces), not the temporary file's 0600."""
+    import stat
+
+    from dpp_surgery.utils import write_text
+
+    plain = tmp_path / 'plain.txt'
+    plain.write_text('x')
+    new = tmp_path / 'new.md'
+    write_text(str(new), 'y', overwrite=False)
+    assert stat.S_IMODE(new.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    os.chmod(new, 0o640)
+    write_text(str(new), 'z', overwrite=True)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o640 and new.read_text() == 'z'

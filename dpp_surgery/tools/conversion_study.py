@@ -207,7 +207,8 @@ def placement(args) -> Dict[str, Any]:
         for name in args.policies:
             placement_name = PLACEMENT_POLICIES[name]
             cfg = _finetune_config(args, seed, os.path.join(args.output, 'runs', f'{name}_seed{seed}'),
-                                   convert=placement_name is not None, placement=placement_name)
+                                   convert=placement_name is not None, placement=placement_name,
+                                   dpp_trace_every=args.trace_every if placement_name else 0)
             runs.append(_fine_tune(cfg, name))
     record = _record(args, policies=costs, runs=runs, wall_seconds=time.perf_counter() - t0)
     _write_record(args, record, 'placement', placement_table(record))
@@ -588,6 +589,8 @@ def _movement(run: Dict[str, Any]) -> Dict[str, float]:
     """How far the run's alpha and lambda moved: the largest |log(value / start)| over layers (of the channel mean,
     min and max), from the first and last trace lines."""
     first, last = run['trace'][0]['dpp'], run['trace'][-1]['dpp']
+    if not first:
+        return {'alpha': math.nan, 'lambda': math.nan}
     out = {}
     for key in ('alpha', 'lambda'):
         out[key] = max(abs(math.log(last[layer][f'{key}{e}'] / first[layer][f'{key}{e}']))
@@ -710,8 +713,7 @@ def add_parsers(sub) -> None:
     p.add_argument('--seeds', type=int, nargs='+', default=[0], help='seeds (each fixes a batch order)')
     p.add_argument('--steps', type=int, nargs='+', default=list(HEAL_STEPS), help='measure after these steps')
     p.add_argument('--heal-size', type=int, default=96, help='healing images in px')
-    p.add_argument('--eval-size', type=int, help='measuring views in px (default: --heal-size; healing at one size '
-                                                  'does not carry over to another, README)')
+    p.add_argument('--eval-size', type=int, help='measuring views in px (default: --heal-size)')
     p.add_argument('--heal-fashion', type=int, default=4000, help='Fashion-MNIST images in the healing set')
     p.add_argument('--heal-photos', type=int, default=len(HEAL_PHOTOS), help='healing photos used (of '
                                                                              f"{', '.join(HEAL_PHOTOS)})")
