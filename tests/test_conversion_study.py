@@ -3,6 +3,7 @@ they use (DPP trace, init and norm overrides, a fixed subset draw) and the demo'
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -57,6 +58,41 @@ def test_placement_end_to_end(tmp_path, capsys):
     assert (out / 'runs' / 'pre_seed1' / 'last.safetensors').exists()
     assert main(_placement_args(out)) == 1
     assert '--overwrite' in capsys.readouterr().err
+
+
+@needs_fashion
+def test_placement_runs_resnet18_from_scratch(tmp_path):
+    out = tmp_path / 'resnet'
+    args = _placement_args(out, '--model', 'resnet18')
+    args[args.index('--seeds') + 1:args.index('--policies')] = ['0']
+    assert main(args) == 0
+    record = json.loads((out / 'placement.json').read_text())
+    assert record['args']['model'] == 'resnet18'
+    import timm
+
+    # from scratch: the policies' parameters are ResNet-18's plus DPP's, and 'pre' keeps the FLOPs within the limit
+    assert record['policies']['original']['params'] == sum(p.numel() for p in timm.create_model('resnet18').parameters())
+    assert 1.0 < record['policies']['pre']['flop_ratio_train'] <= cs.FLOP_NEUTRAL
+    assert {r['variant'] for r in record['runs']} == {'original', 'pre'}
+    assert all(0 <= r['test_accuracy'] <= 1 for r in record['runs'])
+    with open(out / 'runs' / 'pre_seed0' / 'config.json') as f:
+        config = json.load(f)
+    assert config['model'] == 'resnet18' and config['pretrained'] == 'none'
+    assert 'ResNet-18 from scratch' in (out / 'placement.md').read_text()
+
+
+def test_placement_output_follows_the_model(tmp_path, monkeypatch, capsys):
+    # without --output each model has its own results folder (refused here, before any work, by a bad argument)
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def stop(args):
+        seen.append(args.output)
+        raise ValueError('stop')
+
+    monkeypatch.setattr(cs, '_check_placement_args', stop)
+    assert main(['placement', '--model', 'resnet18']) == 1 and main(['placement']) == 1
+    assert seen == ['results/placement_resnet18', 'results/placement']
 
 
 def _record(accs, ratios):
@@ -399,3 +435,78 @@ def test_results_files_get_the_usual_permissions(tmp_path):
     os.chmod(new, 0o640)
     write_text(str(new), 'z', overwrite=True)
     assert stat.S_IMODE(new.stat().st_mode) == 0o640 and new.read_text() == 'z'
+
+
+def _params_run(variant, seed, acc=None, lam=1.0, step=50):
+    layer = {'alpha': 1.0, 'alpha_min': 1.0, 'alpha_max': 1.0, 'lambda': 1.0, 'lambda_min': 1.0, 'lambda_max': 1.0,
+             'grad_theta_alpha': 0.01, 'grad_theta_lambda': 0.02}
+    trace = [{'step': 0, 'dpp': {'blocks.1.0.dpp': layer}, 'grad_other': 0.1},
+             {'step': step, 'dpp': {'blocks.1.0.dpp': {**layer, 'lambda': lam, 'lambda_max': lam}}, 'grad_other': 0.1}]
+    if acc is None:
+        return {'variant': variant, 'seed': seed, 'diverged': True, 'error': 'non-finite', 'test_accuracy': None,
+                'test_error': None, 'trace': trace[:1], 'last_finite_step': 0}
+    return {'variant': variant, 'seed': seed, 'test_accuracy': acc, 'test_error': 100 * (1 - acc), 'trace': trace}
+
+
+def test_dpp_params_table_reports_diverged_remedies():
+    # a remedy that diverged in every seed gets a row that says so; one that diverged in some is compared over the
+    # seeds that finished
+    runs = [_params_run('lr-x10', s, 0.80 + 0.01 * s) for s in range(3)]
+    runs += [_params_run('lr-x1000', s) for s in range(3)]
+    runs += [_params_run('lr-x100', 0), _params_run('lr-x100', 1, 0.83, lam=2.0), _params_run('lr-x100', 2, 0.84)]
+    record = {'args': {'train_subset': 64, 'epochs': 1, 'image_size': 32, 'batch_size': 8, 'lr': 0.02,
+                       'dpp_lr_scale': 10.0, 'seeds': [0, 1, 2], 'test_subset': 32, 'trace_every': 50},
+              'command': 'python -m dpp_surgery.experiments dpp-params', 'machine': 'test', 'wall_seconds': 60,
+              'remedies': {'lr-x10': {}, 'lr-x100': {'dpp_lr_scale': 100.0}, 'lr-x1000': {'dpp_lr_scale': 1000.0}},
+              'runs': runs}
+    md = cs.dpp_params_table(record)
+    row = next(line for line in md.splitlines() if line.startswith('| lr-x1000 |'))
+    assert 'diverged in 3 of 3 seeds' in row
+    row = next(line for line in md.splitlines() if line.startswith('| lr-x100 |'))
+    # seeds 1 and 2: +2.0 and +2.0 points against lr-x10, and lambda moved by ln 2 in one of the two
+    assert '83.50' in row and '+2.00 +/- 0.00' in row and 'diverged in 1 of 3 seeds' in row
+    assert f'{math.log(2) / 2:.3g}' in row
+    assert not any(line.startswith('| lr-x1000 | blocks') for line in md.splitlines())  # no per-layer rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# study-table: the tables from the records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('study, folder', [('placement', 'placement'), ('heal', 'heal'),
+                                           ('dpp-params', 'dpp_params'), ('placement', 'placement_resnet18')])
+def test_committed_tables_are_what_their_records_give(tmp_path, study, folder):
+    stem = cs.STUDY_TABLES[study][0]
+    src = os.path.join(REPO, 'results', folder)
+    if not os.path.isfile(os.path.join(src, f'{stem}.json')):
+        pytest.skip(f'results/{folder} holds no record')
+    shutil.copy(os.path.join(src, f'{stem}.json'), tmp_path)
+    assert main(['study-table', study, '--output', str(tmp_path)]) == 0
+    with open(os.path.join(src, f'{stem}.md')) as f:
+        assert (tmp_path / f'{stem}.md').read_text() == f.read()
+    if study == 'heal':
+        assert (tmp_path / 'heal.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'does not exist'),
+    ('{"runs": [', 'is not valid JSON'),
+    ('[1, 2]', 'is not a record of `experiments dpp-params`'),
+    ('{"runs": [{"variant": "x"}], "args": {}}', 'is not a record of `experiments dpp-params`'),
+])
+def test_study_table_refuses_what_is_not_a_record(tmp_path, capsys, content, message):
+    if content is not None:
+        (tmp_path / 'dpp_params.json').write_text(content)
+    assert main(['study-table', 'dpp-params', '--output', str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and 'rerun `python -m dpp_surgery.experiments dpp-params' in err
+    assert 'Traceback' not in err and not (tmp_path / 'dpp_params.md').exists()
+
+
+def test_study_table_refuses_an_oversized_record(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cs, '_MAX_RECORD_BYTES', 1 << 10)
+    (tmp_path / 'heal.json').write_text('{"runs": [' + ' ' * 2048 + ']}')
+    assert main(['study-table', 'heal', '--output', str(tmp_path)]) == 1
+    assert 'larger than any record' in capsys.readouterr().err

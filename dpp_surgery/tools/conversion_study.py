@@ -5,7 +5,8 @@
   policy: DPP first, then the conv at stride 1 on the smaller map), for every seed. Writes ``placement.md`` (test
   accuracy mean, std and per seed, GFLOPs, parameters, latency in PyTorch and onnxruntime, each policy paired by seed
   with the original, and the policy the numbers recommend per FLOP budget) and ``placement.json``; the DPP runs also
-  trace their alpha, lambda and gradient sizes (:func:`dpp_surgery.training.finetune.dpp_trace`).
+  trace their alpha, lambda and gradient sizes (:func:`dpp_surgery.training.finetune.dpp_trace`). ``--model
+  resnet18`` runs the same grid with ResNet-18 trained from scratch.
 * ``heal``: how fast a converted pretrained model comes back to its original's function under label-free
   distillation from the original, per placement: top-1 agreement and logit cosine with the original on views of real
   photos never used for healing, after 0, 100, 300 and 1000 steps. Heals on unlabeled images available offline
@@ -13,7 +14,7 @@
 * ``dpp-params``: why DPP's alpha and lambda move little in a fine-tune and what the natural remedies do: the
   placement budget with the block policy, per remedy (DPP learning-rate scale, init, norm) and seed; writes the
   accuracy, how far each layer's alpha and lambda moved, and the gradient of the DPP parameters against the rest
-  (``dpp_params.md``, ``dpp_params.json``).
+  (``dpp_params.md``, ``dpp_params.json``); a remedy that makes training diverge is reported as such.
 
 Every results file is written atomically, and an existing one only with ``--overwrite``; the runs of one command go
 one after the other (on 2 cores, one torch process at a time).
@@ -31,19 +32,25 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..utils import atomic_write, write_text
 from .experiments import refuse_overwrite
 
 __all__ = ['PLACEMENT_POLICIES', 'HEAL_PHOTOS', 'EVAL_PHOTOS', 'placement', 'placement_table', 'recommendations',
-           'heal', 'heal_table', 'dpp_params', 'dpp_params_table', 'add_parsers']
+           'heal', 'heal_table', 'dpp_params', 'dpp_params_table', 'study_table', 'PLACEMENT_MODELS', 'add_parsers']
 
 PLACEMENT_FILES = ('placement.md', 'placement.json')
 HEAL_FILES = ('heal.md', 'heal.json', 'heal.png')
 DPP_PARAMS_FILES = ('dpp_params.md', 'dpp_params.json')
 # policy name -> the placement convert() gets (None: the model is not converted)
 PLACEMENT_POLICIES: Dict[str, Optional[str]] = {'original': None, 'block': 'block', 'post': 'post', 'pre': 'pre'}
+# the models the placement experiment runs: name -> (finetune's --pretrained, how the table describes the start,
+# the default output folder)
+PLACEMENT_MODELS: Dict[str, Tuple[str, str, str]] = {
+    'efficientnet_lite0': ('offline', 'ImageNet EfficientNet-Lite0 (offline weights), fine-tuned', 'results/placement'),
+    'resnet18': ('none', 'ResNet-18 from scratch (random init), trained', 'results/placement_resnet18'),
+}
 # the FLOP ratio (converted / original) up to which a policy counts as FLOP-neutral
 FLOP_NEUTRAL = 1.05
 # the FLOP budgets the recommendation is given for (ratio to the original; inf = no limit)
@@ -57,11 +64,12 @@ DPP_REMEDIES: Dict[str, Dict[str, Any]] = {
     'lr-x10': {},  # the placement experiment's budget: DPP parameters at 10x the learning rate
     'lr-x1': {'dpp_lr_scale': 1.0},
     'lr-x100': {'dpp_lr_scale': 100.0},
+    'lr-x300': {'dpp_lr_scale': 300.0},
     'lr-x1000': {'dpp_lr_scale': 1000.0},
     'init-1-3': {'dpp_init': '1,3'},  # alpha = 1, lambda = 3: a stronger reward of detail from the start
     'norm-none': {'dpp_norm': 'none'},
 }
-DEFAULT_REMEDIES = ('lr-x10', 'lr-x100', 'lr-x1000', 'init-1-3', 'norm-none')
+DEFAULT_REMEDIES = ('lr-x10', 'lr-x100', 'lr-x300', 'lr-x1000', 'init-1-3', 'norm-none')
 
 
 def _check_common(args) -> None:
@@ -103,7 +111,8 @@ def _write_record(args, record: Dict[str, Any], stem: str, table: str) -> None:
 def _finetune_config(args, seed: int, output: str, **changes):
     from ..training.finetune import FinetuneConfig
 
-    fields = dict(model='efficientnet_lite0', pretrained='offline', image_size=args.image_size,
+    model = getattr(args, 'model', 'efficientnet_lite0')
+    fields = dict(model=model, pretrained=PLACEMENT_MODELS[model][0], image_size=args.image_size,
                   train_subset=args.train_subset, test_subset=args.test_subset, subset_seed=args.subset_seed,
                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dpp_lr_scale=args.dpp_lr_scale,
                   seed=seed, output=output, overwrite=True, progress=not args.no_progress, threads=args.threads,
@@ -148,7 +157,13 @@ def _policy_costs(args) -> Dict[str, Dict[str, Any]]:
     from ..models.weights import create_efficientnet_lite0
     from ..surgery import ConversionPolicy, convert
 
-    original = create_efficientnet_lite0().eval()
+    if args.model == 'efficientnet_lite0':
+        original = create_efficientnet_lite0().eval()
+    else:  # trained from scratch: random weights, the cost and the timings do not depend on them
+        import timm
+
+        torch.manual_seed(0)
+        original = timm.create_model(args.model).eval()
     costs: Dict[str, Dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as work:
         for name in args.policies:
@@ -195,6 +210,8 @@ def _check_placement_args(args) -> None:
 
 def placement(args) -> Dict[str, Any]:
     """Every policy of ``--policies`` for every seed with one budget; writes ``placement.md`` and ``.json``."""
+    if args.output is None:
+        args.output = PLACEMENT_MODELS[args.model][2]
     _check_placement_args(args)
     refuse_overwrite(args.output, PLACEMENT_FILES, args.overwrite)
     import torch
@@ -213,6 +230,11 @@ def placement(args) -> Dict[str, Any]:
     record = _record(args, policies=costs, runs=runs, wall_seconds=time.perf_counter() - t0)
     _write_record(args, record, 'placement', placement_table(record))
     return record
+
+
+def _load_note(record: Dict[str, Any]) -> str:
+    loads = [r['load_average_1min'] for r in record['runs'] if r.get('load_average_1min') is not None]
+    return f'; mean 1-minute load average after each run {statistics.mean(loads):.1f}' if loads else ''
 
 
 def _acc(values: List[float]) -> str:
@@ -274,15 +296,14 @@ def placement_table(record: Dict[str, Any]) -> str:
     original_ms['decomposed'] = original_ms['custom']  # the original has no DPP node: one file serves both
     seeds = ', '.join(map(str, a['seeds']))
     lines = [
-        'Placement policies for ImageNet EfficientNet-Lite0 (offline weights), fine-tuned on Fashion-MNIST with one '
-        f"budget for all: {a['train_subset'] or 60000} training images (one fixed subset, drawn with seed "
+        f"Placement policies for {PLACEMENT_MODELS[a.get('model', 'efficientnet_lite0')][1]} on Fashion-MNIST with "
+        f"one budget for all: {a['train_subset'] or 60000} training images (one fixed subset, drawn with seed "
         f"{a['subset_seed']}), {a['epochs']} epoch(s) at {a['image_size']} px, batch {a['batch_size']}, SGD "
         f"(Nesterov momentum 0.9) lr {a['lr']} (DPP parameters x{a['dpp_lr_scale']:g}), cosine per step, label "
         f"smoothing 0.1, `--amp auto`; test accuracy on {a['test_subset'] or 10000} test images after the last "
         f'epoch; seeds {seeds} (a seed fixes the batch order and the new layers, the same for every policy).',
         f"Command: `{record['command']}`",
-        f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.0f} min; mean 1-minute load "
-        f"average after each run {statistics.mean(r['load_average_1min'] or 0 for r in runs):.1f}.",
+        f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.0f} min{_load_note(record)}.",
         f"GFLOPs per image at {a['image_size']} px (training) and {a['latency_size']} px: torch's FlopCounterMode of "
         "the original plus plan()'s estimate of each change. Latency: median ms at batch "
         f"{a['latency_batch']}, {a['latency_size']} px, {a['threads']} threads, each policy interleaved with the "
@@ -504,7 +525,7 @@ def heal_table(record: Dict[str, Any]) -> str:
         f"px: top-1 agreement and mean logit cosine similarity with the unconverted model. Seeds "
         f"{', '.join(map(str, a['seeds']))} (mean, and min-max over seeds where more than one).",
         f"Command: `{record['command']}`",
-        f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.0f} min.", '',
+        f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.0f} min{_load_note(record)}.", '',
         '| placement | ' + ' | '.join(f'agreement after {s} steps' for s in steps) + ' | '
         + ' | '.join(f'cosine after {s}' for s in steps) + ' |',
         '|---|' + '---|' * (2 * len(steps))]
@@ -578,11 +599,25 @@ def dpp_params(args) -> Dict[str, Any]:
         for name in args.remedies:
             cfg = _finetune_config(args, seed, os.path.join(args.output, 'runs', f'{name}_seed{seed}'),
                                    convert=True, placement='block', **DPP_REMEDIES[name])
-            runs.append(_fine_tune(cfg, name))
+            try:
+                runs.append(_fine_tune(cfg, name))
+            except ValueError as e:  # a remedy that makes training diverge is a result, not a failure of the study
+                if 'non-finite' not in str(e):
+                    raise
+                runs.append(_diverged(cfg, name, e))
     record = _record(args, runs=runs, remedies={n: DPP_REMEDIES[n] for n in args.remedies},
                      wall_seconds=time.perf_counter() - t0)
     _write_record(args, record, 'dpp_params', dpp_params_table(record))
     return record
+
+
+def _diverged(cfg, variant: str, error: Exception) -> Dict[str, Any]:
+    """The record of a run stopped by non-finite DPP parameters: no accuracy; the trace up to the divergence."""
+    trace = _read_trace(cfg.output)
+    print(f'   diverged: {error}', file=sys.stderr, flush=True)
+    return {'variant': variant, 'seed': cfg.seed, 'diverged': True, 'error': str(error), 'test_accuracy': None,
+            'test_error': None, 'load_average_1min': _load(), 'trace': trace,
+            'last_finite_step': trace[-1]['step'] if trace else None}
 
 
 def _movement(run: Dict[str, Any]) -> Dict[str, float]:
@@ -629,26 +664,36 @@ def dpp_params_table(record: Dict[str, Any]) -> str:
         f"the RMS gradient of every other parameter, median over the trace (every {a['trace_every']} steps); the "
         'update a step makes is that times the learning-rate scale.',
         f"Command: `{record['command']}`",
-        f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.0f} min.", '',
+        f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.0f} min{_load_note(record)}.", '',
         f'| remedy | changes | test accuracy % mean | per seed | vs {base or "the budget"} (points, paired) | '
         'alpha moved | '
         'lambda moved | grad ratio theta_alpha | grad ratio theta_lambda |', '|---|---|---|---|---|---|---|---|---|']
+    finished = [r for r in runs if not r.get('diverged')]
     for name in record['remedies']:
-        mine = [r for r in runs if r['variant'] == name]
+        mine = [r for r in finished if r['variant'] == name]
+        lost = [r for r in runs if r['variant'] == name and r.get('diverged')]
         accs = [r['test_accuracy'] for r in mine]
         moved = [_movement(r) for r in mine if r['trace']]
         ratio = [_grad_ratio(r) for r in mine if r['trace']]
         if name == base or base is None:
             paired = '-'
         else:
-            d = paired_differences(runs, name, base)
-            paired = 'n/a (one seed)' if d is None else (
+            d = paired_differences(finished, name, base)
+            paired = 'n/a (fewer than two seeds)' if d is None else (
                 f"{-d['mean']:+.2f} +/- {d['se']:.2f}" + (' (resolved)' if d['resolved'] else ''))
+        changes = ', '.join(f'{k}={v}' for k, v in record['remedies'][name].items()) or 'none (the budget)'
+        if lost:
+            steps = sorted({r['last_finite_step'] for r in lost if r['last_finite_step'] is not None})
+            note = (f"diverged in {len(lost)} of {len(lost) + len(mine)} seeds (non-finite DPP parameters after "
+                    f"step {', '.join(map(str, steps)) or '0'} of the trace)")
+            if not mine:
+                lines.append(f"| {name} | {changes} | {note} | - | - | - | - | - | - |")
+                continue
+            paired += f'; {note}'
 
         def mean_of(rows, key):
             return f"{statistics.mean(r[key] for r in rows):.3g}" if rows else 'n/a'
 
-        changes = ', '.join(f'{k}={v}' for k, v in record['remedies'][name].items()) or 'none (the budget)'
         lines.append(f"| {name} | {changes} | {100 * statistics.mean(accs):.2f} | {_acc(accs)} | {paired} | "
                      f"{mean_of(moved, 'alpha')} | {mean_of(moved, 'lambda')} | {mean_of(ratio, 'theta_alpha')} | "
                      f"{mean_of(ratio, 'theta_lambda')} |")
@@ -661,7 +706,7 @@ def _layer_lines(record: Dict[str, Any]) -> List[str]:
     lines = ['Per layer, at the first and the last trace line: channel mean [min, max], averaged over the seeds.', '',
              '| remedy | DPP layer | alpha start | alpha end | lambda start | lambda end |', '|---|---|---|---|---|---|']
     for name in record['remedies']:
-        mine = [r for r in record['runs'] if r['variant'] == name and r['trace']]
+        mine = [r for r in record['runs'] if r['variant'] == name and r['trace'] and not r.get('diverged')]
         if not mine:
             continue
         for layer in mine[0]['trace'][0]['dpp']:
@@ -675,10 +720,50 @@ def _layer_lines(record: Dict[str, Any]) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# tables from the JSON records
+
+STUDY_TABLES = {'placement': ('placement', PLACEMENT_FILES), 'heal': ('heal', HEAL_FILES),
+                'dpp-params': ('dpp_params', DPP_PARAMS_FILES)}
+_MAX_RECORD_BYTES = 64 << 20
+
+
+def study_table(args) -> Dict[str, Any]:
+    """Regenerate a study's Markdown table (and heal's figure) from the JSON record in ``--output``, no training:
+    the table is derived from the record, so it is replaced."""
+    stem = STUDY_TABLES[args.study][0]
+    src = os.path.join(args.output, f'{stem}.json')
+    rerun = f'rerun `python -m dpp_surgery.experiments {args.study} --output {args.output}`'
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f'{src} does not exist; {rerun} first')
+    if os.path.getsize(src) > _MAX_RECORD_BYTES:
+        raise ValueError(f'{src} is over {_MAX_RECORD_BYTES >> 20} MiB, larger than any record of this study; {rerun}')
+    with open(src) as f:
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{src} is not valid JSON ({e}); {rerun}') from e
+    make = {'placement': placement_table, 'heal': heal_table, 'dpp-params': dpp_params_table}[args.study]
+    try:
+        if not isinstance(record, dict) or not record.get('runs'):
+            raise TypeError('no runs')
+        table = make(record)
+        figure = heal_figure(record) if args.study == 'heal' else None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise ValueError(f'{src} is not a record of `experiments {args.study}` ({type(e).__name__}: {e}); '
+                         f'{rerun}') from None
+    if figure is not None:
+        atomic_write(os.path.join(args.output, 'heal.png'), lambda tmp: figure.savefig(tmp, dpi=100, format='png'),
+                     overwrite=True)
+    write_text(os.path.join(args.output, f'{stem}.md'), table + '\n', overwrite=True)
+    print(table)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # command line
 
-def _add_budget(p: argparse.ArgumentParser, output: str, seeds=(0, 1, 2, 3, 4)) -> None:
-    p.add_argument('--seeds', type=int, nargs='+', default=list(seeds))
+def _add_budget(p: argparse.ArgumentParser, output: Optional[str]) -> None:
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
     p.add_argument('--train-subset', type=int, default=3000, help='training images (one fixed subset; 0 = all)')
     p.add_argument('--test-subset', type=int, default=2000, help='test images (0 = all 10000)')
     p.add_argument('--subset-seed', type=int, default=0, help='the draw of the subsets, the same for every run')
@@ -689,7 +774,8 @@ def _add_budget(p: argparse.ArgumentParser, output: str, seeds=(0, 1, 2, 3, 4)) 
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--trace-every', type=int, default=25, help='DPP trace every N steps (0 = off)')
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--output', default=output)
+    p.add_argument('--output', default=output, help='results folder' + (f' (default {output})' if output else
+                                                                          ' (default: by --model)'))
     p.add_argument('--overwrite', action='store_true', help='replace the results files in --output')
     p.add_argument('--no-progress', action='store_true')
 
@@ -700,7 +786,10 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser('placement', help='original and every placement of EfficientNet-Lite0 fine-tuned with one '
                                          'budget: accuracy, GFLOPs, parameters, latency')
-    _add_budget(p, 'results/placement')
+    _add_budget(p, None)
+    p.add_argument('--model', choices=list(PLACEMENT_MODELS), default='efficientnet_lite0',
+                   help='efficientnet_lite0: fine-tuned from its offline ImageNet weights (output default '
+                        'results/placement); resnet18: trained from scratch (results/placement_resnet18)')
     p.add_argument('--policies', nargs='+', default=list(PLACEMENT_POLICIES), metavar='POLICY',
                    help=f"policies (default all: {', '.join(PLACEMENT_POLICIES)})")
     p.add_argument('--latency-size', type=int, default=224)
@@ -732,9 +821,15 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=heal)
 
     p = sub.add_parser('dpp-params', help="what DPP's alpha and lambda learn, and the remedies (block placement)")
-    _add_budget(p, 'results/dpp_params', seeds=[0, 1, 2])
+    _add_budget(p, 'results/dpp_params')
     p.add_argument('--remedies', nargs='+', default=list(DEFAULT_REMEDIES), metavar='REMEDY',
                    help=f"remedies, of {', '.join(DPP_REMEDIES)} (default {' '.join(DEFAULT_REMEDIES)}); lr-xN: DPP "
                         "parameters at N times the learning rate, init-1-3: alpha = 1, lambda = 3 at conversion, "
                         "norm-none: no window normalisation")
     p.set_defaults(func=dpp_params)
+
+    p = sub.add_parser('study-table', help="regenerate a study's Markdown table (heal: and its figure) from its "
+                                           'JSON record, no training')
+    p.add_argument('study', choices=list(STUDY_TABLES))
+    p.add_argument('--output', required=True, help='the folder holding the JSON record (for example results/heal)')
+    p.set_defaults(func=study_table)
