@@ -63,7 +63,7 @@ def test_placement_end_to_end(tmp_path, capsys):
 @needs_fashion
 def test_placement_runs_resnet18_from_scratch(tmp_path):
     out = tmp_path / 'resnet'
-    args = _placement_args(out, '--model', 'resnet18')
+    args = _placement_args(out, '--model', 'resnet18', '--amp', 'none')
     args[args.index('--seeds') + 1:args.index('--policies')] = ['0']
     assert main(args) == 0
     record = json.loads((out / 'placement.json').read_text())
@@ -71,14 +71,17 @@ def test_placement_runs_resnet18_from_scratch(tmp_path):
     import timm
 
     # from scratch: the policies' parameters are ResNet-18's plus DPP's, and 'pre' keeps the FLOPs within the limit
-    assert record['policies']['original']['params'] == sum(p.numel() for p in timm.create_model('resnet18').parameters())
+    resnet = timm.create_model('resnet18')
+    assert record['policies']['original']['params'] == sum(p.numel() for p in resnet.parameters())
     assert 1.0 < record['policies']['pre']['flop_ratio_train'] <= cs.FLOP_NEUTRAL
     assert {r['variant'] for r in record['runs']} == {'original', 'pre'}
     assert all(0 <= r['test_accuracy'] <= 1 for r in record['runs'])
     with open(out / 'runs' / 'pre_seed0' / 'config.json') as f:
         config = json.load(f)
-    assert config['model'] == 'resnet18' and config['pretrained'] == 'none'
-    assert 'ResNet-18 from scratch' in (out / 'placement.md').read_text()
+    assert config['model'] == 'resnet18' and config['pretrained'] == 'none' and config['amp'] == 'none'
+    md = (out / 'placement.md').read_text()
+    assert 'ResNet-18 from scratch' in md and '`--amp none`' in md
+    assert 'Precision per run: original float32 x1; pre float32 x1.' in md  # pinned: no probe decided it
 
 
 def test_placement_output_follows_the_model(tmp_path, monkeypatch, capsys):
@@ -510,3 +513,28 @@ def test_study_table_refuses_an_oversized_record(tmp_path, capsys, monkeypatch):
     (tmp_path / 'heal.json').write_text('{"runs": [' + ' ' * 2048 + ']}')
     assert main(['study-table', 'heal', '--output', str(tmp_path)]) == 1
     assert 'larger than any record' in capsys.readouterr().err
+
+
+def test_precision_note_counts_each_runs_precision():
+    record = {'args': {'amp': 'auto'}, 'runs': [
+        {'variant': 'block', 'amp': 'bf16'}, {'variant': 'block', 'amp': 'none'}, {'variant': 'block', 'amp': 'bf16'},
+        {'variant': 'original', 'amp': 'none'}, {'variant': 'lr-x1000', 'amp': None}]}
+    note = cs._precision_note(record, 'variant')
+    assert note.endswith(': block bfloat16 x2, float32 x1; original float32 x1.')
+    assert 'can go either way' in note and 'lr-x1000' not in note  # a diverged run has no precision
+    assert cs._precision_note({'args': {}, 'runs': [{'variant': 'x'}]}, 'variant') == ''
+
+
+@pytest.mark.parametrize('folder, stem', [('placement', 'placement'), ('placement_resnet18', 'placement'),
+                                          ('heal', 'heal'), ('dpp_params', 'dpp_params')])
+def test_readme_quotes_the_committed_tables(folder, stem):
+    # README's tables are the results files' lines, not figures typed in (dpp-params: without its per-layer table)
+    path = os.path.join(REPO, 'results', folder, f'{stem}.md')
+    if not os.path.isfile(path):
+        pytest.skip(f'results/{folder} holds no table')
+    with open(path) as f:
+        table = f.read().split('\nPer layer')[0]
+    with open(os.path.join(REPO, 'README.md')) as f:
+        readme = f.read().splitlines()
+    missing = [line for line in table.splitlines() if line and line not in readme]
+    assert not missing, f'README does not quote these lines of results/{folder}/{stem}.md: {missing}'

@@ -116,7 +116,7 @@ def _finetune_config(args, seed: int, output: str, **changes):
                   train_subset=args.train_subset, test_subset=args.test_subset, subset_seed=args.subset_seed,
                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dpp_lr_scale=args.dpp_lr_scale,
                   seed=seed, output=output, overwrite=True, progress=not args.no_progress, threads=args.threads,
-                  dpp_trace_every=args.trace_every)
+                  dpp_trace_every=args.trace_every, amp=args.amp)
     fields.update(changes)
     return FinetuneConfig(**fields)
 
@@ -237,6 +237,27 @@ def _load_note(record: Dict[str, Any]) -> str:
     return f'; mean 1-minute load average after each run {statistics.mean(loads):.1f}' if loads else ''
 
 
+_PRECISION_NAMES = {'none': 'float32', 'bf16': 'bfloat16'}
+
+
+def _precision_note(record: Dict[str, Any], key: str) -> str:
+    """The precision every run trained in, per ``key`` (variant or placement): ``--amp auto`` decides it per run
+    by timing a probe step in both, so close timings can go either way."""
+    groups: Dict[str, Dict[str, int]] = {}
+    for r in record['runs']:
+        if r.get('amp') is not None:
+            counts = groups.setdefault(r[key], {})
+            name = _PRECISION_NAMES.get(r['amp'], r['amp'])
+            counts[name] = counts.get(name, 0) + 1
+    if not groups:
+        return ''
+    why = (' (`--amp auto` times a probe step in both per run, so where they are close it can go either way)'
+           if record['args'].get('amp', 'auto') == 'auto' else '')
+    return (f'Precision per run{why}: '
+            + '; '.join(f"{name} {', '.join(f'{p} x{n}' for p, n in counts.items())}"
+                        for name, counts in groups.items()) + '.')
+
+
 def _acc(values: List[float]) -> str:
     return ', '.join(f'{100 * v:.2f}' for v in values)
 
@@ -300,8 +321,9 @@ def placement_table(record: Dict[str, Any]) -> str:
         f"one budget for all: {a['train_subset'] or 60000} training images (one fixed subset, drawn with seed "
         f"{a['subset_seed']}), {a['epochs']} epoch(s) at {a['image_size']} px, batch {a['batch_size']}, SGD "
         f"(Nesterov momentum 0.9) lr {a['lr']} (DPP parameters x{a['dpp_lr_scale']:g}), cosine per step, label "
-        f"smoothing 0.1, `--amp auto`; test accuracy on {a['test_subset'] or 10000} test images after the last "
-        f'epoch; seeds {seeds} (a seed fixes the batch order and the new layers, the same for every policy).',
+        f"smoothing 0.1, `--amp {a.get('amp', 'auto')}`; test accuracy on {a['test_subset'] or 10000} test images "
+        f'after the last epoch; seeds {seeds} (a seed fixes the batch order and the new layers, the same for every '
+        'policy).',
         f"Command: `{record['command']}`",
         f"Machine: {record['machine']}. Wall time {record['wall_seconds'] / 60:.0f} min{_load_note(record)}.",
         f"GFLOPs per image at {a['image_size']} px (training) and {a['latency_size']} px: torch's FlopCounterMode of "
@@ -334,6 +356,7 @@ def placement_table(record: Dict[str, Any]) -> str:
     lines += ['', 'Paired: accuracy difference from the original in points, mean +/- standard error over the seeds '
               f'both ran; resolved = a two-sided paired t-test at 95% tells it from zero'
               + (f' (|t| > {t95(n - 1):.2f} for {n} seeds).' if n > 1 else '.'),
+              _precision_note(record, 'variant'),
               '', 'Recommendation, computed from the table:'] + recommendations(record)
     return '\n'.join(lines)
 
@@ -402,7 +425,7 @@ def _heal_one(original, placement_name: str, seed: int, images, views, args) -> 
         group['lr'] = args.lr * group.get('lr_scale', 1.0)
     g = torch.Generator().manual_seed(seed)
     first = images[torch.randperm(len(images), generator=g)[:args.batch_size]]
-    precision = resolve_amp('auto', torch.device('cpu'), probe=lambda: probe_cpu_bf16(model, first))
+    precision = resolve_amp(args.amp, torch.device('cpu'), probe=lambda: probe_cpu_bf16(model, first))
     amp = precision.dtype
     curve, step, t0 = [], 0, time.perf_counter()
     steps = sorted(set(args.steps))
@@ -517,7 +540,8 @@ def heal_table(record: Dict[str, Any]) -> str:
         'Healing a converted ImageNet EfficientNet-Lite0 (offline weights) by label-free distillation from the '
         f"unconverted model (KL divergence of the logits at temperature {a['temperature']:g}; AdamW at a constant "
         f"lr {a['lr']:g} (DPP parameters x{a['dpp_lr_scale']:g}), no weight decay, batch "
-        f"{a['batch_size']} at {a['heal_size']} px, normalisation statistics {a['norm_stats']}, `--amp auto`).",
+        f"{a['batch_size']} at {a['heal_size']} px, normalisation statistics {a['norm_stats']}, "
+        f"`--amp {a.get('amp', 'auto')}`).",
         f"Healing images (unlabeled, offline): {record['heal_images']} = {a['heal_fashion']} Fashion-MNIST training "
         f"images and {a['heal_crops']} random crops of each of {', '.join(record['heal_photos'])}.",
         f"Measured on {record['eval_views']} views ({len(record['eval_photos'])} photos never used for healing: "
@@ -541,7 +565,8 @@ def heal_table(record: Dict[str, Any]) -> str:
         cos = [cell(curve[s]['logit_cosine'], 1, '.4f') if s in curve else 'n/a' for s in steps]
         lines.append(f'| {name} | ' + ' | '.join(agree) + ' | ' + ' | '.join(cos) + ' |')
     secs = statistics.mean(r['curve'][-1]['seconds'] / max(r['curve'][-1]['step'], 1) for r in record['runs'])
-    lines += ['', f'One healing step took {secs:.2f} s on average (with the teacher and the measurements).']
+    lines += ['', f'One healing step took {secs:.2f} s on average (with the teacher and the measurements).',
+              _precision_note(record, 'placement')]
     return '\n'.join(lines)
 
 
@@ -697,7 +722,7 @@ def dpp_params_table(record: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {changes} | {100 * statistics.mean(accs):.2f} | {_acc(accs)} | {paired} | "
                      f"{mean_of(moved, 'alpha')} | {mean_of(moved, 'lambda')} | {mean_of(ratio, 'theta_alpha')} | "
                      f"{mean_of(ratio, 'theta_lambda')} |")
-    return '\n'.join(lines + [''] + _layer_lines(record))
+    return '\n'.join(lines + ['', _precision_note(record, 'variant'), ''] + _layer_lines(record))
 
 
 def _layer_lines(record: Dict[str, Any]) -> List[str]:
@@ -762,6 +787,13 @@ def study_table(args) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
+def _add_amp(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--amp', choices=['auto', 'none', 'bf16'], default='auto',
+                   help="precision of every run: 'auto' picks bfloat16 where the CPU has it natively and a probe step "
+                        "ran faster in it (decided per run), 'none' float32, 'bf16' bfloat16 autocast; pin it to "
+                        'repeat a run exactly')
+
+
 def _add_budget(p: argparse.ArgumentParser, output: Optional[str]) -> None:
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
     p.add_argument('--train-subset', type=int, default=3000, help='training images (one fixed subset; 0 = all)')
@@ -774,6 +806,7 @@ def _add_budget(p: argparse.ArgumentParser, output: Optional[str]) -> None:
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--trace-every', type=int, default=25, help='DPP trace every N steps (0 = off)')
     p.add_argument('--threads', type=int, default=2)
+    _add_amp(p)
     p.add_argument('--output', default=output, help='results folder' + (f' (default {output})' if output else
                                                                           ' (default: by --model)'))
     p.add_argument('--overwrite', action='store_true', help='replace the results files in --output')
@@ -816,6 +849,7 @@ def add_parsers(sub) -> None:
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--temperature', type=float, default=2.0)
     p.add_argument('--threads', type=int, default=2)
+    _add_amp(p)
     p.add_argument('--output', default='results/heal')
     p.add_argument('--overwrite', action='store_true', help='replace heal.md/json/png in --output')
     p.set_defaults(func=heal)
