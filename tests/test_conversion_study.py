@@ -240,7 +240,7 @@ def test_heal_keeps_or_moves_running_stats(monkeypatch):
     moved = {}
     for mode in ('frozen', 'train'):
         args = argparse.Namespace(heal_size=32, lr=1e-4, dpp_lr_scale=10.0, temperature=2.0, batch_size=8,
-                                  steps=[2], norm_stats=mode)
+                                  steps=[2], norm_stats=mode, amp='auto')
         cs._heal_one(original, 'pre', 0, images, views, args)
         moved[mode] = not torch.equal(kept['model'].bn1.running_mean, original.bn1.running_mean)
         assert any(not torch.equal(a, b) for a, b in zip(kept['model'].parameters(), original.parameters()))
