@@ -290,3 +290,12 @@ def test_offline_weights_check_every_shape():
         efficientnet_lite0_state_dict(timm.create_model('efficientnet_lite0', num_classes=10))
     with pytest.raises(RuntimeError, match='must be timm.create_model'):
         efficientnet_lite0_state_dict(timm.create_model('efficientnet_lite1'))
+
+
+def test_offline_weights_for_another_model_fail_before_the_data(tmp_path):
+    # the model and weights do not fit: said before any data set is looked for (this one does not exist)
+    cfg = FinetuneConfig(model='resnet18', pretrained='offline', data=str(tmp_path / 'no-data'),
+                         output=str(tmp_path / 'run'))
+    with pytest.raises(ValueError, match='offline has weights for efficientnet_lite0 only, not resnet18'):
+        finetune(cfg)
+    assert not (tmp_path / 'run').exists()

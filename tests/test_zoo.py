@@ -11,10 +11,15 @@ import torch
 
 import dpp_surgery
 from dpp_surgery.models import weights
+from dpp_surgery.training import data as data_mod
 from dpp_surgery.export import SUPPORTED_MODES
 from dpp_surgery.models import RecipeError, RecipeWarning, get_recipe, list_recipes, register_recipes
 from dpp_surgery.models.registry import validate_recipe
 from dpp_surgery.tools.zoo import main, render_table, write_table
+
+# the zoo runs fine-tune on Fashion-MNIST: they skip without it, the rest run anyway
+needs_data = pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA),
+                                reason='apt-get install dataset-fashion-mnist (CI installs it)')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = ('efficientnet_lite0_dpp', 'resnet18_dpp', 'resnet50_dpp')
@@ -390,6 +395,7 @@ def _check_latency(latency):
     assert all(err < 1e-4 for err in latency['onnx_max_rel_error'].values())
 
 
+@needs_data
 def test_run_quick_leaves_the_recipe_alone(tmp_path, capsys):
     threads = torch.get_num_threads()
     zoo, out = tmp_path / 'zoo', tmp_path / 'out'
@@ -418,6 +424,7 @@ def test_run_quick_leaves_the_recipe_alone(tmp_path, capsys):
         assert torch.equal(via_timm(x), dpp_surgery.load(ckpt).eval()(x))
 
 
+@needs_data
 def test_run_write_then_table(tmp_path, monkeypatch):
     from dpp_surgery.tools import zoo as zoo_run
     # latency is measured for real in test_run_quick_leaves_the_recipe_alone; here: writing back and the table

@@ -128,8 +128,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, keep_head: bool = False):
         pretrained = 'file'
     if pretrained == 'offline':
         if cfg.model != 'efficientnet_lite0':
-            raise ValueError(f"--pretrained offline has weights for efficientnet_lite0 only, not {cfg.model}; use "
-                             '--pretrained timm (hub) or --pretrained-file')
+            _offline_only(cfg.model)
         from ..models.weights import create_efficientnet_lite0
         model = create_efficientnet_lite0()
         ckpt.record_creation(model, 'efficientnet_lite0')
@@ -741,5 +740,12 @@ def _check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"amp must be one of {', '.join(map(repr, AMP_CHOICES))}, but got {cfg.amp!r}")
     if cfg.dpp_trace_every < 0:
         raise ValueError(f'dpp_trace_every must be >= 0 (0 = off), but got {cfg.dpp_trace_every}')
+    if cfg.pretrained == 'offline' and cfg.model != 'efficientnet_lite0':
+        _offline_only(cfg.model)  # (build_model checks it too, for direct callers)
     if cfg.convert:
         conversion_kwargs(cfg)  # a bad dpp_init or dpp_norm fails here, before any data or weights are loaded
+
+
+def _offline_only(model: str) -> None:
+    raise ValueError(f"--pretrained offline has weights for efficientnet_lite0 only, not {model}; use "
+                     '--pretrained timm (hub) or --pretrained-file')
