@@ -509,7 +509,9 @@ def test_study_table_refuses_what_is_not_a_record(tmp_path, capsys, content, mes
 
 
 def test_study_table_refuses_an_oversized_record(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cs, '_MAX_RECORD_BYTES', 1 << 10)
+    from dpp_surgery.tools import experiments
+
+    monkeypatch.setattr(experiments, 'MAX_RECORD_BYTES', 1 << 10)
     (tmp_path / 'heal.json').write_text('{"runs": [' + ' ' * 2048 + ']}')
     assert main(['study-table', 'heal', '--output', str(tmp_path)]) == 1
     assert 'larger than any record' in capsys.readouterr().err
@@ -538,3 +540,18 @@ def test_readme_quotes_the_committed_tables(folder, stem):
         readme = f.read().splitlines()
     missing = [line for line in table.splitlines() if line and line not in readme]
     assert not missing, f'README does not quote these lines of results/{folder}/{stem}.md: {missing}'
+
+
+@needs_fashion
+def test_dpp_params_records_a_remedy_that_diverges(tmp_path):
+    # a real divergence: lr 0.5 with the DPP parameters at x1000 makes them non-finite within the first steps; the
+    # study goes on and reports it, where lr-x10 finishes
+    out = tmp_path / 'params'
+    assert main(['dpp-params', '--seeds', '0', '--remedies', 'lr-x10', 'lr-x1000', '--lr', '0.5', '--train-subset',
+                 '64', '--test-subset', '32', '--epochs', '1', '--image-size', '32', '--batch-size', '16',
+                 '--trace-every', '1', '--output', str(out), '--no-progress']) == 0
+    runs = {r['variant']: r for r in json.loads((out / 'dpp_params.json').read_text())['runs']}
+    assert runs['lr-x1000']['diverged'] and runs['lr-x1000']['test_accuracy'] is None
+    assert 'non-finite' in runs['lr-x1000']['error'] and runs['lr-x1000']['trace']
+    assert not runs['lr-x10'].get('diverged') and runs['lr-x10']['test_accuracy'] is not None
+    assert '| lr-x1000 | dpp_lr_scale=1000.0 | diverged in 1 of 1 seeds' in (out / 'dpp_params.md').read_text()

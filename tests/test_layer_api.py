@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dpp_surgery import DPP2d, INIT_PRESETS, dpp2d, kernel_status, param_groups
+from dpp_surgery.layers import NonFiniteParameterError
 from groups import check_param_groups
 
 
@@ -187,6 +188,8 @@ def test_error_non_finite_parameters(name, bad):
     with torch.no_grad():
         getattr(layer, name).view(-1)[0] = bad
     with pytest.raises(ValueError, match=rf'{name} has 1 non-finite'):
+        layer(torch.randn(1, 3, 8, 8))
+    with pytest.raises(NonFiniteParameterError):  # its own type, for callers that go on
         layer(torch.randn(1, 3, 8, 8))
 
 

@@ -29,6 +29,7 @@ from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry
 
 __all__ = [
     'dpp2d', 'full_guide', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS',
+    'NonFiniteParameterError',
 ]
 
 DEFAULT_EPS = 1e-3  # added to the squared deviation, as in every path of the authors' code
@@ -64,9 +65,13 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or _in_onnx_export()
 
 
-def _parameter_error(name: str, bad: int, earlier: bool = False) -> ValueError:
+class NonFiniteParameterError(ValueError):
+    """A DPP parameter holds NaN or inf: training has diverged (a ValueError, so callers catching that still do)."""
+
+
+def _parameter_error(name: str, bad: int, earlier: bool = False) -> NonFiniteParameterError:
     when = ' (found after an earlier call on the GPU, which checks without waiting for the device)' if earlier else ''
-    return ValueError(
+    return NonFiniteParameterError(
         f'DPP2d parameter {name} has {bad} non-finite value(s) (NaN or inf){when}. Training has probably '
         'diverged: lower the learning rate or reload a checkpoint.')
 

@@ -35,7 +35,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..utils import atomic_write, write_text
-from .experiments import refuse_overwrite
+from .experiments import read_record, refuse_overwrite
 
 __all__ = ['PLACEMENT_POLICIES', 'HEAL_PHOTOS', 'EVAL_PHOTOS', 'placement', 'placement_table', 'recommendations',
            'heal', 'heal_table', 'dpp_params', 'dpp_params_table', 'study_table', 'PLACEMENT_MODELS', 'add_parsers']
@@ -111,8 +111,7 @@ def _write_record(args, record: Dict[str, Any], stem: str, table: str) -> None:
 def _finetune_config(args, seed: int, output: str, **changes):
     from ..training.finetune import FinetuneConfig
 
-    model = getattr(args, 'model', 'efficientnet_lite0')
-    fields = dict(model=model, pretrained=PLACEMENT_MODELS[model][0], image_size=args.image_size,
+    fields = dict(model=args.model, pretrained=PLACEMENT_MODELS[args.model][0], image_size=args.image_size,
                   train_subset=args.train_subset, test_subset=args.test_subset, subset_seed=args.subset_seed,
                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dpp_lr_scale=args.dpp_lr_scale,
                   seed=seed, output=output, overwrite=True, progress=not args.no_progress, threads=args.threads,
@@ -237,17 +236,16 @@ def _load_note(record: Dict[str, Any]) -> str:
     return f'; mean 1-minute load average after each run {statistics.mean(loads):.1f}' if loads else ''
 
 
-_PRECISION_NAMES = {'none': 'float32', 'bf16': 'bfloat16'}
-
-
 def _precision_note(record: Dict[str, Any], key: str) -> str:
     """The precision every run trained in, per ``key`` (variant or placement): ``--amp auto`` decides it per run
     by timing a probe step in both, so close timings can go either way."""
+    from ..training.precision import PRECISION_NAMES
+
     groups: Dict[str, Dict[str, int]] = {}
     for r in record['runs']:
         if r.get('amp') is not None:
             counts = groups.setdefault(r[key], {})
-            name = _PRECISION_NAMES.get(r['amp'], r['amp'])
+            name = PRECISION_NAMES.get(r['amp'], r['amp'])
             counts[name] = counts.get(name, 0) + 1
     if not groups:
         return ''
@@ -617,6 +615,8 @@ def dpp_params(args) -> Dict[str, Any]:
     refuse_overwrite(args.output, DPP_PARAMS_FILES, args.overwrite)
     import torch
 
+    from ..layers import NonFiniteParameterError
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     runs = []
@@ -626,9 +626,7 @@ def dpp_params(args) -> Dict[str, Any]:
                                    convert=True, placement='block', **DPP_REMEDIES[name])
             try:
                 runs.append(_fine_tune(cfg, name))
-            except ValueError as e:  # a remedy that makes training diverge is a result, not a failure of the study
-                if 'non-finite' not in str(e):
-                    raise
+            except NonFiniteParameterError as e:  # a remedy that makes training diverge is a result of the study
                 runs.append(_diverged(cfg, name, e))
     record = _record(args, runs=runs, remedies={n: DPP_REMEDIES[n] for n in args.remedies},
                      wall_seconds=time.perf_counter() - t0)
@@ -747,35 +745,23 @@ def _layer_lines(record: Dict[str, Any]) -> List[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # tables from the JSON records
 
-STUDY_TABLES = {'placement': ('placement', PLACEMENT_FILES), 'heal': ('heal', HEAL_FILES),
-                'dpp-params': ('dpp_params', DPP_PARAMS_FILES)}
-_MAX_RECORD_BYTES = 64 << 20
+# study -> (the stem of its files, the table of its record)
+STUDY_TABLES = {'placement': ('placement', placement_table), 'heal': ('heal', heal_table),
+                'dpp-params': ('dpp_params', dpp_params_table)}
 
 
 def study_table(args) -> Dict[str, Any]:
     """Regenerate a study's Markdown table (and heal's figure) from the JSON record in ``--output``, no training:
     the table is derived from the record, so it is replaced."""
-    stem = STUDY_TABLES[args.study][0]
+    stem, make = STUDY_TABLES[args.study]
     src = os.path.join(args.output, f'{stem}.json')
-    rerun = f'rerun `python -m dpp_surgery.experiments {args.study} --output {args.output}`'
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f'{src} does not exist; {rerun} first')
-    if os.path.getsize(src) > _MAX_RECORD_BYTES:
-        raise ValueError(f'{src} is over {_MAX_RECORD_BYTES >> 20} MiB, larger than any record of this study; {rerun}')
-    with open(src) as f:
-        try:
-            record = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{src} is not valid JSON ({e}); {rerun}') from e
-    make = {'placement': placement_table, 'heal': heal_table, 'dpp-params': dpp_params_table}[args.study]
+    record = read_record(src, args.study, args.output)
     try:
-        if not isinstance(record, dict) or not record.get('runs'):
-            raise TypeError('no runs')
         table = make(record)
         figure = heal_figure(record) if args.study == 'heal' else None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
-        raise ValueError(f'{src} is not a record of `experiments {args.study}` ({type(e).__name__}: {e}); '
-                         f'{rerun}') from None
+        raise ValueError(f'{src} is not a record of `experiments {args.study}` ({type(e).__name__}: {e}); rerun '
+                         f'`python -m dpp_surgery.experiments {args.study} --output {args.output}`') from None
     if figure is not None:
         atomic_write(os.path.join(args.output, 'heal.png'), lambda tmp: figure.savefig(tmp, dpi=100, format='png'),
                      overwrite=True)
@@ -788,7 +774,9 @@ def study_table(args) -> Dict[str, Any]:
 # command line
 
 def _add_amp(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--amp', choices=['auto', 'none', 'bf16'], default='auto',
+    from ..training.precision import AMP_CHOICES
+
+    p.add_argument('--amp', choices=[c for c in AMP_CHOICES if c != 'fp16'], default='auto',  # (fp16: GPUs only)
                    help="precision of every run: 'auto' picks bfloat16 where the CPU has it natively and a probe step "
                         "ran faster in it (decided per run), 'none' float32, 'bf16' bfloat16 autocast; pin it to "
                         'repeat a run exactly')
@@ -860,7 +848,7 @@ def add_parsers(sub) -> None:
                    help=f"remedies, of {', '.join(DPP_REMEDIES)} (default {' '.join(DEFAULT_REMEDIES)}); lr-xN: DPP "
                         "parameters at N times the learning rate, init-1-3: alpha = 1, lambda = 3 at conversion, "
                         "norm-none: no window normalisation")
-    p.set_defaults(func=dpp_params)
+    p.set_defaults(func=dpp_params, model='efficientnet_lite0')
 
     p = sub.add_parser('study-table', help="regenerate a study's Markdown table (heal: and its figure) from its "
                                            'JSON record, no training')

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 from ..utils import write_text
 
-__all__ = ['main', 'paper', 'paper_table', 'paired_differences', 'refuse_overwrite', 't95']
+__all__ = ['main', 'paper', 'paper_table', 'paired_differences', 'read_record', 'refuse_overwrite', 't95']
 
 PAPER_FILES = ('paper.md', 'paper.json')
 # Fashion-MNIST training-set mean and std of the pixel values in [0, 1]
@@ -304,20 +304,31 @@ def paper_table(record: Dict[str, object]) -> str:
     return '\n'.join(lines)
 
 
-def paper_table_cmd(args) -> dict:
-    """Regenerate ``paper.md`` from the ``paper.json`` next to it (no training)."""
+MAX_RECORD_BYTES = 64 << 20  # far above any record an experiment writes
 
-    src = os.path.join(args.output, 'paper.json')
+
+def read_record(src: str, command: str, output: str) -> dict:
+    """The JSON record ``src`` that ``python -m dpp_surgery.experiments <command>`` wrote, read as data: missing,
+    oversized, invalid JSON or a record without runs is a ValueError (FileNotFoundError) that says to rerun it."""
+    rerun = f'rerun `python -m dpp_surgery.experiments {command} --output {output}`'
     if not os.path.isfile(src):
-        raise FileNotFoundError(f'{src} does not exist; run `python -m dpp_surgery.experiments paper --output '
-                                f'{args.output}` first')
+        raise FileNotFoundError(f'{src} does not exist; {rerun} first')
+    if os.path.getsize(src) > MAX_RECORD_BYTES:
+        raise ValueError(f'{src} is over {MAX_RECORD_BYTES >> 20} MiB, larger than any record of this experiment; '
+                         f'{rerun}')
     with open(src) as f:
         try:
             record = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f'{src} is not valid JSON ({e}); rerun the experiment') from e
+            raise ValueError(f'{src} is not valid JSON ({e}); {rerun}') from e
     if not isinstance(record, dict) or not record.get('runs') or 'args' not in record:
-        raise ValueError(f'{src} holds no runs of `experiments paper`; rerun the experiment')
+        raise ValueError(f'{src} is not a record of `experiments {command}` (it holds no runs); {rerun}')
+    return record
+
+
+def paper_table_cmd(args) -> dict:
+    """Regenerate ``paper.md`` from the ``paper.json`` next to it (no training)."""
+    record = read_record(os.path.join(args.output, 'paper.json'), 'paper', args.output)
     table = paper_table(record)
     # paper.md is derived from paper.json, so regenerating it replaces it
     write_text(os.path.join(args.output, 'paper.md'), table + '\n', overwrite=True)
