@@ -77,6 +77,47 @@ def test_torch_compile_model_with_dpp():
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
 
 
+def _compiled_ops(layer, x):
+    """The output and gradients of ``layer`` under torch.compile, and the call targets of the graph Dynamo traced."""
+    torch._dynamo.reset()
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes if node.op == 'call_function')
+        return gm.forward
+
+    x = x.clone().requires_grad_(True)
+    out = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    grads = torch.autograd.grad(out.sum(), [x, layer.theta_alpha, layer.theta_lambda])
+    torch._dynamo.reset()
+    return out, grads, targets
+
+
+@pytest.mark.parametrize('args, kwargs, pooled', [
+    ((2,), {}, True),
+    ((2, 2, 0, True), {'reward': 'asym', 'norm': 'sum'}, True),  # ceil_mode: the masked pooled form
+    ((2,), {'guide': 'full'}, False),  # (the Full guide's pooled form compiles slower: stacked)
+    ((3, 2, 1), {}, False),  # overlapping windows: only the stacked form exists
+], ids=['lite', 'lite-ceil-asym-sum', 'full', '3x3s2'])
+def test_torch_compile_runs_pooled_form_for_tiling_lite_windows(args, kwargs, pooled):
+    """Under torch.compile, the PyTorch path computes tiling Lite windows by pooling (the faster compiled form) and
+    everything else over the stacked windows, with the eager stacked form's values and gradients."""
+    torch.manual_seed(0)
+    layer = DPP2d(3, *args, impl='torch', **kwargs)
+    with torch.no_grad():
+        layer.theta_alpha.uniform_(-1, 1)
+        layer.theta_lambda.uniform_(-1, 1)
+    x = torch.randn(2, 3, 9, 10)
+    out, grads, targets = _compiled_ops(layer, x)
+    assert (F.avg_pool2d in targets) == pooled, targets
+    xe = x.clone().requires_grad_(True)
+    ref = layer(xe)
+    ref_grads = torch.autograd.grad(ref.sum(), [xe, layer.theta_alpha, layer.theta_lambda])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.filterwarnings('ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning')  # opcheck's own
 def test_torch_library_opcheck():
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)

@@ -111,7 +111,7 @@ def _pooled_and_stacked(layer, x):
     lam = torch.exp(layer.theta_lambda)
     guide = None if layer.guide_weight is None else functional.full_guide(x, layer.guide_weight, g, r)
     args = (guide, alpha, lam, r, layer.reward == 'asym', layer.norm, layer.eps)
-    return functional._pooled(x, *args), functional._reference(x, *args)
+    return functional._pooled(x, *args), functional._stacked(x, *args)
 
 
 @pytest.mark.parametrize('geometry', list(TILING), ids=list(TILING))

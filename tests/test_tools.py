@@ -24,6 +24,18 @@ def test_bench_layer_small(tmp_path, capsys):
     assert 1.0 < dpp['memory_x'] < 10.0
 
 
+def test_bench_layer_compile_times_both_forms(capsys):
+    """--compile on the CPU: the PyTorch path under torch.compile in the pooled form it runs and in the stacked
+    form, with their ratio as a target line per direction."""
+    assert bench.main(['layer', '--shape', '2', '8', '12', '12', '--repeat', '2', '--dtypes', 'float32',
+                       '--compile', '--no-memory']) == 0
+    text = capsys.readouterr().out
+    assert f'| {bench.COMPILED_PATH} | float32 | NCHW |' in text
+    assert f'| {bench.COMPILED_STACKED} | float32 | NCHW |' in text
+    lines = [line for line in text.splitlines() if 'pooled / stacked form' in line]
+    assert len(lines) == 2 and all(line.lstrip().startswith(('PASS', 'MISS')) for line in lines)
+
+
 def test_peak_training_memory_counts_saved_tensors():
     import torch
     x = torch.randn(2, 8, 16, 16)
@@ -67,6 +79,12 @@ def test_onnx_file_summary_counts_the_decomposition_per_layer(tmp_path):
     assert len(per['tiling']) == len(per['other']) == 1
     assert per['tiling'][0] + per['other'][0] == decomposed - 1  # all but the conv
     assert 0 < per['tiling'][0] <= 25 < per['other'][0]
+    # the DPP layers' own time: the DPP2d nodes, and the decomposed nodes under their names (not the model's conv)
+    times = bench._dpp_node_time(files, summary['dpp_nodes'], batch=2, size=32, threads=1, runs=2)
+    assert times['custom_ms'] > 0 and times['decomposed_ms'] > 0
+    assert {'Conv', 'Log', 'Exp'} <= set(times['decomposed_by_op'])
+    assert abs(sum(times['decomposed_by_op'].values()) - times['decomposed_ms']) < 1e-6
+    assert bench._dpp_node_time(files, [], batch=2, size=32, threads=1, runs=1)['decomposed_ms'] == 0
 
 
 def test_onnx_latency_table_checks(capsys):
@@ -81,6 +99,18 @@ def test_onnx_latency_table_checks(capsys):
     assert 'PASS: a batch 1: onnxruntime decomposed / custom 1.09x <= 1.2x' in text
     assert 'MISS: a batch 8: onnxruntime decomposed / custom 1.45x <= 1.2x' in text
     assert [ok for _, ok in checks] == [True, True, True, True, False, True]
+
+
+def test_onnx_dpp_time_table(capsys):
+    """The DPP-time table: one row per model with the ratio of the decomposition to the kernel and the operators'
+    shares of the decomposition, largest first."""
+    import argparse
+    times = {'a': {'batch': 8, 'custom_ms': 2.0, 'decomposed_ms': 10.0,
+                   'decomposed_by_op': {'Log': 4.0, 'Conv': 3.0, 'Mul': 2.0, 'Exp': 1.0}}}
+    bench._print_dpp_time_table(times, argparse.Namespace(size=32, batches=[1, 8]))
+    text = capsys.readouterr().out
+    assert '| a | 2.0 | 10.0 | 5.0x | Log 40%, Conv 30%, Mul 20%, Exp 10% |' in text
+    assert 'batch 8, 32 px' in text
 
 
 def test_onnx_file_table_checks(capsys):

@@ -244,11 +244,27 @@ def _reference(
         norm: str,
         eps: float,
 ) -> Tensor:
-    """Pure-PyTorch DPP (any device, autograd by PyTorch, exportable) over the stacked windows; when exporting,
-    windows that tile the input are computed by pooling (:func:`_pooled`), which exports to a short chain of
-    standard operators (in eager PyTorch the stacked form is faster and lighter)."""
-    if r.kernel == r.stride and _exporting():
+    """Pure-PyTorch DPP (any device, autograd by PyTorch, exportable): over the stacked windows (:func:`_stacked`),
+    or by pooling (:func:`_pooled`) for windows that tile the input where that form is the faster one: when
+    exporting (a short chain of standard operators) and, with the Lite guide, under ``torch.compile``, whose fused
+    code runs it faster than the stacked form (``python -m dpp_surgery.bench layer --compile`` times both). In eager
+    PyTorch the stacked form is faster and lighter."""
+    if r.kernel == r.stride and (_exporting() or (guide is None and torch.compiler.is_compiling())):
         return _pooled(x, guide, alpha, lam, r, asym, norm, eps)
+    return _stacked(x, guide, alpha, lam, r, asym, norm, eps)
+
+
+def _stacked(
+        x: Tensor,
+        guide: Optional[Tensor],
+        alpha: Tensor,
+        lam: Tensor,
+        r: ResolvedGeometry,
+        asym: bool,
+        norm: str,
+        eps: float,
+) -> Tensor:
+    """Pure-PyTorch DPP over the windows stacked on one axis, (N, C, K, OH, OW): any geometry."""
     n, c, h, w = x.shape
     (kh, kw), (oh, ow) = r.kernel, r.out_size
     k = kh * kw

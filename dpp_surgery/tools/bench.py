@@ -7,7 +7,9 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
   MaxPool2d(2,2) and MaxPool2d(3,2,1), in NCHW and channels_last, and the peak extra memory of a
   training step as a multiple of the input's bytes. ``--device cuda`` times the Triton kernels against the pools
   and the PyTorch path (eager and under torch.compile) in float32 and bfloat16 with CUDA events, and adds the
-  forward's achieved memory bandwidth as a fraction of the GPU's peak.
+  forward's achieved memory bandwidth as a fraction of the GPU's peak. ``--compile`` (the default on CUDA) also
+  times the PyTorch path under torch.compile, in the pooled form it runs there for tiling Lite windows and in the
+  stacked form, with the ratio of the two.
 * ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
 * ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
   (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), the share of
@@ -103,6 +105,19 @@ class _LogExp(torch.nn.Module):
 
 TORCH_PATH = 'DPP lite-sym 2x2 (PyTorch path)'
 COMPILED_PATH = 'DPP lite-sym 2x2 (PyTorch path, torch.compile)'
+COMPILED_STACKED = 'DPP lite-sym 2x2 (PyTorch path, stacked form, torch.compile)'
+
+
+class _StackedPath(DPP2d):
+    """DPP2d on the PyTorch path's stacked form, which torch.compile would otherwise not run for tiling Lite windows:
+    the comparison for the pooled form it runs instead."""
+
+    def forward(self, x):
+        from ..layers import functional
+        r = self.geometry.resolve(x.shape[-2], x.shape[-1])
+        alpha = torch.exp(self.theta_alpha.clamp(max=functional.THETA_ALPHA_MAX))
+        return functional._stacked(x, None, alpha, torch.exp(self.theta_lambda), r, self.reward == 'asym',
+                                   self.norm, self.eps)
 
 
 def _layer_cases(channels: int, device: torch.device, compiled: bool) -> Dict[str, torch.nn.Module]:
@@ -121,6 +136,7 @@ def _layer_cases(channels: int, device: torch.device, compiled: bool) -> Dict[st
     cases[TORCH_PATH] = DPP2d(channels, impl='torch')
     if compiled:
         cases[COMPILED_PATH] = torch.compile(DPP2d(channels, impl='torch'))
+        cases[COMPILED_STACKED] = torch.compile(_StackedPath(channels, impl='torch'))
     cases['for scale: torch exp(0.5 log(abs(x)+eps))'] = _LogExp()
     return {k: m.to(device) for k, m in cases.items()}
 
@@ -186,6 +202,7 @@ def bench_layer(args) -> dict:
               f"{r['fwd_ms'] / avg['fwd_ms']:.2f}x | {r['fwd_bwd_ms'] / avg['fwd_bwd_ms']:.2f}x | "
               f"{r['memory_x']:.2f}x |" + (f" {100 * r['bandwidth']:.0f}% |" if cuda else ''))
     targets = _cuda_layer_targets(get, dtypes) if cuda else _cpu_layer_targets(get, dtypes)
+    targets += _compiled_form_targets(get, rows)
     print('\nTargets (against AvgPool2d(2,2) in the same dtype and layout):')
     for text, value, limit, at_most in targets:
         ok = value <= limit if at_most else value >= limit
@@ -210,6 +227,20 @@ def _cpu_layer_targets(get, dtypes) -> List[tuple]:
             (f'{layout}: 3x3/s2/p1 forward within 2x of 2x2', dpp3['fwd_ms'] / dpp['fwd_ms'], 2.0, True),
             (f'{layout}: 3x3/s2/p1 fwd+bwd within 2x of 2x2', dpp3['fwd_bwd_ms'] / dpp['fwd_bwd_ms'], 2.0, True),
         ]
+    return targets
+
+
+def _compiled_form_targets(get, rows: List[dict]) -> List[tuple]:
+    """Under torch.compile, the pooled form (what the PyTorch path runs for tiling Lite windows) against the stacked
+    form, in every dtype and layout where both were timed: at most as slow."""
+    targets = []
+    for r in rows:
+        if r['op'] != COMPILED_PATH:
+            continue
+        stacked = get(COMPILED_STACKED, r['dtype'], r['layout'])
+        for key, what in (('fwd_ms', 'forward'), ('fwd_bwd_ms', 'fwd+bwd')):
+            targets.append((f"{r['dtype']} {r['layout']}: torch.compile of the PyTorch path, pooled / stacked form "
+                            f'{what}', r[key] / stacked[key], 1.0, True))
     return targets
 
 
@@ -404,8 +435,8 @@ DPP_SHARE_TARGET = 0.15  # at most this share of converted resnet50's onnxruntim
 DECOMPOSED_OVER_CUSTOM_TARGET = 1.2  # decomposed file's onnxruntime latency / the custom file's (native kernel)
 
 
-def _ort_node_share(session, feed: Dict, runs: int, op_type: str) -> float:
-    """Share of onnxruntime's node time (its profiler) spent in nodes of ``op_type``."""
+def _ort_node_times(session, feed: Dict, runs: int) -> List[Tuple[str, str, float]]:
+    """(node name, op type, microseconds) of every node run in ``runs`` runs, from onnxruntime's profiler."""
     for _ in range(runs):
         session.run(None, feed)
     path = session.end_profiling()
@@ -414,9 +445,39 @@ def _ort_node_share(session, feed: Dict, runs: int, op_type: str) -> float:
             events = json.load(f)
     finally:
         os.unlink(path)
-    nodes = [e for e in events if e.get('cat') == 'Node' and e.get('name', '').endswith('_kernel_time')]
-    total = sum(e['dur'] for e in nodes)
-    return sum(e['dur'] for e in nodes if e['args'].get('op_name') == op_type) / max(total, 1)
+    return [(e['name'][:-len('_kernel_time')], e['args'].get('op_name', ''), e['dur']) for e in events
+            if e.get('cat') == 'Node' and e.get('name', '').endswith('_kernel_time')]
+
+
+def _ort_node_share(session, feed: Dict, runs: int, op_type: str) -> float:
+    """Share of onnxruntime's node time (its profiler) spent in nodes of ``op_type``."""
+    times = _ort_node_times(session, feed, runs)
+    total = sum(t for _, _, t in times)
+    return sum(t for _, op, t in times if op == op_type) / max(total, 1)
+
+
+def _dpp_node_time(files: Dict[str, str], dpp_names: List[str], batch: int, size: int, threads: int,
+                   runs: int = 5) -> dict:
+    """The DPP layers' own onnxruntime time (profiler, ms per run): the DPP2d nodes of the custom file with the
+    native kernel, and the nodes the decomposed file writes in their place (named ``<DPP2d node>/...``), with the
+    decomposed time per operator type."""
+    from ..export.onnx import onnx_session
+
+    x = torch.randn(batch, 3, size, size).numpy()
+    out = {'batch': batch}
+    for mode in ('custom', 'decomposed'):
+        session = onnx_session(files[mode], threads=threads, profile=True, spin=False)
+        times = _ort_node_times(session, {session.get_inputs()[0].name: x}, runs)
+        if mode == 'custom':
+            out['custom_ms'] = sum(t for _, op, t in times if op == 'DPP2d') / runs / 1e3
+            continue
+        mine = [(op, t) for name, op, t in times if any(name.startswith(n + '/') for n in dpp_names)]
+        out['decomposed_ms'] = sum(t for _, t in mine) / runs / 1e3
+        by_op: Dict[str, float] = {}
+        for op, t in mine:
+            by_op[op] = by_op.get(op, 0.0) + t / runs / 1e3
+        out['decomposed_by_op'] = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+    return out
 
 
 def _export_three(name: str, size: int, folder: str):
@@ -472,7 +533,7 @@ def _file_summary(name: str, converted, files: Dict[str, str], seconds: Dict[str
         count = sum(1 for n in protos['decomposed'].graph.node if n.name.startswith(node.name + '/'))
         per_layer['tiling' if attrs['kernel_shape'] == attrs['strides'] else 'other'].append(count)
     return {'model': name, 'nodes': nodes, 'dpp_layers': len(dpp_layers(converted)), 'custom_nodes': len(custom),
-            'nodes_per_layer': per_layer, 'export_s': seconds}
+            'dpp_nodes': [node.name for node in custom], 'nodes_per_layer': per_layer, 'export_s': seconds}
 
 
 def _onnx_latencies(name: str, original, converted, files, args) -> List[dict]:
@@ -555,6 +616,7 @@ def bench_onnx(args) -> dict:
               file=sys.stderr)
     rows: List[dict] = []
     shares: Dict[str, float] = {}
+    layer_times: Dict[str, dict] = {}
     summaries: List[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -564,10 +626,29 @@ def bench_onnx(args) -> dict:
             profiled = onnx_session(files['custom'], threads=args.threads, profile=True)
             x = torch.randn(args.batches[-1], 3, args.size, args.size)
             shares[name] = _ort_node_share(profiled, {profiled.get_inputs()[0].name: x.numpy()}, 5, 'DPP2d')
+            layer_times[name] = _dpp_node_time(files, summary['dpp_nodes'], args.batches[-1], args.size,
+                                               args.threads)
     checks = _print_onnx_table(rows, shares, args)
+    _print_dpp_time_table(layer_times, args)
     checks += _print_file_table(summaries, rows, args)
-    return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares, 'files': summaries,
-            'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+    return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares, 'dpp_time': layer_times,
+            'files': summaries, 'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+
+
+def _print_dpp_time_table(layer_times: Dict[str, dict], args) -> None:
+    """Where the decomposed file's extra time goes: the DPP layers' own node time in each file."""
+    print(f"\nThe DPP layers' own onnxruntime time (profiler, ms per run at batch {args.batches[-1]}, {args.size} "
+          "px): the custom file's DPP2d nodes (native kernel) and the nodes the decomposed file has in their place, "
+          'with the operator types that take most of the latter')
+    print(f'machine: {machine_description()}\n')
+    print('| model | DPP2d nodes, custom ms | their decomposition ms | decomposition / kernel | '
+          'decomposition by operator |')
+    print('|---|---|---|---|---|')
+    for name, t in layer_times.items():
+        total = max(t['decomposed_ms'], 1e-9)
+        ops = ', '.join(f'{op} {100 * ms / total:.0f}%' for op, ms in list(t['decomposed_by_op'].items())[:5])
+        print(f"| {name} | {t['custom_ms']:.1f} | {t['decomposed_ms']:.1f} | "
+              f"{t['decomposed_ms'] / max(t['custom_ms'], 1e-9):.1f}x | {ops} |")
 
 
 NODES_PER_LAYER_TARGET = 25  # ONNX nodes per DPP layer whose windows tile the input, decomposed
