@@ -25,15 +25,18 @@ def test_bench_layer_small(tmp_path, capsys):
 
 
 def test_bench_layer_compile_times_both_forms(capsys):
-    """--compile on the CPU: the PyTorch path under torch.compile in the pooled form it runs and in the stacked
-    form, with their ratio as a target line per direction."""
+    """--compile on the CPU: the PyTorch path under torch.compile for each guide, in the form it runs and in the
+    other one, with their ratio as a target line per guide and direction."""
     assert bench.main(['layer', '--shape', '2', '8', '12', '12', '--repeat', '2', '--dtypes', 'float32',
                        '--compile', '--no-memory']) == 0
     text = capsys.readouterr().out
-    assert f'| {bench.COMPILED_PATH} | float32 | NCHW |' in text
-    assert f'| {bench.COMPILED_STACKED} | float32 | NCHW |' in text
-    lines = [line for line in text.splitlines() if 'pooled / stacked form' in line]
-    assert len(lines) == 2 and all(line.lstrip().startswith(('PASS', 'MISS')) for line in lines)
+    for name in (bench.COMPILED_PATH, bench._compiled_name('lite', 'stacked'), bench._compiled_name('full'),
+                 bench._compiled_name('full', 'pooled')):
+        assert f'| {name} | float32 | NCHW |' in text
+    lines = [line for line in text.splitlines() if '(the form it runs)' in line]
+    assert len(lines) == 4 and all(line.lstrip().startswith(('PASS', 'MISS')) for line in lines)
+    assert sum('lite guide, pooled (the form it runs) / stacked form' in line for line in lines) == 2
+    assert sum('full guide, stacked (the form it runs) / pooled form' in line for line in lines) == 2
 
 
 def test_peak_training_memory_counts_saved_tensors():

@@ -8,8 +8,8 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
   training step as a multiple of the input's bytes. ``--device cuda`` times the Triton kernels against the pools
   and the PyTorch path (eager and under torch.compile) in float32 and bfloat16 with CUDA events, and adds the
   forward's achieved memory bandwidth as a fraction of the GPU's peak. ``--compile`` (the default on CUDA) also
-  times the PyTorch path under torch.compile, in the pooled form it runs there for tiling Lite windows and in the
-  stacked form, with the ratio of the two.
+  times the PyTorch path under torch.compile for the Lite and the Full guide, each in the form it runs there for
+  tiling windows (pooled for Lite, stacked for Full) and in the other form, with the ratio of the two.
 * ``init``: how close each init preset is to average and max pooling, on random and real-photo input.
 * ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
   (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), the share of
@@ -105,19 +105,32 @@ class _LogExp(torch.nn.Module):
 
 TORCH_PATH = 'DPP lite-sym 2x2 (PyTorch path)'
 COMPILED_PATH = 'DPP lite-sym 2x2 (PyTorch path, torch.compile)'
-COMPILED_STACKED = 'DPP lite-sym 2x2 (PyTorch path, stacked form, torch.compile)'
+# under torch.compile the PyTorch path runs one of two forms for tiling windows (pooled for the Lite guide, stacked
+# for the Full guide): each guide is also timed in the other form, the comparison that chose them
+COMPILED_FORMS = {'lite': ('pooled', 'stacked'), 'full': ('stacked', 'pooled')}  # guide -> (form run, other form)
 
 
-class _StackedPath(DPP2d):
-    """DPP2d on the PyTorch path's stacked form, which torch.compile would otherwise not run for tiling Lite windows:
-    the comparison for the pooled form it runs instead."""
+def _compiled_name(guide: str, form: Optional[str] = None) -> str:
+    """The row of DPP {guide}-sym 2x2 on the PyTorch path under torch.compile: as DPP2d runs it, or in ``form``."""
+    return f'DPP {guide}-sym 2x2 (PyTorch path, ' + (f'{form} form, ' if form else '') + 'torch.compile)'
+
+
+class _FormPath(DPP2d):
+    """DPP2d on the PyTorch path in a given form for tiling windows ('pooled' or 'stacked'), whichever the layer
+    itself would run under torch.compile."""
+
+    def __init__(self, channels: int, form: str, **kwargs):
+        super().__init__(channels, impl='torch', **kwargs)
+        self.form = form
 
     def forward(self, x):
         from ..layers import functional
         r = self.geometry.resolve(x.shape[-2], x.shape[-1])
         alpha = torch.exp(self.theta_alpha.clamp(max=functional.THETA_ALPHA_MAX))
-        return functional._stacked(x, None, alpha, torch.exp(self.theta_lambda), r, self.reward == 'asym',
-                                   self.norm, self.eps)
+        guide = (None if self.guide_weight is None
+                 else functional.full_guide(x, self.guide_weight, self.geometry, r))
+        fn = functional._pooled if self.form == 'pooled' else functional._stacked
+        return fn(x, guide, alpha, torch.exp(self.theta_lambda), r, self.reward == 'asym', self.norm, self.eps)
 
 
 def _layer_cases(channels: int, device: torch.device, compiled: bool) -> Dict[str, torch.nn.Module]:
@@ -135,8 +148,9 @@ def _layer_cases(channels: int, device: torch.device, compiled: bool) -> Dict[st
     cases['DPP lite-sym 3x3/s2/p1'] = DPP2d(channels, 3, 2, 1)
     cases[TORCH_PATH] = DPP2d(channels, impl='torch')
     if compiled:
-        cases[COMPILED_PATH] = torch.compile(DPP2d(channels, impl='torch'))
-        cases[COMPILED_STACKED] = torch.compile(_StackedPath(channels, impl='torch'))
+        for guide, (_, other) in COMPILED_FORMS.items():
+            cases[_compiled_name(guide)] = torch.compile(DPP2d(channels, guide=guide, impl='torch'))
+            cases[_compiled_name(guide, other)] = torch.compile(_FormPath(channels, other, guide=guide))
     cases['for scale: torch exp(0.5 log(abs(x)+eps))'] = _LogExp()
     return {k: m.to(device) for k, m in cases.items()}
 
@@ -231,16 +245,17 @@ def _cpu_layer_targets(get, dtypes) -> List[tuple]:
 
 
 def _compiled_form_targets(get, rows: List[dict]) -> List[tuple]:
-    """Under torch.compile, the pooled form (what the PyTorch path runs for tiling Lite windows) against the stacked
-    form, in every dtype and layout where both were timed: at most as slow."""
+    """Under torch.compile, the form the PyTorch path runs for each guide against the other form, in every dtype and
+    layout where both were timed: at most as slow."""
     targets = []
-    for r in rows:
-        if r['op'] != COMPILED_PATH:
-            continue
-        stacked = get(COMPILED_STACKED, r['dtype'], r['layout'])
-        for key, what in (('fwd_ms', 'forward'), ('fwd_bwd_ms', 'fwd+bwd')):
-            targets.append((f"{r['dtype']} {r['layout']}: torch.compile of the PyTorch path, pooled / stacked form "
-                            f'{what}', r[key] / stacked[key], 1.0, True))
+    for guide, (form, other) in COMPILED_FORMS.items():
+        for r in rows:
+            if r['op'] != _compiled_name(guide):
+                continue
+            alt = get(_compiled_name(guide, other), r['dtype'], r['layout'])
+            for key, what in (('fwd_ms', 'forward'), ('fwd_bwd_ms', 'fwd+bwd')):
+                targets.append((f"{r['dtype']} {r['layout']}: torch.compile of the PyTorch path, {guide} guide, "
+                                f'{form} (the form it runs) / {other} form {what}', r[key] / alt[key], 1.0, True))
     return targets
 
 
