@@ -39,6 +39,45 @@ def test_low_precision_input_keeps_dtype(dtype):
     torch.testing.assert_close(out.float(), layer(x), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_cpu_low_precision_runs_the_kernel_on_a_float32_copy(dtype, layout):
+    """Autocast's float16/bfloat16 activations take the fused kernel (on a float32 copy), not the PyTorch path: the
+    same values and gradients as the PyTorch path computes from the same low-precision input, in its dtype."""
+    from dpp_surgery.layers import functional
+    torch.manual_seed(0)
+    layers = {impl: DPP2d(16, 3, 2, 1, guide='full', reward='asym', impl=impl) for impl in ('kernel', 'torch')}
+    layers['torch'].load_state_dict(layers['kernel'].state_dict())
+    x = torch.randn(2, 16, 13, 12).to(dtype).contiguous(memory_format=layout)
+    assert functional._choose(x, layers['kernel'].geometry.resolve(13, 12), 'auto') == 'kernel'
+    outs, grads = {}, {}
+    for impl, layer in layers.items():
+        xi = x.clone().requires_grad_(True)
+        outs[impl] = layer(xi)
+        grads[impl] = torch.autograd.grad(outs[impl].float().sum(), [xi, *layer.parameters()])
+    assert outs['kernel'].dtype == dtype and grads['kernel'][0].dtype == dtype
+    torch.testing.assert_close(outs['kernel'], outs['torch'])  # (float32 arithmetic in both, then rounded)
+    for a, b in zip(grads['kernel'], grads['torch']):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_cpu_autocast_runs_the_kernel(monkeypatch):
+    """Under CPU bfloat16 autocast (what amp='auto' picks on a CPU with native bfloat16) DPP2d calls the kernel."""
+    from dpp_surgery.layers import functional
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), DPP2d(8))
+    chosen = []
+    real = functional._choose
+
+    def spy(x, r, impl):
+        chosen.append((x.dtype, real(x, r, impl)))
+        return chosen[-1][1]
+
+    monkeypatch.setattr(functional, '_choose', spy)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 16, 16))
+    assert chosen == [(torch.bfloat16, 'kernel')]
+
+
 @pytest.mark.parametrize('impl', ['kernel', 'torch'])
 def test_channels_last_equals_contiguous(impl):
     layer = DPP2d(16, 3, 2, 1, guide='full', reward='asym', impl=impl)

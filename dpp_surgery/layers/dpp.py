@@ -57,8 +57,8 @@ class DPP2d(nn.Module):
     dynamic 'same' padding (``MaxPool2dSame``/``AvgPool2dSame``). Windows that padding or ``ceil_mode`` lets
     hang over the edge keep only their valid positions.
 
-    On the CPU, float32 and float64 run a fused kernel that is built on first use (see
-    :func:`dpp_surgery.kernel_status`). On CUDA, every float dtype runs fused Triton kernels (windows of up to 64
+    On the CPU, a fused kernel that is built on first use (see :func:`dpp_surgery.kernel_status`) runs float32
+    and float64 inputs, and float16/bfloat16 ones (autocast's) on a float32 copy. On CUDA, every float dtype runs fused Triton kernels (windows of up to 64
     positions) that load and store the activation in its own dtype and compute in float32, with a backward that
     recomputes from the input. Elsewhere a pure-PyTorch path computes the same values; it computes float16 and
     bfloat16 inputs in float32 and returns them in their own dtype.

@@ -3,8 +3,8 @@
 See :class:`dpp_surgery.DPP2d` for the definition. Three implementations compute the same thing:
 
 * the fused CPU kernel (``layers/csrc/dpp2d.cpp``), registered as the CPU kernel of the custom op
-  ``torch.ops.dpp_surgery.dpp2d`` with its own backward that recomputes from the input (used on CPU for
-  float32/float64 when it builds);
+  ``torch.ops.dpp_surgery.dpp2d`` with its own backward that recomputes from the input (used on CPU when it
+  builds: float32/float64 inputs, and float16/bfloat16 ones on a float32 copy);
 * the Triton kernels (``layers/triton_dpp.py``), registered as the CUDA kernel of the same op (used for CUDA
   tensors of every float dtype, in their own dtype); with ``TRITON_INTERPRET=1`` they also run on CPU tensors
   through Triton's interpreter (``impl='triton'``, how the CPU-only tests run them);
@@ -499,12 +499,14 @@ def _choose(x: Tensor, r: ResolvedGeometry, impl: str) -> str:
                           stacklevel=3)
         return 'torch'
     kernel = None
-    if x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and not _exporting():
+    # (float16/bfloat16 inputs, autocast's, run on a float32 copy: the kernel's float32 arithmetic, which the
+    # PyTorch path would also compute in, at a fraction of its time and memory)
+    if x.device.type == 'cpu' and x.is_floating_point() and not _exporting():
         kernel = load_kernel()
     ok = kernel is not None and window <= kernel.max_window
     if impl == 'kernel' and not ok:
         raise RuntimeError(
-            f'impl="kernel" needs a CPU float32/float64 input, a window of at most {MAX_WINDOW} positions '
+            f'impl="kernel" needs a CPU input, a window of at most {MAX_WINDOW} positions '
             'and a built kernel (see dpp_surgery.kernel_status()); use impl="auto" to fall back to the PyTorch path.')
     return 'kernel' if ok else 'torch'
 
@@ -536,8 +538,8 @@ def dpp2d(
         reward: 'sym' or 'asym'.
         norm: window normalisation of the squared deviation: 'mean' (default), 'none' or 'sum'.
         eps: added to the squared deviation.
-        impl: 'auto' (the CPU kernel for CPU float32/float64, the Triton kernels for CUDA tensors, else pure
-            PyTorch), 'kernel' (require the CPU kernel), 'triton' (require the Triton kernels: CUDA tensors, or CPU
+        impl: 'auto' (the CPU kernel for CPU tensors, float16/bfloat16 on a float32 copy, the Triton kernels for
+            CUDA tensors, else pure PyTorch), 'kernel' (require the CPU kernel), 'triton' (require the Triton kernels: CUDA tensors, or CPU
             tensors with ``TRITON_INTERPRET=1``) or 'torch' (pure PyTorch). Each required kernel raises a
             RuntimeError naming why where it cannot run (windows over 64 positions, export, a missing build).
         geometry: a prebuilt :class:`PoolGeometry` (what DPP2d passes).
@@ -561,7 +563,8 @@ def dpp2d(
     asym = reward == 'asym'
     chosen = _choose(input, r, impl)
     # the arithmetic is float32 (float64 for float64); the Triton kernels load and store the activation (and the
-    # Full guide) in its own dtype, the other paths compute on a float32 copy of a float16/bfloat16 one
+    # Full guide) in its own dtype, the CPU kernel and the PyTorch path compute on a float32 copy of a
+    # float16/bfloat16 one
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     x = input if chosen == 'triton' else input.to(acc)
     alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(acc)
