@@ -39,6 +39,22 @@ def test_bench_layer_compile_times_both_forms(capsys):
     assert sum('full guide, stacked (the form it runs) / pooled form' in line for line in lines) == 2
 
 
+def test_bench_form_paths_compute_the_layer():
+    """The forms bench layer --compile compares compute what DPP2d computes, in the input's dtype."""
+    import torch
+    torch.manual_seed(0)
+    for guide in ('lite', 'full'):
+        layer = bench.DPP2d(4, guide=guide, impl='torch')
+        for form in ('pooled', 'stacked'):
+            other = bench._FormPath(4, form, guide=guide)
+            other.load_state_dict(layer.state_dict())
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(2, 4, 9, 8).to(dtype)
+                out = other(x)
+                assert out.dtype == dtype
+                torch.testing.assert_close(out, layer(x))
+
+
 def test_peak_training_memory_counts_saved_tensors():
     import torch
     x = torch.randn(2, 8, 16, 16)
