@@ -511,6 +511,19 @@ def _choose(x: Tensor, r: ResolvedGeometry, impl: str) -> str:
     return 'kernel' if ok else 'torch'
 
 
+def _operands(input: Tensor, theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor],
+              geometry: PoolGeometry, r: ResolvedGeometry, copy: bool = True):
+    """(x, guide, alpha, lambda) as every implementation takes them. The arithmetic is float32 (float64 for
+    float64); with ``copy`` (the CPU kernel and the PyTorch path) the activation is a float32 copy of a
+    float16/bfloat16 one, without it (the Triton kernels) it stays in its own dtype, as does the Full guide."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x = input.to(acc) if copy else input
+    alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(acc)
+    lam = torch.exp(theta_lambda).to(acc)
+    guide = None if guide_weight is None else full_guide(x, guide_weight, geometry, r)
+    return x, guide, alpha, lam
+
+
 def dpp2d(
         input: Tensor,
         theta_alpha: Tensor,
@@ -562,14 +575,8 @@ def dpp2d(
 
     asym = reward == 'asym'
     chosen = _choose(input, r, impl)
-    # the arithmetic is float32 (float64 for float64); the Triton kernels load and store the activation (and the
-    # Full guide) in its own dtype, the CPU kernel and the PyTorch path compute on a float32 copy of a
-    # float16/bfloat16 one
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x = input if chosen == 'triton' else input.to(acc)
-    alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(acc)
-    lam = torch.exp(theta_lambda).to(acc)
-    guide = None if guide_weight is None else full_guide(x, guide_weight, geometry, r)
+    x, guide, alpha, lam = _operands(input, theta_alpha, theta_lambda, guide_weight, geometry, r,
+                                     copy=chosen != 'triton')
     if chosen == 'torch':
         return _reference(x, guide, alpha, lam, r, asym, norm, eps).to(input.dtype)
     args = (x, guide, alpha, lam,

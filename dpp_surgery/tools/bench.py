@@ -126,15 +126,10 @@ class _FormPath(DPP2d):
     def forward(self, x):
         from ..layers import functional
         r = self.geometry.resolve(x.shape[-2], x.shape[-1])
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # (as DPP2d's PyTorch path computes)
-        xa = x.to(acc)
-        alpha = torch.exp(self.theta_alpha.clamp(max=functional.THETA_ALPHA_MAX)).to(acc)
-        guide = (None if self.guide_weight is None
-                 else functional.full_guide(xa, self.guide_weight, self.geometry, r))
+        xa, guide, alpha, lam = functional._operands(x, self.theta_alpha, self.theta_lambda, self.guide_weight,
+                                                     self.geometry, r)
         fn = functional._pooled if self.form == 'pooled' else functional._stacked
-        out = fn(xa, guide, alpha, torch.exp(self.theta_lambda).to(acc), r, self.reward == 'asym', self.norm,
-                 self.eps)
-        return out.to(x.dtype)
+        return fn(xa, guide, alpha, lam, r, self.reward == 'asym', self.norm, self.eps).to(x.dtype)
 
 
 def _layer_cases(channels: int, device: torch.device, compiled: bool) -> Dict[str, torch.nn.Module]:
