@@ -151,3 +151,34 @@ def test_onnx_file_table_checks(capsys):
     text = capsys.readouterr().out
     assert 'PASS: a: at most 20 ONNX nodes per tiling DPP layer <= 25' in text and 'b: at most' not in text
     assert 'MISS: a: custom export 2.00x' in text and 'MISS: b batch 1: onnxruntime decomposed / original 1.30x' in text
+
+
+def test_bench_onnx_layer_small(tmp_path, capsys):
+    """bench onnx-layer: each layer as the native kernel, the written decomposition and its channel groups, all
+    matching PyTorch, with the node counts of the files, then the element-wise operator probe."""
+    out = tmp_path / 'onnx_layer.json'
+    assert bench.main(['--threads', '1', '--json', str(out), 'onnx-layer', '--stem', '8', '16', '--tile', '8', '16',
+                       '--groups', '2', '4', '--batches', '1', '2', '--repeat', '2']) == 0
+    text = capsys.readouterr().out
+    assert '| stem (3x3/s2/p1) | 8x16x16 | 1 |' in text and '| tile (2x2/s2/p0) | 8x16x16 | 2 |' in text
+    assert '| stem | 2x8x9x8x8 |' in text and '| tile | 2x8x4x8x8 |' in text
+    result = json.loads(out.read_text())
+    rows = result['rows']
+    assert [(r['layer'], r['batch']) for r in rows] == [('stem', 1), ('stem', 2), ('tile', 1), ('tile', 2)]
+    for r in rows:
+        groups = r['groups']
+        assert sorted(groups, key=int) == ['1', '2', '4']
+        # one chain per group, plus the Split and Concat: the node count grows with the groups
+        assert groups['1']['nodes'] < groups['2']['nodes'] < groups['4']['nodes']
+        assert max(g['error'] for g in groups.values()) <= 1e-4 and r['kernel_error'] <= 1e-4
+        assert r['kernel_ms'] > 0 and all(g['ms'] > 0 for g in groups.values())
+    assert rows[2]['groups']['1']['nodes'] <= 25  # the 2x2 layer's file: its decomposition and nothing else
+    assert all(set(p['ms']) == set(bench.ONNX_PROBE_OPS) for p in result['probes'])
+    assert [c['pass'] for c in result['checks']] == [True] * 4
+
+
+def test_bench_onnx_layer_rejects_groups_that_do_not_divide(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--groups 3 does not divide the stem layer's 8 channels"):
+        bench.main(['onnx-layer', '--stem', '8', '16', '--tile', '8', '16', '--groups', '3'])

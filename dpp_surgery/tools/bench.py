@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx,train} [options]``.
+"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx,onnx-layer,train} [options]``.
 
 Every ratio is measured within one run on one machine; the machine is printed with the table. Targets are
 reported as PASS/MISS lines, never asserted: timing on shared machines is noisy, so benchmarks are not tests.
@@ -15,6 +15,9 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
   (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), the share of
   onnxruntime time in DPP2d nodes (onnxruntime's profiler), and each file's node count, the decomposition's nodes
   per DPP layer and the export times.
+* ``onnx-layer``: one DPP layer (the ResNet stem's 3x3/s2/p1 and a 2x2 layer) in onnxruntime: the native kernel,
+  the decomposition as written and split into channel groups, at batch 1 and 8, checked against PyTorch; then
+  element-wise operators (Exp, Log, Pow, ...) alone on the layer's unfolded windows.
 * ``train``: training-step time and images/s of original and converted resnet18/resnet50/efficientnet_lite0 in
   float32 and in the precision ``amp='auto'`` picks on this machine, with the converted / original time ratio
   next to the FLOP ratio.
@@ -714,6 +717,168 @@ AMP_NOISE = 0.05
 TRAIN_FLOP_SLACK = 1.1
 
 
+ONNX_LAYER_CASES = {  # name -> (kernel, stride, padding): the ResNet stem (overlapping windows) and a 2x2 layer
+    'stem': (3, 2, 1),
+    'tile': (2, 2, 0),
+}
+# element-wise operators timed on a layer's unfolded windows: what the decomposition uses or could use for its powers
+ONNX_PROBE_OPS = ('Exp', 'Log', 'Pow', 'Mul', 'Sqrt', 'Tanh', 'Sigmoid', 'Erf')
+
+
+class _ChannelGroups(torch.nn.Module):
+    """One DPP layer computed as ``groups`` DPP layers over equal channel groups (their parameters the layer's):
+    the same output, written by the decomposition as one chain per group."""
+
+    def __init__(self, layer: DPP2d, groups: int):
+        super().__init__()
+        c = layer.channels // groups
+        kernel, stride, padding = layer.geometry.kernel, layer.geometry.stride, layer.geometry.padding
+        self.parts = torch.nn.ModuleList()
+        for i in range(groups):
+            part = DPP2d(c, kernel_size=kernel, stride=stride, padding=padding)
+            with torch.no_grad():
+                part.theta_alpha.copy_(layer.theta_alpha[i * c:(i + 1) * c])
+                part.theta_lambda.copy_(layer.theta_lambda[i * c:(i + 1) * c])
+            self.parts.append(part)
+
+    def forward(self, x):
+        chunks = torch.chunk(x, len(self.parts), dim=1)
+        return torch.cat([part(t) for part, t in zip(self.parts, chunks)], dim=1)
+
+
+def _probe_model(op: str, shape: Tuple[int, ...]):
+    """A one-node ONNX model applying ``op`` to an input of ``shape`` (``Pow`` and ``Mul`` with a per-channel second
+    operand, as the decomposition's weights would)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = []
+    inputs = ['X']
+    if op in ('Pow', 'Mul'):
+        per_channel = np.linspace(0.3, 1.5, shape[1], dtype=np.float32).reshape(1, shape[1], *([1] * (len(shape) - 2)))
+        inits.append(numpy_helper.from_array(per_channel, 'P'))
+        inputs.append('P')
+    graph = helper.make_graph([helper.make_node(op, inputs, ['Y'])], op,
+                              [helper.make_tensor_value_info('X', TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info('Y', TensorProto.FLOAT, list(shape))], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def bench_onnx_layer(args) -> dict:
+    """One DPP layer in onnxruntime: the native kernel, the decomposition as written, and the decomposition split
+    into channel groups (one chain per group, for the cache), at each batch; then element-wise operators on the
+    layer's unfolded windows."""
+    import tempfile
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..export.onnx import export_onnx, onnx_session
+    from ..export.ort_kernel import ort_kernel_status
+
+    status = ort_kernel_status()
+    if not status['loaded']:
+        print(f"note: no native onnxruntime kernel ({status['error']}); 'kernel' runs the ONNX functions",
+              file=sys.stderr)
+    cases = {'stem': args.stem, 'tile': args.tile}
+    for name, (c, _) in cases.items():
+        bad = [g for g in args.groups if g < 1 or c % g]
+        if bad:
+            raise SystemExit(f'error: --groups {bad[0]} does not divide the {name} layer\'s {c} channels; pass '
+                             f'divisors of {c}')
+    groups = sorted(set(args.groups) | {1})
+    rows, probes = [], []
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (c, size) in cases.items():
+            k, s, p = ONNX_LAYER_CASES[name]
+            layer = DPP2d(c, kernel_size=k, stride=s, padding=p).eval()
+            with torch.no_grad():  # parameters away from the init, as a trained layer's are
+                layer.theta_alpha.normal_(0, 0.3)
+                layer.theta_lambda.normal_(0, 0.3)
+            example = torch.randn(1, c, size, size)
+            files, nodes = {}, {}
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                files['kernel'] = export_onnx(layer, os.path.join(tmp, f'{name}_custom.onnx'), mode='custom',
+                                              example_input=example, min_size=min(size, 64))
+                for g in groups:
+                    model = layer if g == 1 else _ChannelGroups(layer, g).eval()
+                    files[g] = export_onnx(model, os.path.join(tmp, f'{name}_g{g}.onnx'), example_input=example,
+                                           min_size=min(size, 64))
+                    nodes[g] = len(__import__('onnx').load(files[g]).graph.node)
+            sessions = {key: onnx_session(f, threads=args.threads, spin=False) for key, f in files.items()}
+            for batch in args.batches:
+                x = torch.randn(batch, c, size, size)
+                with torch.inference_mode():
+                    want = layer(x).numpy()
+                feed = {sessions['kernel'].get_inputs()[0].name: x.numpy()}
+                errors = {key: float(np.abs(sess.run(None, feed)[0] - want).max() / np.abs(want).max())
+                          for key, sess in sessions.items()}
+                fns = {key: (lambda sess: lambda: sess.run(None, feed))(sess) for key, sess in sessions.items()}
+                times = interleaved_medians(fns, args.repeat, warmup=2)
+                rows.append({'layer': name, 'channels': c, 'size': size, 'kernel': k, 'stride': s, 'padding': p,
+                             'batch': batch, 'kernel_ms': times['kernel'],
+                             'groups': {g: {'ms': times[g], 'nodes': nodes[g], 'error': errors[g]} for g in groups},
+                             'kernel_error': errors['kernel']})
+                print(f'  {rows[-1]}', file=sys.stderr)
+            batch = args.batches[-1]
+            out = (size + 2 * p - k) // s + 1
+            shape = (batch, c, k * k, out, out)  # the decomposition's unfolded windows
+            x = np.random.default_rng(0).uniform(0.01, 1.0, shape).astype(np.float32)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+            op_sessions = {op: ort.InferenceSession(_probe_model(op, shape), options,
+                                                    providers=['CPUExecutionProvider']) for op in ONNX_PROBE_OPS}
+            times = interleaved_medians({op: (lambda sess: lambda: sess.run(None, {'X': x}))(sess)
+                                         for op, sess in op_sessions.items()}, args.repeat, warmup=2)
+            probes.append({'layer': name, 'shape': list(shape), 'ms': times})
+    checks = _print_onnx_layer_tables(rows, probes, groups, args)
+    return {'machine': machine_description(), 'rows': rows, 'probes': probes,
+            'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+
+
+def _print_onnx_layer_tables(rows: List[dict], probes: List[dict], groups: List[int], args) -> List[Tuple[str, bool]]:
+    print(f'\nOne DPP layer in onnxruntime {__import__("onnxruntime").__version__} (CPU execution provider, '
+          f'{args.threads} threads, idle threads not spinning; medians of {args.repeat} interleaved runs, ms): the '
+          'custom file with the native kernel, and the decomposed file as written and with the layer split into '
+          'channel groups (one chain per group); error: max |onnxruntime - PyTorch| / max |PyTorch|')
+    print(f'machine: {machine_description()}\n')
+    split = [g for g in groups if g != 1]
+    print('| layer | input | batch | native kernel | decomposed (nodes) | '
+          + ' | '.join(f'{g} groups (nodes)' for g in split) + ' | decomposed / kernel | '
+          + ' | '.join(f'{g} groups / decomposed' for g in split) + ' | max error |')
+    print('|---|---|---|---|---|' + '---|' * len(split) + '---|' + '---|' * len(split) + '---|')
+    for r in rows:
+        gs = r['groups']
+        one = gs[1]['ms']
+        geometry = f"{r['kernel']}x{r['kernel']}/s{r['stride']}/p{r['padding']}"
+        print(f"| {r['layer']} ({geometry}) | {r['channels']}x{r['size']}x{r['size']} | {r['batch']} | "
+              f"{r['kernel_ms']:.2f} | {one:.2f} ({gs[1]['nodes']}) | "
+              + ' | '.join(f"{gs[g]['ms']:.2f} ({gs[g]['nodes']})" for g in split)
+              + f" | {one / r['kernel_ms']:.2f}x | " + ' | '.join(f"{gs[g]['ms'] / one:.2f}x" for g in split)
+              + f" | {max([r['kernel_error']] + [v['error'] for v in gs.values()]):.1e} |")
+    print(f'\nElement-wise operators alone on the unfolded windows at batch {args.batches[-1]} (ms; Pow and Mul with a '
+          'per-channel second operand), and as a multiple of Exp:\n')
+    print('| layer | shape | ' + ' | '.join(ONNX_PROBE_OPS) + ' | Log / Exp | Pow / Log |')
+    print('|---|---|' + '---|' * len(ONNX_PROBE_OPS) + '---|---|')
+    for pr in probes:
+        t = pr['ms']
+        print(f"| {pr['layer']} | {'x'.join(map(str, pr['shape']))} | "
+              + ' | '.join(f'{t[op]:.2f}' for op in ONNX_PROBE_OPS)
+              + f" | {t['Log'] / t['Exp']:.2f}x | {t['Pow'] / t['Log']:.2f}x |")
+    checks = [(f"{r['layer']} batch {r['batch']}: every form matches PyTorch within 1e-4",
+               max([r['kernel_error']] + [v['error'] for v in r['groups'].values()]) <= 1e-4) for r in rows]
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    return checks
+
+
 def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype) -> Callable[[], None]:
     from ..layers import param_groups
 
@@ -855,6 +1020,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=224, help='input size (default 224)')
     p.add_argument('--repeat', type=int, default=10, help='timed runs per measurement (default 10)')
     p.set_defaults(func=bench_onnx)
+    p = sub.add_parser('onnx-layer', help='one DPP layer in onnxruntime: native kernel, decomposition, channel '
+                                          'groups, element-wise operators')
+    p.add_argument('--stem', type=int, nargs=2, default=[64, 112], metavar=('C', 'SIZE'),
+                   help='channels and input size of the 3x3/s2/p1 layer (default 64 112: the ResNet stem)')
+    p.add_argument('--tile', type=int, nargs=2, default=[128, 56], metavar=('C', 'SIZE'),
+                   help='channels and input size of the 2x2 layer (default 128 56)')
+    p.add_argument('--groups', type=int, nargs='+', default=[4, 8],
+                   help='channel groups to split each layer into (default 4 8; divisors of the channels)')
+    p.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes (default 1 8)')
+    p.add_argument('--repeat', type=int, default=15, help='timed runs per measurement (default 15)')
+    p.set_defaults(func=bench_onnx_layer)
     p = sub.add_parser('train', help='training-step time of original and converted models, float32 and amp auto')
     p.add_argument('--models', nargs='+', default=list(TRAIN_MODELS), help='timm models (default: %(default)s)')
     p.add_argument('--size', type=int, default=64, help='input size (default 64)')
