@@ -479,7 +479,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('study, folder', [('placement', 'placement'), ('heal', 'heal'),
-                                           ('dpp-params', 'dpp_params'), ('placement', 'placement_resnet18')])
+                                           ('dpp-params', 'dpp_params'), ('placement', 'placement_resnet18'),
+                                           ('placement', 'placement_block_10seeds')])
 def test_committed_tables_are_what_their_records_give(tmp_path, study, folder):
     stem = cs.STUDY_TABLES[study][0]
     src = os.path.join(REPO, 'results', folder)
@@ -528,7 +529,8 @@ def test_precision_note_counts_each_runs_precision():
 
 
 @pytest.mark.parametrize('folder, stem', [('placement', 'placement'), ('placement_resnet18', 'placement'),
-                                          ('heal', 'heal'), ('dpp_params', 'dpp_params')])
+                                          ('heal', 'heal'), ('dpp_params', 'dpp_params'),
+                                          ('placement_block_10seeds', 'placement')])
 def test_readme_quotes_the_committed_tables(folder, stem):
     # README's tables are the results files' lines, not figures typed in (dpp-params: without its per-layer table)
     path = os.path.join(REPO, 'results', folder, f'{stem}.md')
