@@ -258,12 +258,13 @@ def _set(path, value):
     (_set(('policy', 'max_pool'), {'guide': 'huge'}), r"policy\.max_pool\.guide must be one of 'lite', 'full'"),
     (_set(('finetune', 'lr_rate'), 0.1), "unknown finetune field.*'lr_rate'"),
     (_set(('finetune', 'output'), 'x'), "'output' are set by the runner"),
-    (_set(('finetune', 'epochs'), 'two'), 'finetune.epochs must be a number'),
+    (_set(('finetune', 'epochs'), 'two'), "finetune.epochs must be an integer, but got 'two'"),
+    (_set(('finetune', 'lr'), 'high'), "finetune.lr must be a finite number, but got 'high'"),
     (_set(('finetune', 'ema'), 1), 'finetune.ema must be true or false'),
     (_set(('finetune', 'opt'), 3), 'finetune.opt must be a string'),
     (_set(('finetune', 'pretrained'), 'imagenet'), "finetune.pretrained must be"),
     (_set(('data',), 'fashion-mnist'), 'data must be an object with a "name"'),
-    (_set(('latency', 'threads'), 0), 'latency.threads must be an integer >= 1'),
+    (_set(('latency', 'threads'), 0), 'latency.threads must be an integer from 1 to 256, but got 0'),
     (_set(('latency', 'batch'), 2), "unknown latency field.*'batch'"),
     (_set(('results',), [1]), 'results must be an object'),
 ])
@@ -299,6 +300,19 @@ def test_recipe_errors(change, message):
     (_set(('latency', 'image_size'), 5000), 'latency.image_size must be an integer from 1 to 1024 (pixels), but got '
                                             '5000'),
     (_set(('latency', 'image_size'), 1025), 'latency.image_size must be an integer from 1 to 1024'),
+    # a recipe cannot make a run allocate, spawn or repeat without bound, nor train on non-finite settings
+    (_set(('latency', 'batch_size'), 10 ** 6), 'latency.batch_size must be an integer from 1 to 64, but got 1000000'),
+    (_set(('latency', 'repeat'), 10 ** 9), 'latency.repeat must be an integer from 1 to 1000'),
+    (_set(('latency', 'threads'), 4096), 'latency.threads must be an integer from 1 to 256'),
+    (_set(('latency', 'repeat'), 3.0), 'latency.repeat must be an integer from 1 to 1000, but got 3.0'),
+    (_set(('latency',), [64]), 'latency must be an object with fields batch_size, image_size, threads, repeat'),
+    (_set(('finetune', 'batch_size'), 10 ** 7), 'finetune.batch_size must be an integer from 1 to 1024, but got '
+                                                '10000000'),
+    (_set(('finetune', 'batch_size'), 16.5), 'finetune.batch_size must be an integer from 1 to 1024, but got 16.5'),
+    (_set(('finetune', 'num_workers'), 100000), 'finetune.num_workers must be an integer from 0 to 64'),
+    (_set(('finetune', 'epochs'), 1.5), 'finetune.epochs must be an integer, but got 1.5'),
+    (_set(('finetune', 'ema_decay'), float('nan')), 'finetune.ema_decay must be a finite number, but got nan'),
+    (_set(('finetune', 'lr'), float('inf')), 'finetune.lr must be a finite number, but got inf'),
 ])
 def test_crafted_recipe_is_refused(change, fragment):
     recipe = copy.deepcopy(_tiny_recipe(name='resnet18_dpp', architecture='resnet18',

@@ -45,6 +45,7 @@ __all__ = [
     'Recipe', 'RecipeError', 'RecipeWarning', 'ZOO_ENV', 'WEIGHT_SOURCES', 'RUNNER_FIELDS', 'default_zoo_dir',
     'load_recipe', 'load_recipes', 'get_recipe', 'list_recipes', 'register_recipe', 'register_recipes',
     'create_zoo_model', 'registered_recipes', 'validate_recipe', 'default_cfgs', 'LATENCY_DEFAULTS',
+    'LATENCY_LIMITS', 'FINETUNE_LIMITS',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ _REQUIRED_KEYS = ('name', 'architecture', 'weights', 'policy', 'finetune', 'data
 _OPTIONAL_KEYS = ('description', 'notes', 'latency', 'results')
 # latency settings a recipe may give (defaults: batch 1, 224 px, 2 threads, 30 timed runs)
 LATENCY_DEFAULTS = {'batch_size': 1, 'image_size': 224, 'threads': 2, 'repeat': 30}
+# A recipe is data: what it asks for is bounded, so that no file can make a run allocate, spawn or repeat without
+# bound. Latency settings (image_size: the checkpoint bound, MAX_IMAGE_SIDE) and fine-tuning settings that size
+# memory or processes; the other integers are checked for type here and for range when the run starts.
+LATENCY_LIMITS = {'batch_size': 64, 'threads': 256, 'repeat': 1000}
+FINETUNE_LIMITS = {'batch_size': (1, 1024), 'num_workers': (0, 64)}
 # architectures with offline weights (dpp_surgery.weights)
 _OFFLINE_ARCHS = ('efficientnet_lite0',)
 
@@ -237,15 +243,23 @@ def _check_finetune(finetune: Any, where: str) -> Dict[str, Any]:
     if finetune.get('pretrained', 'auto') not in ('auto', 'offline', 'timm', 'none'):
         raise _fail(where, f"finetune.pretrained must be 'auto', 'offline', 'timm' or 'none', but got "
                            f"{finetune['pretrained']!r}")
+    from ..training.checkpoint import _is_int, _is_number, _short
+
     for key, value in finetune.items():
         default = getattr(FinetuneConfig, key, None)
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise _fail(where, f'finetune.{key} must be true or false, but got {value!r}')
-        elif isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise _fail(where, f'finetune.{key} must be a number, but got {value!r}')
+                raise _fail(where, f'finetune.{key} must be true or false, but got {_short(value)}')
+        elif isinstance(default, int) and key != 'image_size':  # (the image size: the checkpoint bound, below)
+            low, high = FINETUNE_LIMITS.get(key, (None, None))
+            if low is not None and not (_is_int(value) and low <= value <= high):
+                raise _fail(where, f'finetune.{key} must be an integer from {low} to {high}, but got {_short(value)}')
+            if not _is_int(value):
+                raise _fail(where, f'finetune.{key} must be an integer, but got {_short(value)}')
+        elif isinstance(default, float) and not _is_number(value):
+            raise _fail(where, f'finetune.{key} must be a finite number, but got {_short(value)}')
         elif isinstance(default, str) and not isinstance(value, str):
-            raise _fail(where, f'finetune.{key} must be a string, but got {value!r}')
+            raise _fail(where, f'finetune.{key} must be a string, but got {_short(value)}')
     if 'image_size' in finetune:
         _check_image_size(finetune['image_size'], 'finetune.image_size', where)
     return finetune
@@ -260,14 +274,21 @@ def _check_data(data_spec: Any, where: str) -> Dict[str, Any]:
 
 
 def _check_latency(latency: Any, where: str) -> Dict[str, Any]:
-    """The latency settings: fields of :data:`LATENCY_DEFAULTS`, integers >= 1, the image size within bounds."""
+    """The latency settings: fields of :data:`LATENCY_DEFAULTS`, integers from 1 to their :data:`LATENCY_LIMITS`,
+    the image size within the checkpoint bounds."""
+    from ..training.checkpoint import _is_int, _short
+
+    if not isinstance(latency, dict):
+        raise _fail(where, f'latency must be an object with fields {", ".join(LATENCY_DEFAULTS)}, but got '
+                           f'{type(latency).__name__}')
     bad = [k for k in latency if k not in LATENCY_DEFAULTS]
     if bad:
         raise _fail(where, f'unknown latency field(s) {", ".join(map(repr, bad))}; valid: '
                            f'{", ".join(LATENCY_DEFAULTS)}')
     for key, value in latency.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _fail(where, f'latency.{key} must be an integer >= 1, but got {value!r}')
+        if key in LATENCY_LIMITS and not (_is_int(value) and 1 <= value <= LATENCY_LIMITS[key]):
+            raise _fail(where, f'latency.{key} must be an integer from 1 to {LATENCY_LIMITS[key]}, but got '
+                               f'{_short(value)}')
     if 'image_size' in latency:
         _check_image_size(latency['image_size'], 'latency.image_size', where)
     return latency
