@@ -2,6 +2,7 @@
 import contextlib
 import difflib
 import logging
+import math
 import os
 import stat
 import sys
@@ -9,9 +10,34 @@ import re
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-__all__ = ['first_line', 'did_you_mean', 'check_choice', 'atomic_write', 'write_text', 'log_to_stderr', 'run_command']
+__all__ = ['first_line', 'did_you_mean', 'check_choice', 'atomic_write', 'write_text', 'log_to_stderr', 'run_command',
+           'short_repr', 'is_int', 'is_finite_number', 'REPR_LIMIT']
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')
+
+
+REPR_LIMIT = 60  # characters of a refused value (read from a file) quoted in an error message
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)``, shortened to :data:`REPR_LIMIT` characters, for error messages about values read from files."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int of more digits than Python prints
+        text = f'<{type(value).__name__} too large to print>'
+    return text if len(text) <= REPR_LIMIT else text[:REPR_LIMIT - 5] + '...' + text[-2:]
+
+
+def is_int(value: Any) -> bool:
+    """An int and not a bool (JSON's true/false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite float, or an int (not a bool) small enough to become one (math.isfinite overflows on a larger)."""
+    if is_int(value):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def first_line(error: BaseException, fallback: Optional[str] = None) -> str:

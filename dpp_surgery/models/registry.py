@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..utils import first_line
+from ..utils import first_line, is_finite_number, is_int, short_repr
 
 if TYPE_CHECKING:
     from ..surgery import ConversionPolicy
@@ -243,23 +243,22 @@ def _check_finetune(finetune: Any, where: str) -> Dict[str, Any]:
     if finetune.get('pretrained', 'auto') not in ('auto', 'offline', 'timm', 'none'):
         raise _fail(where, f"finetune.pretrained must be 'auto', 'offline', 'timm' or 'none', but got "
                            f"{finetune['pretrained']!r}")
-    from ..training.checkpoint import _is_int, _is_number, _short
-
     for key, value in finetune.items():
         default = getattr(FinetuneConfig, key, None)
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise _fail(where, f'finetune.{key} must be true or false, but got {_short(value)}')
+                raise _fail(where, f'finetune.{key} must be true or false, but got {short_repr(value)}')
         elif isinstance(default, int) and key != 'image_size':  # (the image size: the checkpoint bound, below)
             low, high = FINETUNE_LIMITS.get(key, (None, None))
-            if low is not None and not (_is_int(value) and low <= value <= high):
-                raise _fail(where, f'finetune.{key} must be an integer from {low} to {high}, but got {_short(value)}')
-            if not _is_int(value):
-                raise _fail(where, f'finetune.{key} must be an integer, but got {_short(value)}')
-        elif isinstance(default, float) and not _is_number(value):
-            raise _fail(where, f'finetune.{key} must be a finite number, but got {_short(value)}')
+            if low is not None and not (is_int(value) and low <= value <= high):
+                raise _fail(where, f'finetune.{key} must be an integer from {low} to {high}, but got '
+                                   f'{short_repr(value)}')
+            if not is_int(value):
+                raise _fail(where, f'finetune.{key} must be an integer, but got {short_repr(value)}')
+        elif isinstance(default, float) and not is_finite_number(value):
+            raise _fail(where, f'finetune.{key} must be a finite number, but got {short_repr(value)}')
         elif isinstance(default, str) and not isinstance(value, str):
-            raise _fail(where, f'finetune.{key} must be a string, but got {_short(value)}')
+            raise _fail(where, f'finetune.{key} must be a string, but got {short_repr(value)}')
     if 'image_size' in finetune:
         _check_image_size(finetune['image_size'], 'finetune.image_size', where)
     return finetune
@@ -276,8 +275,6 @@ def _check_data(data_spec: Any, where: str) -> Dict[str, Any]:
 def _check_latency(latency: Any, where: str) -> Dict[str, Any]:
     """The latency settings: fields of :data:`LATENCY_DEFAULTS`, integers from 1 to their :data:`LATENCY_LIMITS`,
     the image size within the checkpoint bounds."""
-    from ..training.checkpoint import _is_int, _short
-
     if not isinstance(latency, dict):
         raise _fail(where, f'latency must be an object with fields {", ".join(LATENCY_DEFAULTS)}, but got '
                            f'{type(latency).__name__}')
@@ -286,9 +283,9 @@ def _check_latency(latency: Any, where: str) -> Dict[str, Any]:
         raise _fail(where, f'unknown latency field(s) {", ".join(map(repr, bad))}; valid: '
                            f'{", ".join(LATENCY_DEFAULTS)}')
     for key, value in latency.items():
-        if key in LATENCY_LIMITS and not (_is_int(value) and 1 <= value <= LATENCY_LIMITS[key]):
+        if key in LATENCY_LIMITS and not (is_int(value) and 1 <= value <= LATENCY_LIMITS[key]):
             raise _fail(where, f'latency.{key} must be an integer from 1 to {LATENCY_LIMITS[key]}, but got '
-                               f'{_short(value)}')
+                               f'{short_repr(value)}')
     if 'image_size' in latency:
         _check_image_size(latency['image_size'], 'latency.image_size', where)
     return latency

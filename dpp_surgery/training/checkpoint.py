@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import sys
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..utils import atomic_write, did_you_mean, first_line
+from ..utils import is_finite_number as _is_number, is_int as _is_int, short_repr as _short
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -48,7 +47,6 @@ MAX_CONVERSIONS = 16  # conversions replayed by load
 MAX_NUM_CLASSES = 100_000
 MAX_POLICY_ENTRIES = 256  # entries of a policy's list fields (include, exclude, include_types, ...)
 MAX_NAME_LENGTH = 200  # a model name, a name pattern, a class name, a version string
-_REPR_LIMIT = 60  # characters of a refused value quoted in an error message
 
 # timm's global pooling types (SelectAdaptivePool2d and the transformers' token/map pooling); '' = no pooling
 GLOBAL_POOLS = ('', 'avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax',
@@ -67,26 +65,6 @@ _IDENTIFIER = re.compile(r'[A-Za-z][A-Za-z0-9_]*')
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, not a dpp_surgery checkpoint, corrupted, asks for something it may not, or does
     not match its model."""
-
-
-def _short(value: Any) -> str:
-    """``repr(value)``, shortened to :data:`_REPR_LIMIT` characters, for error messages."""
-    try:
-        text = repr(value)
-    except (RecursionError, ValueError):  # deeply nested, or an int of more digits than Python prints
-        text = f'<{type(value).__name__} too large to print>'
-    return text if len(text) <= _REPR_LIMIT else text[:_REPR_LIMIT - 5] + '...' + text[-2:]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite float, or an int (not a bool) small enough to become one (math.isfinite overflows on a larger)."""
-    if _is_int(value):
-        return abs(value) <= sys.float_info.max
-    return isinstance(value, float) and math.isfinite(value)
 
 
 def _int_in(low: int, high: int) -> Callable[[Any], bool]:
