@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # timm imports torchvision; this pair installs from the local wheel cache and runs on the CPU.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-PINS := timm==1.0.31 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 safetensors==0.8.0
+PINS := timm==1.0.31 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 safetensors==0.8.0 openvino==2026.4.1 \
+	tract==0.23.9
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 

@@ -23,6 +23,21 @@ def _seed():
     torch.set_num_threads(threads)  # (finetune and the benchmarks set the process's threads)
 
 
+@pytest.fixture(scope='session')
+def other_runtime():
+    """``run(path, runtime, x) -> outputs``: an ONNX file run in OpenVINO or tract (``run_once``) in one spawned
+    worker process for the whole session. OpenVINO's native threads and allocations stay out of the test process,
+    where another test interrupts exports with SIGALRM (the coverage benchmark's time limit): with OpenVINO's
+    libraries loaded, such an interruption has crashed the interpreter."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dpp_surgery.export.runtimes import run_once
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context('spawn')) as pool:
+        yield lambda path, runtime, x: pool.submit(run_once, str(path), runtime, x, 2).result(timeout=600)
+
+
 def kernel_available() -> bool:
     from dpp_surgery import kernel_status
     return kernel_status()['loaded']

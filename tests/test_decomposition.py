@@ -1,6 +1,6 @@
 """The written ONNX decomposition of DPP2d (dpp_surgery.export.decomposition) against the PyTorch path, in
 onnxruntime: every variant, norm and geometry, with fixed and dynamic sizes, with the parameters folded into
-constants (decomposed files) or taken as inputs (function bodies)."""
+constants (decomposed files) or taken as inputs (function bodies); the decomposed layers also in OpenVINO and tract."""
 import itertools
 
 import numpy as np
@@ -10,6 +10,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
+from dpp_surgery.export import OTHER_RUNTIMES
 from dpp_surgery.export.decomposition import DECOMPOSED_OPS, FUNCTION_OPS, Emitter, emit_dpp, geometry_of
 from dpp_surgery.layers import dpp2d
 
@@ -49,7 +50,10 @@ def _model(cfg, mode, ta, tl, gw, size):
     return model, sum(1 for n in em.nodes if n.op_type != 'Constant')
 
 
-def _check(geometry, guide, reward, norm, mode, lam_scale=0.5, x_scale=3.0, sizes=SIZES):
+def _check(geometry, guide, reward, norm, mode, lam_scale=0.5, x_scale=3.0, sizes=SIZES, runtime='onnxruntime',
+           folder=None, other_runtime=None):
+    """The one-layer model against PyTorch in ``runtime`` (another than onnxruntime: saved to ``folder`` and run by
+    the ``other_runtime`` fixture); returns the node count per size."""
     cfg = _cfg(geometry, reward, norm)
     g = geometry_of(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -59,12 +63,17 @@ def _check(geometry, guide, reward, norm, mode, lam_scale=0.5, x_scale=3.0, size
     counts = {}
     for size in sizes:
         model, counts[size] = _model(cfg, mode, ta, tl, gw, size)
-        session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
         x = torch.randn(2, C, *size, generator=gen) * x_scale
-        feed = {'X': x.numpy()}
-        if mode == 'function':
-            feed.update(ta=ta.numpy(), tl=tl.numpy())
-        out = session.run(None, feed)[0]
+        if runtime == 'onnxruntime':
+            session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
+            feed = {'X': x.numpy()}
+            if mode == 'function':
+                feed.update(ta=ta.numpy(), tl=tl.numpy())
+            out = session.run(None, feed)[0]
+        else:
+            path = str(folder / f'layer_{size[0]}x{size[1]}.onnx')
+            onnx.save(model, path)
+            out = other_runtime(path, runtime, x.numpy())[0]
         with torch.no_grad():
             ref = dpp2d(x, ta, tl, guide_weight=gw, reward=reward, norm=norm, impl='torch', geometry=g).numpy()
         assert out.shape == ref.shape, (cfg, mode, size)
@@ -90,6 +99,29 @@ def test_decomposition_matches_pytorch(geometry, guide, reward, norm, mode):
 @pytest.mark.parametrize('mode', MODES)
 def test_decomposition_matches_pytorch_everywhere(geometry, variant, mode):
     _check(geometry, *variant, mode)
+
+
+# decomposed layers (parameters folded, fixed or dynamic sizes) in OpenVINO and tract: every geometry, variant and
+# norm at least once per runtime (test_export runs a whole file of every variant in them too)
+_OTHER_COVER = [(GEOMETRIES[i % len(GEOMETRIES)], *VARIANTS[i % len(VARIANTS)], ('fixed', 'dynamic')[i % 2])
+                for i in range(12)]
+
+
+@pytest.mark.parametrize('runtime', OTHER_RUNTIMES)
+@pytest.mark.parametrize('geometry,guide,reward,norm,mode', _OTHER_COVER)
+def test_decomposition_matches_pytorch_in_other_runtimes(geometry, guide, reward, norm, mode, runtime, tmp_path,
+                                                         other_runtime):
+    _check(geometry, guide, reward, norm, mode, runtime=runtime, folder=tmp_path, other_runtime=other_runtime)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('runtime', OTHER_RUNTIMES)
+@pytest.mark.parametrize('geometry', GEOMETRIES)
+@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('mode', ['fixed', 'dynamic'])
+def test_decomposition_matches_pytorch_in_other_runtimes_everywhere(geometry, variant, mode, runtime, tmp_path,
+                                                                    other_runtime):
+    _check(geometry, *variant, mode, runtime=runtime, folder=tmp_path, other_runtime=other_runtime)
 
 
 @pytest.mark.parametrize('mode', ['fixed', 'dynamic'])

@@ -409,17 +409,46 @@ class _EveryVariant(torch.nn.Module):
         return tuple(pool(x) for pool in self.pools)
 
 
+@pytest.fixture(scope='module')
+def every_variant(tmp_path_factory):
+    """Every variant, norm and geometry (24 DPP layers, seeded), exported decomposed with dynamic sizes."""
+    torch.manual_seed(0)
+    net = _EveryVariant().eval()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # parameters away from the init
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    folder = tmp_path_factory.mktemp('every')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        path = export_onnx(net, str(folder / 'every.onnx'), mode='decomposed', example_input=torch.randn(1, 3, 16, 16),
+                           min_size=8)
+    return net, path
+
+
+def _assert_every_variant_matches(net, run, shape):
+    x = torch.randn(*shape)
+    outs = run(x.numpy())
+    with torch.no_grad():
+        refs = net(x)
+    assert len(outs) == len(refs) == 24
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-5, err_msg=f'layer {i} at {shape}')
+
+
 @pytest.mark.parametrize('dynamic', [True, pytest.param(False, marks=pytest.mark.slow)], ids=['dynamic', 'fixed'])
-def test_decomposed_operators_are_the_listed_ones(tmp_path, dynamic):
+def test_decomposed_operators_are_the_listed_ones(tmp_path, every_variant, dynamic):
     """The decomposition's operators are DECOMPOSED_OPS (the README's list): a new one, or one no longer used, fails
     here. Decomposed files carry no functions, and every layer's output matches PyTorch in onnxruntime."""
     from dpp_surgery.export import DECOMPOSED_OPS
-    net = _EveryVariant().eval()
-    x = torch.randn(1, 3, 16, 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        path = export_onnx(net, str(tmp_path / 'every.onnx'), mode='decomposed', example_input=x, min_size=8,
-                           dynamic=dynamic)
+    net, path = every_variant
+    if not dynamic:
+        torch.manual_seed(0)
+        net = _EveryVariant().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            path = export_onnx(net, str(tmp_path / 'every.onnx'), mode='decomposed',
+                               example_input=torch.randn(1, 3, 16, 16), min_size=8, dynamic=False)
     proto = onnx.load(path)
     ops = {n.op_type for n in proto.graph.node}
     assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node) and not proto.functions
@@ -428,12 +457,61 @@ def test_decomposed_operators_are_the_listed_ones(tmp_path, dynamic):
     else:
         assert ops <= DECOMPOSED_OPS, sorted(ops - DECOMPOSED_OPS)
     session = onnx_session(path)
-    shapes = [(2, 3, 16, 16), (1, 3, 17, 13)] if dynamic else [(1, 3, 16, 16)]
-    for shape in shapes:
+    name = session.get_inputs()[0].name
+    for shape in [(2, 3, 16, 16), (1, 3, 17, 13)] if dynamic else [(1, 3, 16, 16)]:
+        _assert_every_variant_matches(net, lambda x: session.run(None, {name: x}), shape)
+
+
+@pytest.mark.parametrize('runtime', ['openvino', 'tract'])
+def test_decomposed_file_runs_in_other_runtimes(every_variant, runtime, other_runtime):
+    """Standard operators run as written outside onnxruntime: every variant, norm and geometry of the decomposed
+    file in OpenVINO and tract, at even and odd sizes, matches PyTorch."""
+    net, path = every_variant
+    for shape in [(2, 3, 16, 16), (1, 3, 17, 13)]:
+        _assert_every_variant_matches(net, lambda x: other_runtime(path, runtime, x), shape)
+
+
+@pytest.fixture(scope='module')
+def decomposed_resnet(tmp_path_factory):
+    """resnet18 converted with the default policy (DPP for its max pool and strided convolutions), decomposed."""
+    model = _converted()
+    path = str(tmp_path_factory.mktemp('r18') / 'r18.onnx')
+    export_onnx(model, path, example_input=torch.randn(1, 3, 64, 64))
+    return model, path
+
+
+@pytest.mark.parametrize('runtime', ['openvino', 'tract'])
+def test_converted_model_runs_in_other_runtimes(decomposed_resnet, runtime, other_runtime):
+    """A converted timm model's decomposed file in OpenVINO and tract: the model's own operators and the DPP layers
+    together, at the export size and at odd sizes, within 1e-4 of PyTorch."""
+    model, path = decomposed_resnet
+    for shape in [(1, 3, 64, 64), (2, 3, 65, 71)]:
         x = torch.randn(*shape)
-        outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
-            refs = net(x)
-        assert len(outs) == len(refs) == 24
-        for out, ref in zip(outs, refs):
-            np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-5)
+            ref = model(x).numpy()
+        out = other_runtime(path, runtime, x.numpy())[0]
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4, (runtime, shape)
+
+
+def test_runtime_session_errors(decomposed_resnet, custom_export, tmp_path, monkeypatch):
+    from dpp_surgery.export import RuntimeUnavailableError, runtime_session
+    from dpp_surgery.export import runtimes
+    _, path = decomposed_resnet
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'; supported runtimes: onnxruntime, openvino, "
+                                         'tract'):
+        runtime_session(path, 'tensorrt', (1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r'input_shape must be four positive integers \(N, C, H, W\), but got '
+                                         r'\[1, 3, 64\]'):
+        runtime_session(path, 'openvino', (1, 3, 64))
+    with pytest.raises(ValueError, match='threads must be >= 1, but got 0'):
+        runtime_session(path, 'tract', (1, 3, 64, 64), threads=0)
+    with pytest.raises(FileNotFoundError, match='no ONNX file at .*missing.onnx; write one with'):
+        runtime_session(str(tmp_path / 'missing.onnx'), 'openvino', (1, 3, 64, 64))
+    with pytest.raises(ValueError, match="holds dpp_surgery.DPP2d nodes .* only onnxruntime runs; export with "
+                                         "mode='decomposed' for openvino"):
+        runtime_session(custom_export[1], 'openvino', (1, 3, 64, 64))
+    monkeypatch.setitem(runtimes._PACKAGE, 'tract', 'dpp_surgery_no_such_package')
+    with pytest.raises(RuntimeUnavailableError, match='tract is not installed .*; pip install '
+                                                      'dpp_surgery_no_such_package'):
+        runtime_session(path, 'tract', (1, 3, 64, 64))

@@ -182,3 +182,49 @@ def test_bench_onnx_layer_rejects_groups_that_do_not_divide(capsys):
 
     with pytest.raises(SystemExit, match="--groups 3 does not divide the stem layer's 8 channels"):
         bench.main(['onnx-layer', '--stem', '8', '16', '--tile', '8', '16', '--groups', '3'])
+
+
+def test_bench_runtimes_small(tmp_path):
+    """bench runtimes: the original's and the converted model's files in onnxruntime, OpenVINO and tract (and
+    onnxruntime's custom file), each checked against PyTorch, one row per model, batch and runtime."""
+    import subprocess
+    import sys
+    out = tmp_path / 'runtimes.json'
+    # a process of its own, as the command runs: OpenVINO stays out of the test process (see conftest other_runtime)
+    done = subprocess.run([sys.executable, '-m', 'dpp_surgery.bench', '--threads', '1', '--json', str(out),
+                           'runtimes', '--models', 'resnet10t', '--size', '64', '--batches', '1', '2', '--repeat', '1'],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
+    result = json.loads(out.read_text())
+    rows = result['rows']
+    assert [(r['batch'], r['runtime']) for r in rows] == [(b, rt) for b in (1, 2)
+                                                          for rt in ('onnxruntime', 'openvino', 'tract')]
+    for r in rows:
+        kinds = {'original', 'decomposed'} | ({'custom'} if r['runtime'] == 'onnxruntime' else set())
+        assert kinds <= set(r) and all(r[k] > 0 for k in kinds) and not ({'custom'} - kinds) & set(r)
+        assert r['max_error'] <= 1e-4 and r['flop_ratio'] > 1
+        assert f"| resnet10t | {r['batch']} | {r['runtime']} | {r['original']:.1f} |" in text
+    assert set(result['versions']) == {'onnxruntime', 'openvino', 'tract'}
+    checks = result['checks']
+    assert len(checks) == 2 * len(rows) and all(c['pass'] for c in checks if 'within 1e-4' in c['check'])
+
+
+def test_bench_runtimes_table_and_missing_runtime(capsys, monkeypatch):
+    import argparse
+
+    import pytest
+    from dpp_surgery.export import runtimes
+    rows = [{'model': 'a', 'batch': 1, 'runtime': 'onnxruntime', 'flop_ratio': 1.5, 'original': 10.0,
+             'decomposed': 14.0, 'custom': 12.0, 'max_error': 1e-6},
+            {'model': 'a', 'batch': 1, 'runtime': 'tract', 'flop_ratio': 1.5, 'original': 10.0, 'decomposed': 16.0,
+             'max_error': 2e-4}]
+    checks = bench._print_runtimes_table(rows, {'onnxruntime': '1', 'tract': '2'},
+                                         argparse.Namespace(repeat=3, size=32, threads=2))
+    text = capsys.readouterr().out
+    assert '| a | 1 | onnxruntime | 10.0 | 14.0 | 12.0 | 1.40x | 1.50 | 1.17x | 1.0e-06 |' in text
+    assert '| a | 1 | tract | 10.0 | 16.0 | - | 1.60x | 1.50 | - | 2.0e-04 |' in text
+    assert [ok for _, ok in checks] == [True, True, False, False]
+    monkeypatch.setitem(runtimes._PACKAGE, 'openvino', 'dpp_surgery_no_such_package')
+    with pytest.raises(SystemExit, match='openvino is not installed .*pip install dpp_surgery_no_such_package'):
+        bench.main(['runtimes', '--runtimes', 'openvino'])

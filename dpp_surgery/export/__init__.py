@@ -1,4 +1,5 @@
-"""ONNX export of converted models: the writer (:mod:`.onnx`) and the native onnxruntime kernel (:mod:`.ort_kernel`).
+"""ONNX export of converted models: the writer (:mod:`.onnx`), the native onnxruntime kernel (:mod:`.ort_kernel`) and
+exported files in other runtimes (:mod:`.runtimes`).
 
 Importing this package imports onnx and onnxruntime only when a name is first used.
 """
@@ -12,6 +13,8 @@ _LAZY = {
                      'DECOMPOSED_OPS'),
                     'dpp_surgery.export.onnx'),
     **dict.fromkeys(('ort_kernel_library', 'ort_kernel_status', 'OrtKernelWarning'), 'dpp_surgery.export.ort_kernel'),
+    **dict.fromkeys(('runtime_session', 'runtime_version', 'RUNTIMES', 'OTHER_RUNTIMES', 'RuntimeUnavailableError'),
+                    'dpp_surgery.export.runtimes'),
 }
 
 __all__ = list(_LAZY)

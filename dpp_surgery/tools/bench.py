@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx,onnx-layer,train} [options]``.
+"""Benchmarks: ``python -m dpp_surgery.bench {layer,init,preserve,coverage,onnx,onnx-layer,runtimes,train} [options]``.
 
 Every ratio is measured within one run on one machine; the machine is printed with the table. Targets are
 reported as PASS/MISS lines, never asserted: timing on shared machines is noisy, so benchmarks are not tests.
@@ -18,6 +18,8 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
 * ``onnx-layer``: one DPP layer (the ResNet stem's 3x3/s2/p1 and a 2x2 layer) in onnxruntime: the native kernel,
   the decomposition as written and split into channel groups, at batch 1 and 8, checked against PyTorch; then
   element-wise operators (Exp, Log, Pow, ...) alone on the layer's unfolded windows.
+* ``runtimes``: the original's and the converted model's decomposed files in onnxruntime, OpenVINO and tract (and
+  onnxruntime's custom file), checked against PyTorch: latency, decomposed / original against the FLOP ratio.
 * ``train``: training-step time and images/s of original and converted resnet18/resnet50/efficientnet_lite0 in
   float32 and in the precision ``amp='auto'`` picks on this machine, with the converted / original time ratio
   next to the FLOP ratio.
@@ -620,6 +622,82 @@ def _print_onnx_table(rows: List[dict], shares: Dict[str, float], args) -> List[
     return checks
 
 
+def bench_runtimes(args) -> dict:
+    """The decomposed file in every runtime: latency of the original's and the converted model's files in onnxruntime,
+    OpenVINO and tract (and onnxruntime's custom file with the native kernel), each checked against PyTorch, with the
+    decomposed / original ratio next to the converted model's FLOP ratio."""
+    import tempfile
+
+    import numpy as np
+
+    from ..export import RuntimeUnavailableError, runtime_session, runtime_version
+
+    versions = {}
+    for runtime in args.runtimes:
+        try:
+            versions[runtime] = runtime_version(runtime)
+        except RuntimeUnavailableError as e:
+            raise SystemExit(f'error: {e}') from None
+    rows: List[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            original, converted, files, summary = _export_three(name, args.size, tmp)
+            for batch in args.batches:
+                shape = (batch, 3, args.size, args.size)
+                x = torch.randn(*shape)
+                with torch.inference_mode():
+                    want = {'original': original(x).numpy(), 'decomposed': converted(x).numpy()}
+                want['custom'] = want['decomposed']
+                for runtime in args.runtimes:  # one runtime at a time: another's idle threads would take the cores
+                    kinds = ('original', 'decomposed', 'custom') if runtime == 'onnxruntime' else (
+                        'original', 'decomposed')
+                    fns, errors = {}, {}
+                    for kind in kinds:
+                        run = runtime_session(files[kind], runtime, shape, threads=args.threads)
+                        out = run(x.numpy())[0]
+                        errors[kind] = float(np.abs(out - want[kind]).max() / np.abs(want[kind]).max())
+                        fns[kind] = (lambda run: lambda: run(x.numpy()))(run)
+                    times = interleaved_medians(fns, args.repeat, warmup=2)
+                    del fns, run
+                    row = {'model': name, 'batch': batch, 'runtime': runtime, 'flop_ratio': summary['flop_ratio'],
+                           **times, 'max_error': max(errors.values())}
+                    rows.append(row)
+                    print(f'  {row}', file=sys.stderr)
+    checks = _print_runtimes_table(rows, versions, args)
+    return {'machine': machine_description(), 'versions': versions, 'rows': rows,
+            'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+
+
+def _print_runtimes_table(rows: List[dict], versions: Dict[str, str], args) -> List[Tuple[str, bool]]:
+    print(f'\nThe decomposed file in other runtimes (median ms of {args.repeat} interleaved runs of each runtime\'s '
+          f'files, one runtime after the other, at {args.size} px, random init weights, default policy, '
+          f'{args.threads} threads; tract runs on one): '
+          + ', '.join(f'{k} {v}' for k, v in versions.items())
+          + ', CPU; OpenVINO in float32 (its default on CPUs with native bfloat16 is bfloat16). "custom" is '
+          "onnxruntime's custom file with the native kernel. error: max |runtime - PyTorch| / max |PyTorch| over the "
+          'files of the row')
+    print(f'machine: {machine_description()}\n')
+    print('| model | batch | runtime | original | converted, decomposed | custom | decomposed / original | '
+          'FLOP ratio | decomposed / custom | max error |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    checks = []
+    for r in rows:
+        custom = r.get('custom')
+        ratio = r['decomposed'] / r['original']
+        custom_cols = f"{custom:.1f} | {r['decomposed'] / custom:.2f}x" if custom else '- | -'
+        custom_ms, over_custom = custom_cols.split(' | ')
+        print(f"| {r['model']} | {r['batch']} | {r['runtime']} | {r['original']:.1f} | {r['decomposed']:.1f} | "
+              f"{custom_ms} | {ratio:.2f}x | {r['flop_ratio']:.2f} | {over_custom} | {r['max_error']:.1e} |")
+        checks.append((f"{r['model']} batch {r['batch']} in {r['runtime']}: every file within 1e-4 of PyTorch "
+                       f"({r['max_error']:.1e})", r['max_error'] <= 1e-4))
+        checks.append((f"{r['model']} batch {r['batch']} in {r['runtime']}: decomposed / original {ratio:.2f}x <= "
+                       f"FLOP ratio {r['flop_ratio']:.2f}", ratio <= r['flop_ratio']))
+    print()
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    return checks
+
+
 def _note_ort_kernel(column: str) -> None:
     """Say on stderr when the native onnxruntime kernel is unavailable, so that ``column`` times the ONNX functions."""
     from ..export.ort_kernel import ort_kernel_status
@@ -1032,6 +1110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes (default 1 8)')
     p.add_argument('--repeat', type=int, default=15, help='timed runs per measurement (default 15)')
     p.set_defaults(func=bench_onnx_layer)
+    p = sub.add_parser('runtimes', help='the decomposed file in onnxruntime, OpenVINO and tract: latency against the '
+                                        'original, checked against PyTorch')
+    p.add_argument('--models', nargs='+', default=list(ONNX_MODELS), help='timm models (default: %(default)s)')
+    p.add_argument('--runtimes', nargs='+', default=['onnxruntime', 'openvino', 'tract'],
+                   choices=['onnxruntime', 'openvino', 'tract'], help='runtimes (default: %(default)s)')
+    p.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes (default 1 8)')
+    p.add_argument('--size', type=int, default=224, help='input size (default 224)')
+    p.add_argument('--repeat', type=int, default=10, help='timed runs per measurement (default 10)')
+    p.set_defaults(func=bench_runtimes)
     p = sub.add_parser('train', help='training-step time of original and converted models, float32 and amp auto')
     p.add_argument('--models', nargs='+', default=list(TRAIN_MODELS), help='timm models (default: %(default)s)')
     p.add_argument('--size', type=int, default=64, help='input size (default 64)')
