@@ -6,8 +6,8 @@ install openvino``; its CPU plugin) and tract (Sonos' runtime for edge devices, 
 tract``). :func:`runtime_session` opens a file in either of them, or in onnxruntime, for one input shape, and returns a
 function from a NumPy batch to the outputs, so the same checks and timings serve every runtime.
 
-* OpenVINO computes in bfloat16 by default on CPUs with native bfloat16 (its ``INFERENCE_PRECISION_HINT``), which
-  moves a model's outputs by about 3e-3 of their range; the session asks for float32, the precision of the file.
+* OpenVINO computes in bfloat16 by default on CPUs with native bfloat16 (its ``INFERENCE_PRECISION_HINT``); the
+  session asks for float32, the precision of the file.
 * tract needs the sizes when it types the model (a ``Pad`` by an amount that depends on the input's size, as for
   'same' padding, cannot be typed otherwise): it reads a copy of the file with the input's shape fixed, and optimises
   the model for that shape. tract runs on the calling thread (``threads`` does not apply to it).
@@ -40,8 +40,8 @@ def _import(runtime: str):
         return __import__(_PACKAGE[runtime])
     except ImportError as e:
         raise RuntimeUnavailableError(
-            f'{runtime} is not installed ({e}); pip install {_PACKAGE[runtime]} (or dpp_surgery[test], which pins '
-            'it)') from e
+            f"{runtime} is not installed ({e}); pip install {_PACKAGE[runtime]} (or dpp_surgery's 'runtimes' "
+            'extra)') from e
 
 
 def runtime_version(runtime: str) -> str:
