@@ -9,7 +9,7 @@ import timm
 import torch
 
 from dpp_surgery import convert, dpp_layers, export_onnx, onnx_session
-from dpp_surgery.export import ExportWarning, verify_onnx
+from dpp_surgery.export import OTHER_RUNTIMES, ExportWarning, verify_onnx
 from dpp_surgery.tools.photos import load_photos
 
 
@@ -462,7 +462,7 @@ def test_decomposed_operators_are_the_listed_ones(tmp_path, every_variant, dynam
         _assert_every_variant_matches(net, lambda x: session.run(None, {name: x}), shape)
 
 
-@pytest.mark.parametrize('runtime', ['openvino', 'tract'])
+@pytest.mark.parametrize('runtime', OTHER_RUNTIMES)
 def test_decomposed_file_runs_in_other_runtimes(every_variant, runtime, other_runtime):
     """Standard operators run as written outside onnxruntime: every variant, norm and geometry of the decomposed
     file in OpenVINO and tract, at even and odd sizes, matches PyTorch."""
@@ -480,7 +480,7 @@ def decomposed_resnet(tmp_path_factory):
     return model, path
 
 
-@pytest.mark.parametrize('runtime', ['openvino', 'tract'])
+@pytest.mark.parametrize('runtime', OTHER_RUNTIMES)
 def test_converted_model_runs_in_other_runtimes(decomposed_resnet, runtime, other_runtime):
     """A converted timm model's decomposed file in OpenVINO and tract: the model's own operators and the DPP layers
     together, at the export size and at odd sizes, within 1e-4 of PyTorch."""

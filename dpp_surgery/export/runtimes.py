@@ -33,9 +33,13 @@ class RuntimeUnavailableError(ImportError):
     """The runtime's Python package is not installed; the message names the package to install."""
 
 
-def _import(runtime: str):
+def _check_runtime(runtime: str) -> None:
     if runtime not in RUNTIMES:
         raise ValueError(f'unknown runtime {runtime!r}; supported runtimes: {", ".join(RUNTIMES)}')
+
+
+def _import(runtime: str):
+    _check_runtime(runtime)
     try:
         return __import__(_PACKAGE[runtime])
     except ImportError as e:
@@ -52,17 +56,23 @@ def runtime_version(runtime: str) -> str:
     return module.__version__.split('-')[0]
 
 
-def _check_file(path: str, runtime: str) -> None:
+def _check_file(path: str, runtime: str):
+    """The file exists and, for another runtime than onnxruntime, holds no DPP2d node; returns its ModelProto for those
+    (with its weights for tract, which reads a changed copy; without external weights for OpenVINO, which reads the
+    file itself), None for onnxruntime."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no ONNX file at {path}; write one with dpp_surgery.export_onnx or dpp-surgery export')
-    if runtime != 'onnxruntime':
-        import onnx
+    if runtime == 'onnxruntime':
+        return None
+    import onnx
 
-        from .onnx import dpp_nodes
+    from .onnx import dpp_nodes
 
-        if dpp_nodes(onnx.load(path, load_external_data=False)):
-            raise ValueError(f'{path} holds dpp_surgery.DPP2d nodes (a custom file), which only onnxruntime runs; '
-                             f"export with mode='decomposed' for {runtime}")
+    model = onnx.load(path, load_external_data=runtime == 'tract')
+    if dpp_nodes(model):
+        raise ValueError(f'{path} holds dpp_surgery.DPP2d nodes (a custom file), which only onnxruntime runs; '
+                         f"export with mode='decomposed' for {runtime}")
+    return model
 
 
 def runtime_session(path: str, runtime: str, input_shape: Sequence[int],
@@ -76,14 +86,13 @@ def runtime_session(path: str, runtime: str, input_shape: Sequence[int],
         ValueError: an unknown runtime, a shape that is not four positive integers, or a custom file for a runtime
             other than onnxruntime.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f'unknown runtime {runtime!r}; supported runtimes: {", ".join(RUNTIMES)}')
+    _check_runtime(runtime)
     shape = [int(v) for v in input_shape]
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f'input_shape must be four positive integers (N, C, H, W), but got {list(input_shape)}')
     if threads is not None and threads < 1:
         raise ValueError(f'threads must be >= 1, but got {threads}')
-    _check_file(path, runtime)
+    proto = _check_file(path, runtime)
     module = _import(runtime)
     if runtime == 'onnxruntime':
         from .onnx import onnx_session
@@ -106,18 +115,17 @@ def runtime_session(path: str, runtime: str, input_shape: Sequence[int],
             results = request.infer({0: x})
             return [np.array(results[o]) for o in outputs]
         return run_openvino
-    return _tract_session(module, path, shape)
+    return _tract_session(module, proto, path, shape)
 
 
-def _tract_session(tract, path: str, shape: List[int]) -> Callable[[np.ndarray], List[np.ndarray]]:
+def _tract_session(tract, model, path: str, shape: List[int]) -> Callable[[np.ndarray], List[np.ndarray]]:
     """tract types a model before it binds sizes, and some sizes must be known then (a ``Pad`` whose amounts depend on
-    the input's size, as for 'same' padding): it reads a copy of the file with the input's sizes fixed and the
-    exporter's shape annotations (in terms of the file's symbols) left out."""
+    the input's size, as for 'same' padding): it reads a copy of ``model`` (the file at ``path``) with the input's
+    sizes fixed and the exporter's shape annotations (in terms of the file's symbols) left out."""
     import tempfile
 
     import onnx
 
-    model = onnx.load(path)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if len(dims) != 4:
         raise ValueError(f'{path}: the first input has {len(dims)} dimensions; expected (N, C, H, W)')

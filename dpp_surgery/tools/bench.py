@@ -42,6 +42,7 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop
 import torch
 import torch.nn.functional as F
 
+from ..export.runtimes import RUNTIMES
 from ..layers import DPP2d, INIT_PRESETS
 from .timing import device_description, interleaved_medians, machine_description, peak_bandwidth
 
@@ -616,9 +617,7 @@ def _print_onnx_table(rows: List[dict], shares: Dict[str, float], args) -> List[
     if 'resnet50' in shares:
         checks.append((f'DPP2d nodes <= {100 * DPP_SHARE_TARGET:.0f}% of converted resnet50 onnxruntime time '
                        f'({100 * shares["resnet50"]:.1f}%)', shares['resnet50'] <= DPP_SHARE_TARGET))
-    print()
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    _print_checks(checks)
     return checks
 
 
@@ -684,18 +683,22 @@ def _print_runtimes_table(rows: List[dict], versions: Dict[str, str], args) -> L
     for r in rows:
         custom = r.get('custom')
         ratio = r['decomposed'] / r['original']
-        custom_cols = f"{custom:.1f} | {r['decomposed'] / custom:.2f}x" if custom else '- | -'
-        custom_ms, over_custom = custom_cols.split(' | ')
+        custom_ms, over_custom = (f'{custom:.1f}', f"{r['decomposed'] / custom:.2f}x") if custom else ('-', '-')
         print(f"| {r['model']} | {r['batch']} | {r['runtime']} | {r['original']:.1f} | {r['decomposed']:.1f} | "
               f"{custom_ms} | {ratio:.2f}x | {r['flop_ratio']:.2f} | {over_custom} | {r['max_error']:.1e} |")
         checks.append((f"{r['model']} batch {r['batch']} in {r['runtime']}: every file within 1e-4 of PyTorch "
                        f"({r['max_error']:.1e})", r['max_error'] <= 1e-4))
         checks.append((f"{r['model']} batch {r['batch']} in {r['runtime']}: decomposed / original {ratio:.2f}x <= "
                        f"FLOP ratio {r['flop_ratio']:.2f}", ratio <= r['flop_ratio']))
+    _print_checks(checks)
+    return checks
+
+
+def _print_checks(checks: List[Tuple[str, bool]]) -> None:
+    """A table's targets, one PASS or MISS line each, after a blank line."""
     print()
     for text, ok in checks:
         print(f"{'PASS' if ok else 'MISS'}: {text}")
-    return checks
 
 
 def _note_ort_kernel(column: str) -> None:
@@ -788,9 +791,7 @@ def _print_file_table(summaries: List[dict], rows: List[dict], args) -> List[Tup
             ratio = r['ort decomposed'] / r['ort original']
             checks.append((f"{s['model']} batch {r['batch']}: onnxruntime decomposed / original {ratio:.2f}x <= "
                            f"FLOP ratio {s['flop_ratio']:.2f}", ratio <= s['flop_ratio']))
-    print()
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    _print_checks(checks)
     return checks
 
 
@@ -952,9 +953,7 @@ def _print_onnx_layer_tables(rows: List[dict], probes: List[dict], groups: List[
               + f" | {t['Log'] / t['Exp']:.2f}x | {t['Pow'] / t['Log']:.2f}x |")
     checks = [(f"{r['layer']} batch {r['batch']}: every form matches PyTorch within 1e-4", r['max_error'] <= 1e-4)
               for r in rows]
-    print()
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    _print_checks(checks)
     return checks
 
 
@@ -1050,9 +1049,7 @@ def bench_train(args) -> dict:
         checks.append((f"{r['model']} {r['amp']}: converted / original time {r['time_ratio']:.2f}x <= "
                        f"{TRAIN_FLOP_SLACK} x FLOP ratio {r['flop_ratio']:.2f}",
                        r['time_ratio'] <= TRAIN_FLOP_SLACK * r['flop_ratio']))
-    print()
-    for text, ok in checks:
-        print(f"{'PASS' if ok else 'MISS'}: {text}")
+    _print_checks(checks)
     return {'machine': machine,
             'precisions': {f'{n} {w} {a}': c.to_dict() for (n, w, a), c in choices.items()},
             'settings': {'batch': batch, 'size': size, 'repeat': args.repeat, 'threads': args.threads},
@@ -1113,8 +1110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('runtimes', help='the decomposed file in onnxruntime, OpenVINO and tract: latency against the '
                                         'original, checked against PyTorch')
     p.add_argument('--models', nargs='+', default=list(ONNX_MODELS), help='timm models (default: %(default)s)')
-    p.add_argument('--runtimes', nargs='+', default=['onnxruntime', 'openvino', 'tract'],
-                   choices=['onnxruntime', 'openvino', 'tract'], help='runtimes (default: %(default)s)')
+    p.add_argument('--runtimes', nargs='+', default=list(RUNTIMES), choices=RUNTIMES,
+                   help='runtimes (default: %(default)s)')
     p.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes (default 1 8)')
     p.add_argument('--size', type=int, default=224, help='input size (default 224)')
     p.add_argument('--repeat', type=int, default=10, help='timed runs per measurement (default 10)')
