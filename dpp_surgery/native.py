@@ -6,6 +6,11 @@ and headers, the compiler and flags and the CPU, and it is written under a tempo
 processes (for example DDP ranks) never load a half-written file and an edit to any source or header rebuilds it.
 :class:`NativeLibrary` builds or loads one library at most once per process and warns once if it cannot.
 
+Libraries are built for this machine's CPU (:data:`FLAGS`: ``-march=native``, OpenMP) or, with ``portable=True``,
+to travel (:func:`portable_flags`: the x86-64-v2 baseline on x86-64, no OpenMP runtime, only the library's own entry
+points exported); :func:`elf_dependencies` reads what a built library needs from its host (shared libraries and
+symbol versions).
+
 Used by :mod:`dpp_surgery.layers.kernel` (the fused CPU kernel) and :mod:`dpp_surgery.export.ort_kernel` (the
 onnxruntime custom-op library).
 """
@@ -15,19 +20,27 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Generic, Optional, Sequence, Type, TypeVar
+from typing import Callable, Dict, Generic, List, Optional, Sequence, Tuple, Type, TypeVar
 
-__all__ = ['cache_dir', 'find_compiler', 'build_library', 'NativeLibrary', 'FLAGS']
+__all__ = ['cache_dir', 'find_compiler', 'build_library', 'portable_flags', 'elf_dependencies', 'newest_version',
+           'NativeLibrary', 'FLAGS', 'PORTABLE_FLAGS']
 
 _logger = logging.getLogger(__name__)
 
 FLAGS = ('-O3', '-march=native', '-fno-trapping-math', '-fno-math-errno', '-fopenmp', '-fPIC', '-shared', '-std=c++17')
+# A library that travels: no OpenMP runtime (only `omp simd`), only symbols marked visible exported, unused code
+# dropped, and every symbol resolved at link time except those of the C and C++ runtimes.
+PORTABLE_FLAGS = ('-O3', '-fno-trapping-math', '-fno-math-errno', '-fopenmp-simd', '-fPIC', '-shared', '-std=c++17',
+                  '-fvisibility=hidden', '-ffunction-sections', '-fdata-sections', '-Wl,--gc-sections',
+                  '-Wl,--no-undefined', '-Wl,--as-needed')
 
 T = TypeVar('T')
 
@@ -55,48 +68,72 @@ def _cpu_tag() -> str:
 
 
 def _library_path(compiler: str, sources: Sequence[Path], headers: Sequence[Path] = (), flags: Sequence[str] = (),
-                  key: bytes = b'') -> Path:
+                  key: bytes = b'', portable: bool = False) -> Path:
     """Where the library built from ``sources`` goes: named after the first source, with a hash of every source and
-    header (names and contents), the compiler, the flags, the CPU and ``key``."""
+    header (names and contents), the compiler, the flags, the CPU (for a portable library only the machine type)
+    and ``key``."""
     digest = hashlib.sha256()
     for path in (*sources, *headers):
         digest.update(Path(path).name.encode() + b'\0')
         digest.update(Path(path).read_bytes())
-    digest.update(' '.join([compiler, *FLAGS, *flags]).encode())
-    digest.update(_cpu_tag().encode())
+    base = portable_flags() if portable else FLAGS
+    digest.update(' '.join([compiler, *base, *flags]).encode())
+    digest.update((platform.machine() if portable else _cpu_tag()).encode())
     digest.update(key)
-    return cache_dir() / f'{Path(sources[0]).stem}_{digest.hexdigest()[:16]}.so'
+    suffix = '_portable' if portable else ''
+    return cache_dir() / f'{Path(sources[0]).stem}{suffix}_{digest.hexdigest()[:16]}.so'
 
 
 def find_compiler() -> str:
     """The C++ compiler: ``$CXX``, else g++, c++ or clang++ on PATH."""
-    compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
+    cxx = os.environ.get('CXX')
+    if cxx:
+        if shutil.which(cxx) is None:
+            raise RuntimeError(f'the C++ compiler CXX={cxx} is not found: install it, or set CXX to an installed '
+                               'compiler (g++ or clang++), or unset CXX to use g++ from PATH')
+        return cxx
+    compiler = shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
     if compiler is None:
-        raise RuntimeError('no C++ compiler found (install g++ or set CXX)')
+        raise RuntimeError('no C++ compiler found: install g++ (Debian/Ubuntu: apt-get install g++) or set CXX to '
+                           'a C++ compiler')
     return compiler
 
 
-def build_library(sources: Sequence[Path], headers: Sequence[Path] = (), flags: Sequence[str] = (),
-                  key: bytes = b'') -> Path:
-    """Compile ``sources`` into one shared library in the cache on first use (with :data:`FLAGS` plus ``flags``);
-    its path.
+def portable_flags() -> Tuple[str, ...]:
+    """The compiler flags of a portable library (:data:`PORTABLE_FLAGS`), with the x86-64-v2 baseline on x86-64
+    (other machines get the compiler's default target). x86-64-v2 is spelled out as its features (SSE4.2, POPCNT,
+    CMPXCHG16B, LAHF/SAHF) for compilers older than GCC 11 and clang 12, which do not know the name."""
+    if platform.machine() in ('x86_64', 'AMD64'):
+        return (*PORTABLE_FLAGS, '-march=x86-64', '-msse4.2', '-mpopcnt', '-mcx16', '-msahf', '-mtune=generic')
+    return PORTABLE_FLAGS
 
-    ``headers`` are the project headers the sources include: they go into the hash (with the sources, flags, CPU and
+
+def build_library(sources: Sequence[Path], headers: Sequence[Path] = (), flags: Sequence[str] = (),
+                  key: bytes = b'', portable: bool = False) -> Path:
+    """Compile ``sources`` into one shared library in the cache on first use (with :data:`FLAGS`, or
+    :func:`portable_flags` if ``portable``, plus ``flags``); its path.
+
+    ``headers`` are the project files the sources include: they go into the hash (with the sources, flags, CPU and
     ``key``, for example the contents of an external header), so editing any of them rebuilds the library. The
     library is written under a temporary name and renamed, so concurrent processes never load a half-written file.
+    A portable library's name does not depend on the CPU (only on the machine type): one build serves every CPU.
     """
     sources = [Path(s) for s in sources]
     compiler = find_compiler()
-    path = _library_path(compiler, sources, [Path(h) for h in headers], flags, key)
+    path = _library_path(compiler, sources, [Path(h) for h in headers], flags, key, portable)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + '.', suffix='.tmp.so', dir=path.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, *flags, *map(str, sources), '-o', tmp]
+        cmd = [compiler, *(portable_flags() if portable else FLAGS), *flags, *map(str, sources), '-o', tmp]
         _logger.info('building %s: %s', path.name, ' '.join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except OSError as e:  # the compiler vanished or cannot run
+            raise RuntimeError(f'cannot run the C++ compiler {compiler} ({e}): install g++ or set CXX to a working '
+                               'compiler') from e
         if proc.returncode != 0:
             raise RuntimeError(f'{" ".join(cmd)} failed:\n{proc.stderr.strip()[-2000:]}')
         os.replace(tmp, path)
@@ -104,6 +141,64 @@ def build_library(sources: Sequence[Path], headers: Sequence[Path] = (), flags: 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+_SHT_DYNAMIC, _SHT_VERNEED = 6, 0x6ffffffe
+_DT_NEEDED = 1
+
+
+def elf_dependencies(path: str) -> Dict[str, object]:
+    """What an ELF64 shared library needs from its host, read from its own sections (like ``readelf -d`` and the
+    versions ``objdump -T`` shows).
+
+    Returns:
+        ``needed``: the shared libraries it names (DT_NEEDED), in order; ``versions``: for each library it takes
+        versioned symbols from, the symbol versions it requires (``{'libc.so.6': ['GLIBC_2.2.5', ...]}``).
+
+    Raises:
+        ValueError: ``path`` is not a 64-bit ELF file.
+    """
+    data = Path(path).read_bytes()
+    if data[:4] != b'\x7fELF' or data[4] != 2:
+        raise ValueError(f'{path} is not a 64-bit ELF file')
+    end = '<' if data[5] == 1 else '>'
+    shoff, = struct.unpack_from(end + 'Q', data, 0x28)
+    shentsize, shnum = struct.unpack_from(end + 'HH', data, 0x3A)
+    # (type, offset, size, link, info) of every section
+    sections = [struct.unpack_from(end + 'I16xQQII', data, shoff + i * shentsize + 4) for i in range(shnum)]
+
+    def string(section: int, offset: int) -> str:
+        start = sections[section][1] + offset
+        return data[start:data.index(b'\0', start)].decode()
+
+    needed: List[str] = []
+    versions: Dict[str, List[str]] = {}
+    for kind, offset, size, link, info in sections:
+        if kind == _SHT_DYNAMIC:
+            for pos in range(offset, offset + size, 16):
+                tag, value = struct.unpack_from(end + 'qQ', data, pos)
+                if tag == _DT_NEEDED:
+                    needed.append(string(link, value))
+        elif kind == _SHT_VERNEED:
+            pos = offset
+            for _ in range(info):  # Elf64_Verneed entries, each with its Elf64_Vernaux entries
+                _, count, file, aux, next_need = struct.unpack_from(end + 'HHIII', data, pos)
+                names = versions.setdefault(string(link, file), [])
+                apos = pos + aux
+                for _ in range(count):
+                    _, _, _, name, next_aux = struct.unpack_from(end + 'IHHII', data, apos)
+                    names.append(string(link, name))
+                    apos += next_aux
+                pos += next_need
+    return {'needed': needed, 'versions': versions}
+
+
+def newest_version(versions: Sequence[str], prefix: str) -> Optional[str]:
+    """The highest ``PREFIX_x.y[.z]`` among symbol versions (``'GLIBC_'`` -> ``'2.27'``): the oldest release of that
+    library that has all of them. None if there is none."""
+    numbers = [tuple(int(p) for p in m.group(1).split('.')) for v in versions
+               for m in [re.fullmatch(re.escape(prefix) + r'(\d+(?:\.\d+)*)', v)] if m]
+    return '.'.join(map(str, max(numbers))) if numbers else None
 
 
 class NativeLibrary(Generic[T]):

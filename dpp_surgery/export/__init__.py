@@ -1,5 +1,5 @@
-"""ONNX export of converted models: the writer (:mod:`.onnx`), the native onnxruntime kernel (:mod:`.ort_kernel`) and
-exported files in other runtimes (:mod:`.runtimes`).
+"""ONNX export of converted models: the writer (:mod:`.onnx`), the native onnxruntime kernel (:mod:`.ort_kernel`;
+:func:`build_ort_library` writes it for any onnxruntime host) and exported files in other runtimes (:mod:`.runtimes`).
 
 Importing this package imports onnx and onnxruntime only when a name is first used.
 """
@@ -12,7 +12,8 @@ _LAZY = {
                      'ExportWarning', 'SUPPORTED_MODES', 'SUPPORTED_OPSETS', 'DEFAULT_OPSET', 'DPP_DOMAIN', 'DPP_OP',
                      'DECOMPOSED_OPS'),
                     'dpp_surgery.export.onnx'),
-    **dict.fromkeys(('ort_kernel_library', 'ort_kernel_status', 'OrtKernelWarning'), 'dpp_surgery.export.ort_kernel'),
+    **dict.fromkeys(('ort_kernel_library', 'ort_kernel_status', 'build_ort_library', 'OrtKernelWarning'),
+                    'dpp_surgery.export.ort_kernel'),
     **dict.fromkeys(('runtime_session', 'runtime_version', 'RUNTIMES', 'OTHER_RUNTIMES', 'RuntimeUnavailableError'),
                     'dpp_surgery.export.runtimes'),
 }
