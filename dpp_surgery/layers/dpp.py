@@ -6,9 +6,11 @@ the authors' Lua Torch graphs and CUDA layer for the paper-vs-code choices (see 
 """
 from __future__ import annotations
 
+import copyreg
+import inspect
 import math
 import warnings
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,7 @@ from ..utils import check_choice
 from .functional import DEFAULT_EPS, GUIDES, IMPLEMENTATIONS, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d
 from .geometry import PaddingArg, PoolGeometry
 
-__all__ = ['DPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters']
+__all__ = ['DPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters', 'LrScaleWarning', 'dpp_aa_layer']
 
 # init preset -> (theta_alpha, theta_lambda); alpha = exp(theta_alpha), lambda = exp(theta_lambda).
 # Closeness to average / max pooling is measured by `python -m dpp_surgery.bench init` (table in README).
@@ -57,18 +59,35 @@ class DPP2d(nn.Module):
     dynamic 'same' padding (``MaxPool2dSame``/``AvgPool2dSame``). Windows that padding or ``ceil_mode`` lets
     hang over the edge keep only their valid positions.
 
+    **timm's anti-aliasing slot.** Given a ``stride`` but no ``kernel_size`` (how timm calls an ``aa_layer``:
+    ``aa_layer(channels=C, stride=s)`` or ``aa_layer(C, stride=s)``), the layer is a downsampler by ``stride``:
+    windows of side ``stride`` and ``ceil_mode=True``, so its output is ``ceil(H / stride)``, the size of the strided
+    conv or pool it stands in for (3x3/stride 2/padding 1, the 1x1/stride-2 shortcut). So
+    ``timm.create_model('resnet18', aa_layer=DPP2d)`` builds a DPP network from scratch (ResNet, EfficientNet,
+    MobileNetV3, DenseNet and timm's other families with an ``aa_layer`` argument) that takes every input size the
+    original takes. At stride 1 (the first block of a dilated ResNet stage) the window is 1x1 and the layer passes
+    its input through. Every other call keeps the defaults above (``DPP2d(C)``: 2x2, stride 2, floor). For another
+    variant, pass the class that :func:`dpp_aa_layer` makes (``aa_layer=dpp_aa_layer(guide='full',
+    reward='asym')``): ResNet's constructor calls ``issubclass`` on its ``aa_layer``, so a ``functools.partial`` of
+    DPP2d fails there, inside timm, with ``TypeError: issubclass() arg 1 must be a class`` (the EfficientNet,
+    MobileNet and DenseNet builders accept a partial). Pretrained weights do not come through the slot: the DPP
+    parameters are in no original checkpoint, so timm's strict pretrained load into such a model fails on the
+    missing DPP keys; convert a pretrained model with :func:`dpp_surgery.convert` instead.
+
     On the CPU, a fused kernel that is built on first use (see :func:`dpp_surgery.kernel_status`) runs float32
-    and float64 inputs, and float16/bfloat16 ones (autocast's) on a float32 copy. On CUDA, every float dtype runs fused Triton kernels (windows of up to 64
-    positions) that load and store the activation in its own dtype and compute in float32, with a backward that
-    recomputes from the input. Elsewhere a pure-PyTorch path computes the same values; it computes float16 and
-    bfloat16 inputs in float32 and returns them in their own dtype.
+    and float64 inputs, and float16/bfloat16 ones (autocast's) on a float32 copy. On CUDA, every float dtype runs
+    fused Triton kernels (windows of up to 64 positions) that load and store the activation in its own dtype and
+    compute in float32, with a backward that recomputes from the input. Elsewhere a pure-PyTorch path computes the
+    same values; it computes float16 and bfloat16 inputs in float32 and returns them in their own dtype.
 
     Args:
         channels: number of input channels C.
-        kernel_size: window size, int or pair. Default 2.
+        kernel_size: window size, int or pair. Default 2, or ``stride`` when only ``stride`` is given (timm's
+            anti-aliasing slot, above).
         stride: window stride; defaults to ``kernel_size``.
         padding: implicit padding (int or pair, at most half the kernel) or ``'same'``.
-        ceil_mode: use ceil instead of floor for the output size, as in ``nn.MaxPool2d``.
+        ceil_mode: use ceil instead of floor for the output size, as in ``nn.MaxPool2d``. Default False, or True
+            when only ``stride`` is given (timm's anti-aliasing slot).
         guide: ``'lite'`` (window mean) or ``'full'`` (learned depthwise filter).
         reward: ``'sym'`` or ``'asym'``.
         norm: ``'mean'``, ``'none'`` or ``'sum'`` (see above).
@@ -92,15 +111,18 @@ class DPP2d(nn.Module):
         torch.Size([8, 64, 28, 28])
         >>> DPP2d(64, 3, 2, padding=1, guide='full', reward='asym')
         DPP2d(64, kernel_size=3, stride=2, padding=1, guide=full, reward=asym, norm=mean)
+        >>> DPP2d(channels=64, stride=2)  # as timm's aa slot builds it: output ceil(H / 2)
+        DPP2d(64, kernel_size=2, stride=2, ceil_mode=True, guide=lite, reward=sym, norm=mean)
+        >>> model = timm.create_model('resnet18', aa_layer=DPP2d)  # DPP from scratch, random init
     """
 
     def __init__(
             self,
             channels: int,
-            kernel_size: Union[int, Tuple[int, int]] = 2,
+            kernel_size: Union[int, Tuple[int, int], None] = None,
             stride: Union[int, Tuple[int, int], None] = None,
             padding: PaddingArg = 0,
-            ceil_mode: bool = False,
+            ceil_mode: Optional[bool] = None,
             guide: str = 'lite',
             reward: str = 'sym',
             norm: str = 'mean',
@@ -114,6 +136,14 @@ class DPP2d(nn.Module):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f'channels must be a positive int, but got {channels!r}')
         self.channels = channels
+        # only a stride: timm's anti-aliasing slot, a downsampler by `stride` with the strided conv's output size
+        downsampler = kernel_size is None and stride is not None
+        if downsampler:
+            PoolGeometry.create(1, stride)  # a bad stride is reported as the stride, not as the window it sets
+        if kernel_size is None:
+            kernel_size = stride if downsampler else 2
+        if ceil_mode is None:
+            ceil_mode = downsampler
         self.geometry = PoolGeometry.create(kernel_size, stride, padding, ceil_mode)
         self.guide = check_choice(guide, 'guide', GUIDES)
         self.reward = check_choice(reward, 'reward', REWARDS)
@@ -223,6 +253,107 @@ class DPP2d(nn.Module):
         return text
 
 
+# the DPP2d options a dpp_aa_layer class may bake in (the geometry comes from timm's stride, or kernel_size below)
+_AA_OPTIONS = ('guide', 'reward', 'norm', 'init', 'eps', 'impl')
+_DPP2D_SIGNATURE = inspect.signature(DPP2d.__init__)
+# options (as a sorted tuple of items) -> the class dpp_aa_layer made for them: one class per variant
+_AA_CLASSES: Dict[Tuple[Tuple[str, Any], ...], type] = {}
+
+
+class _AAClassMeta(type):
+    """Metaclass of the classes :func:`dpp_aa_layer` makes: they pickle as the factory call that makes them."""
+
+
+def _aa_class(key: Tuple[Tuple[str, Any], ...]) -> type:
+    return dpp_aa_layer(**dict(key))
+
+
+def _reduce_aa_class(cls: type):
+    # a class made at run time cannot be found by name; pickle (torch.save(model): timm keeps aa_layer in the model's
+    # _model_args) stores the options and calls the factory again when loading
+    if '_aa_key' not in cls.__dict__:
+        return cls.__qualname__  # the base class, by name
+    return _aa_class, (cls._aa_key,)
+
+
+copyreg.pickle(_AAClassMeta, _reduce_aa_class)
+
+
+class _DPP2dAA(DPP2d, metaclass=_AAClassMeta):
+    """Base of the classes :func:`dpp_aa_layer` makes: DPP2d with other defaults (``_aa_defaults``)."""
+
+    _aa_defaults: Dict[str, Any] = {}
+
+    def __init__(self, *args, **kwargs):
+        given = _DPP2D_SIGNATURE.bind(self, *args, **kwargs).arguments
+        given.pop('self')
+        super().__init__(**{**self._aa_defaults, **given})
+
+
+def dpp_aa_layer(
+        guide: str = 'lite',
+        reward: str = 'sym',
+        norm: str = 'mean',
+        init: Union[str, Tuple[float, float]] = 'paper',
+        eps: float = DEFAULT_EPS,
+        impl: str = 'auto',
+        kernel_size: Optional[int] = None,
+) -> Type[DPP2d]:
+    """A DPP2d class for timm's ``aa_layer`` argument, with the variant's options as its defaults.
+
+    ``timm.create_model(name, aa_layer=DPP2d)`` builds a DPP network with the default variant (Lite guide,
+    symmetric reward, ``init='paper'``). timm's ResNet needs a class in that slot (it calls ``issubclass`` on it, so
+    a ``functools.partial`` fails inside timm), hence this factory. The class is a subclass of :class:`DPP2d` (so
+    ``isinstance``, :func:`dpp_surgery.dpp_layers`, :func:`param_groups` and the ONNX export see its layers), the
+    same class for the same options, and its layers pickle (``torch.save(model)``, loaded with
+    ``torch.load(path, weights_only=False)``; ``state_dict`` works as for any module). Arguments given when a layer
+    is built override the baked-in defaults.
+
+    Args:
+        guide, reward, norm, init, eps, impl: the DPP2d options (see :class:`DPP2d`).
+        kernel_size: ``None`` (default): windows of side ``stride``, ``ceil_mode=True``. An odd int ``k``: ``k x k``
+            windows with padding ``k // 2`` at the stride, overlapping like ResNet's 3x3 stem max pool. Both give
+            ``ceil(H / stride)``, the output size of the strided conv the layer follows, at every input size.
+
+    Returns:
+        A :class:`DPP2d` subclass whose constructor takes timm's ``(channels, stride=...)`` call.
+
+    Raises:
+        ValueError: an invalid option (checked here, before timm builds anything), or an even ``kernel_size``.
+
+    Example::
+
+        >>> model = timm.create_model('resnet18', aa_layer=dpp_aa_layer(guide='full', reward='asym', init='max'))
+    """
+    options: Dict[str, Any] = dict(guide=guide, reward=reward, norm=norm, init=init, eps=eps, impl=impl)
+    if kernel_size is not None and (isinstance(kernel_size, bool) or not isinstance(kernel_size, int)
+                                    or kernel_size < 1 or kernel_size % 2 == 0):
+        raise ValueError(f'kernel_size must be None (windows of side stride) or an odd positive int (k x k windows '
+                         f'with padding k // 2), so that the output is ceil(H / stride) at every size; got '
+                         f'{kernel_size!r}')
+    try:
+        probe = DPP2d(1, **options)  # every option checked now, not inside timm's model constructor
+    except TypeError as e:  # (timm's create_aa would retry a TypeError as aa_layer(stride), hiding it)
+        raise ValueError(str(e)) from e
+    options.update(guide=probe.guide, reward=probe.reward, norm=probe.norm, init=probe.init, eps=probe.eps,
+                   impl=probe.impl)
+    key = tuple(sorted({**options, 'kernel_size': kernel_size}.items()))
+    cls = _AA_CLASSES.get(key)
+    if cls is None:
+        defaults = dict(options)
+        if kernel_size is not None:
+            defaults.update(kernel_size=kernel_size, padding=kernel_size // 2, ceil_mode=False)
+        changed = [f'{k}={v!r}' for k, v in key if k in _AA_OPTIONS and v != _DPP2D_SIGNATURE.parameters[k].default]
+        if kernel_size is not None:
+            changed.append(f'kernel_size={kernel_size}')
+        call = f'dpp_aa_layer({", ".join(changed)})'
+        # named DPP2d, so that the layers print as DPP2d (their repr gives the variant); the qualname tells the classes
+        cls = type('DPP2d', (_DPP2dAA,), {'_aa_defaults': defaults, '_aa_key': key, '__module__': __name__,
+                                          '__qualname__': call, '__doc__': f"DPP2d for timm's aa_layer slot: {call}."})
+        _AA_CLASSES[key] = cls
+    return cls
+
+
 def dpp_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     """(name, parameter) of every DPP weighting parameter (theta_alpha, theta_lambda) in ``model``."""
     out = []
@@ -233,25 +364,68 @@ def dpp_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return out
 
 
+class LrScaleWarning(UserWarning):
+    """:func:`param_groups` was called without ``lr``: the DPP group's ``lr_scale`` is honoured by timm's schedulers
+    only, not by plain torch optimizers."""
+
+
 def param_groups(
         model: nn.Module,
         weight_decay: float = 1e-4,
         dpp_lr_scale: float = 1.0,
         no_decay_1d: bool = True,
         skip_list: Iterable[str] = (),
+        *,
+        lr: Optional[float] = None,
 ) -> List[dict]:
-    """Optimizer parameter groups with the DPP parameters free of weight decay.
+    """Optimizer parameter groups with the DPP parameters free of weight decay and at their own learning rate.
 
-    Three groups: parameters with weight decay; the model's other no-decay parameters (biases and norm
-    weights when ``no_decay_1d``, as timm does, plus ``skip_list``); and the DPP ``theta_alpha``/``theta_lambda``,
-    without weight decay and with ``lr_scale=dpp_lr_scale`` (timm's schedulers honour ``lr_scale``).
-    The Full guide filters are decayed like other conv weights. Empty groups are left out.
+    Three groups: parameters with weight decay; the model's other no-decay parameters (biases and norm weights when
+    ``no_decay_1d``, as timm does, plus ``skip_list``); and the DPP ``theta_alpha``/``theta_lambda``, without weight
+    decay. The Full guide filters are decayed like other conv weights. Empty groups are left out.
 
-    Example::
+    With ``lr`` (recommended), every group carries its own ``lr``: the DPP group ``lr * dpp_lr_scale``, the others
+    ``lr``, and no group has an ``lr_scale``. Any torch optimizer honours that, and schedulers (torch's or timm's)
+    scale from those starting rates. Without ``lr``, the DPP group gets ``lr_scale=dpp_lr_scale``, which only timm's
+    schedulers apply (they multiply a group's rate by its ``lr_scale``); a plain torch optimizer ignores it, so a
+    scale other than 1 then warns (:class:`LrScaleWarning`). Never give both: timm's schedulers would apply the
+    scale twice.
 
-        >>> opt = torch.optim.SGD(param_groups(model, weight_decay=1e-4), lr=0.1, momentum=0.9)
+    Args:
+        model: the (converted) model.
+        weight_decay: weight decay of the first group.
+        dpp_lr_scale: learning-rate multiplier of the DPP parameters (10 in the measured fine-tunes).
+        no_decay_1d: put biases and other 1-D parameters (norm weights) in the no-decay group.
+        skip_list: more parameter names for the no-decay group.
+        lr: the base learning rate; see above.
+
+    Raises:
+        ValueError: ``dpp_lr_scale`` is not 1 but ``model`` has no DPP layers (convert it first), or ``lr`` or
+            ``dpp_lr_scale`` is not a positive finite number.
+
+    Example, a plain PyTorch loop with autocast and DDP (wrap after building the groups, or pass ``ddp.module``)::
+
+        >>> model = dpp_surgery.convert(timm.create_model('resnet18', pretrained=True))
+        >>> opt = torch.optim.SGD(param_groups(model, lr=0.02, weight_decay=1e-4, dpp_lr_scale=10), momentum=0.9)
+        >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)  # scales every group's own lr
+        >>> ddp = torch.nn.parallel.DistributedDataParallel(model)  # under torchrun
+        >>> with torch.autocast('cuda', dtype=torch.bfloat16):
+        ...     loss = F.cross_entropy(ddp(images), labels)
+        >>> loss.backward(); opt.step(); opt.zero_grad(); sched.step()
     """
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    for name, value in (('dpp_lr_scale', dpp_lr_scale), ('lr', lr)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValueError(f'{name} must be a positive finite number, but got {value!r}')
     dpp = {id(p) for _, p in dpp_parameters(model)}
+    if not dpp and dpp_lr_scale != 1:
+        raise ValueError(f'dpp_lr_scale={dpp_lr_scale} has nothing to scale: {type(model).__name__} has no DPP layers. '
+                         'Convert the model first (model = dpp_surgery.convert(model)), or leave dpp_lr_scale at 1')
+    if lr is None and dpp_lr_scale != 1:
+        warnings.warn(f'param_groups(dpp_lr_scale={dpp_lr_scale}) without lr= sets the DPP group\'s lr_scale, which '
+                      "only timm's schedulers apply: plain torch optimizers ignore it. Pass lr=BASE_LR to give every "
+                      'group its own learning rate', LrScaleWarning, stacklevel=2)
     skip = set(skip_list)
     decay, no_decay, dpp_group = [], [], []
     for name, p in model.named_parameters():
@@ -263,9 +437,11 @@ def param_groups(
             no_decay.append(p)
         else:
             decay.append(p)
+    dpp_rate = {'lr_scale': dpp_lr_scale} if lr is None else {'lr': lr * dpp_lr_scale}
+    base_rate = {} if lr is None else {'lr': lr}
     groups = [
-        {'params': decay, 'weight_decay': weight_decay},
-        {'params': no_decay, 'weight_decay': 0.0},
-        {'params': dpp_group, 'weight_decay': 0.0, 'lr_scale': dpp_lr_scale},
+        {'params': decay, 'weight_decay': weight_decay, **base_rate},
+        {'params': no_decay, 'weight_decay': 0.0, **base_rate},
+        {'params': dpp_group, 'weight_decay': 0.0, **dpp_rate},
     ]
     return [g for g in groups if g['params']]

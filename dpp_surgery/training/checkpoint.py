@@ -476,6 +476,23 @@ def _preprocessing(model: nn.Module) -> Dict[str, Any]:
             if k in _PREPROCESSING_KEYS and v is not None}
 
 
+def _check_dpp_from_conversions(model: nn.Module, history: list, name: str, path: str) -> None:
+    """Refuse DPP layers that no recorded conversion placed (a model built with timm's ``aa_layer=DPP2d``, or DPP2d
+    put in by hand): :func:`load` rebuilds a model by name and replays its conversions, so it could not rebuild them.
+    Conversions never fill timm's ``aa`` slot, so a DPP layer there is one of those too."""
+    from ..layers import DPP2d
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, DPP2d)]
+    foreign = layers if not history else [n for n in layers if n.rpartition('.')[2] == 'aa']
+    if foreign:
+        raise CheckpointError(
+            f'cannot save {name} to {path}: {len(foreign)} DPP layers ({", ".join(foreign[:3])}'
+            f'{", ..." if len(foreign) > 3 else ""}) were not placed by dpp_surgery.convert (for example built through '
+            "timm's aa_layer=DPP2d), and load() rebuilds a model from its name and its conversions only. Save the "
+            'state_dict instead (safetensors.torch.save_file(model.state_dict(), path)) and load it into the model '
+            'built the same way (timm.create_model(name, aa_layer=...))')
+
+
 def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optional[Dict[str, Any]] = None) -> str:
     """Write ``model``'s weights and how to rebuild it to ``path`` (safetensors), atomically.
 
@@ -505,6 +522,7 @@ def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optiona
             'models: pretrained_cfg_overlay=dict(file=...)), or save its state_dict with safetensors')
     name, kwargs = _model_spec(model)
     history = getattr(model, '_dpp_surgery_history', [])
+    _check_dpp_from_conversions(model, history, name, path)
     try:
         _check_model_kwargs(kwargs)  # before JSON: a layer class or a callable is refused by name, not by json
         meta = {
