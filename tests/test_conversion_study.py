@@ -63,7 +63,7 @@ def test_placement_end_to_end(tmp_path, capsys):
 @needs_fashion
 def test_placement_runs_resnet18_from_scratch(tmp_path):
     out = tmp_path / 'resnet'
-    args = _placement_args(out, '--model', 'resnet18', '--amp', 'none')
+    args = _placement_args(out, '--model', 'resnet18', '--no-amp')
     args[args.index('--seeds') + 1:args.index('--policies')] = ['0']
     assert main(args) == 0
     record = json.loads((out / 'placement.json').read_text())
@@ -78,9 +78,10 @@ def test_placement_runs_resnet18_from_scratch(tmp_path):
     assert all(0 <= r['test_accuracy'] <= 1 for r in record['runs'])
     with open(out / 'runs' / 'pre_seed0' / 'config.json') as f:
         config = json.load(f)
-    assert config['model'] == 'resnet18' and config['pretrained'] == 'none' and config['amp'] == 'none'
+    assert config['model'] == 'resnet18' and config['pretrained'] is False and config['amp'] is False
+    assert record['args']['amp'] == 'none' and record['args']['amp_dtype'] == 'auto'  # (the request, as before)
     md = (out / 'placement.md').read_text()
-    assert 'ResNet-18 from scratch' in md and '`--amp none`' in md
+    assert 'ResNet-18 from scratch' in md and '`--no-amp`' in md
     assert 'Precision per run: original float32 x1; pre float32 x1.' in md  # pinned: no probe decided it
 
 
@@ -132,6 +133,8 @@ def test_recommendations_tell_seed_noise_apart():
     (['--policies', 'original', 'sideways'], 'distinct names'),
     (['--seeds', '1', '1'], 'must not repeat'),
     (['--epochs', '0'], '--epochs must be >= 1'),
+    (['--img-size', '0'], '--img-size must be >= 1'),
+    (['--image-size', '0'], '--img-size must be >= 1'),  # (the spelling of earlier versions, still read)
     (['--train-subset', '-3'], '--train-subset must be >= 0'),
 ])
 def test_placement_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, message):
@@ -293,7 +296,7 @@ def test_dpp_params_refuses_unknown_remedies(tmp_path, capsys):
 def test_dpp_init_and_norm_reach_every_dpp_layer():
     from dpp_surgery.training.finetune import FinetuneConfig, build_model
 
-    model, _ = build_model(FinetuneConfig(pretrained='none', dpp_init='0.5,2', dpp_norm='none', image_size=32), 10)
+    model, _ = build_model(FinetuneConfig(pretrained=False, dpp_init='0.5,2', dpp_norm='none', img_size=32), 10)
     from dpp_surgery.layers import DPP2d
 
     layers = [m for m in model.modules() if isinstance(m, DPP2d)]
@@ -326,9 +329,7 @@ def test_dpp_trace_reads_the_gradients_held_now():
     from dpp_surgery.training.finetune import dpp_trace
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), DPP2d(4, kernel_size=2, stride=2))
-    opt = torch.optim.SGD(param_groups(model, dpp_lr_scale=7.0), lr=0.1)
-    for group in opt.param_groups:  # what timm's schedulers do with the group's lr_scale
-        group['lr'] = 0.1 * group.get('lr_scale', 1.0)
+    opt = torch.optim.SGD(param_groups(model, dpp_lr_scale=7.0, lr=0.1))
     before = dpp_trace(model, opt)
     assert before['grad_other'] is None and before['dpp']['1']['grad_theta_alpha'] is None
     model(torch.randn(2, 3, 8, 8)).square().mean().backward()
@@ -526,6 +527,17 @@ def test_precision_note_counts_each_runs_precision():
     assert note.endswith(': block bfloat16 x2, float32 x1; original float32 x1.')
     assert 'can go either way' in note and 'lr-x1000' not in note  # a diverged run has no precision
     assert cs._precision_note({'args': {}, 'runs': [{'variant': 'x'}]}, 'variant') == ''
+    new = dict(record, args={'amp': 'auto', 'amp_dtype': 'auto'})  # a record of --amp/--amp-dtype (timm's flags)
+    assert '(`--amp-dtype auto` times a probe step' in cs._precision_note(new, 'variant')
+    assert '(`--amp auto` times a probe step' in note  # records of earlier versions read as they were written
+
+
+def test_amp_flags_of_old_and_new_records():
+    assert cs.amp_flags({'amp': 'bf16'}) == '--amp bf16'  # an earlier version's record
+    assert cs.amp_flags({}) == '--amp auto'
+    assert cs.amp_flags({'amp': 'none', 'amp_dtype': 'auto'}) == '--no-amp'
+    assert cs.amp_flags({'amp': 'bf16', 'amp_dtype': 'bfloat16'}) == '--amp-dtype bfloat16'
+    assert cs.amp_flags({'amp': 'auto', 'amp_dtype': 'auto'}) == '--amp-dtype auto'
 
 
 @pytest.mark.parametrize('folder, stem', [('placement', 'placement'), ('placement_resnet18', 'placement'),
@@ -550,7 +562,7 @@ def test_dpp_params_records_a_remedy_that_diverges(tmp_path):
     # study goes on and reports it, where lr-x10 finishes
     out = tmp_path / 'params'
     assert main(['dpp-params', '--seeds', '0', '--remedies', 'lr-x10', 'lr-x1000', '--lr', '0.5', '--train-subset',
-                 '64', '--test-subset', '32', '--epochs', '1', '--image-size', '32', '--batch-size', '16',
+                 '64', '--test-subset', '32', '--epochs', '1', '--img-size', '32', '-b', '16',
                  '--trace-every', '1', '--output', str(out), '--no-progress']) == 0
     runs = {r['variant']: r for r in json.loads((out / 'dpp_params.json').read_text())['runs']}
     assert runs['lr-x1000']['diverged'] and runs['lr-x1000']['test_accuracy'] is None

@@ -512,6 +512,7 @@ def test_runtime_session_errors(decomposed_resnet, custom_export, tmp_path, monk
                                          "mode='decomposed' for openvino"):
         runtime_session(custom_export[1], 'openvino', (1, 3, 64, 64))
     monkeypatch.setitem(runtimes._PACKAGE, 'tract', 'dpp_surgery_no_such_package')
-    with pytest.raises(RuntimeUnavailableError, match='tract is not installed .*; pip install '
-                                                      'dpp_surgery_no_such_package'):
+    with pytest.raises(RuntimeUnavailableError, match=r"tract is not installed .*: pip install "
+                                                      r"'dpp_surgery\[runtimes\]' \(or pip install "
+                                                      r'dpp_surgery_no_such_package\)'):
         runtime_session(path, 'tract', (1, 3, 64, 64))

@@ -11,6 +11,8 @@ import torch
 
 import dpp_surgery
 from dpp_surgery.training import data as data_mod
+from dpp_surgery.training import finetune as finetune_module
+from dpp_surgery.training.checkpoint import read_metadata
 from dpp_surgery.training.finetune import FinetuneConfig, build_model, build_optimizer, finetune
 from groups import check_param_groups
 
@@ -18,9 +20,8 @@ from groups import check_param_groups
 needs_data = pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA),
                                 reason='apt-get install dataset-fashion-mnist (CI installs it)')
 
-SMALL = dict(image_size=32, train_subset=64, test_subset=32, batch_size=16, epochs=2, progress=False, threads=2)
-CLI_SMALL = ['--image-size', '32', '--test-subset', '32', '--batch-size', '16', '--no-progress', '--amp', 'none',
-             '--threads', '1']
+SMALL = dict(img_size=32, train_subset=64, test_subset=32, batch_size=16, epochs=2, progress=False, threads=2)
+CLI_SMALL = ['--img-size', '32', '--test-subset', '32', '-b', '16', '--no-progress', '--no-amp', '--threads', '1']
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
 
 
@@ -32,7 +33,7 @@ def _metrics(out):
 @needs_data
 def test_finetune_writes_metrics_and_checkpoints(tmp_path):
     out = str(tmp_path / 'run')
-    metrics = finetune(output=out, ema=True, accum_steps=2, label_smoothing=0.1, **SMALL)
+    metrics = finetune(output=out, model_ema=True, grad_accum_steps=2, smoothing=0.1, **SMALL)
     lines = _metrics(out)
     assert [m['epoch'] for m in lines] == [1, 2]
     for m in lines:
@@ -47,7 +48,9 @@ def test_finetune_writes_metrics_and_checkpoints(tmp_path):
         assert model.num_classes == 10 and dpp_surgery.dpp_layers(model)
     with open(os.path.join(out, 'config.json')) as f:
         cfg = json.load(f)
-    assert cfg['ema'] is True
+    assert cfg['model_ema'] is True and cfg['img_size'] == 32 and cfg['model'] == 'efficientnet_lite0'
+    for name in ('best.safetensors', 'last.safetensors'):  # what eval reads
+        assert read_metadata(os.path.join(out, name))['extra']['img_size'] == 32
     with pytest.raises(FileExistsError, match='--resume.*--overwrite'):
         finetune(output=out, **SMALL)
 
@@ -57,7 +60,7 @@ def test_default_policy_dpp_parameters_learn(tmp_path):
     """Fine-tuning the default conversion moves every DPP layer's alpha and lambda (with init='avg' they would sit
     where their gradients nearly vanish: the reason the default init is the authors')."""
     out = str(tmp_path / 'run')
-    finetune(output=out, lr=0.02, dpp_lr_scale=10.0, amp='none', **dict(SMALL, epochs=1, train_subset=96))
+    finetune(output=out, lr=0.02, dpp_lr_scale=10.0, amp=False, **dict(SMALL, epochs=1, train_subset=96))
     model = dpp_surgery.load(os.path.join(out, 'last.safetensors'))
     layers = dpp_surgery.dpp_layers(model)
     assert len(layers) == 4
@@ -72,12 +75,12 @@ def test_dpp_parameters_are_not_weight_decayed():
     """The optimizer finetune builds, with the scheduler it builds: every parameter of the converted model in exactly
     one group, theta_alpha and theta_lambda of every DPP layer in one group without weight decay at lr * 3."""
     from timm.scheduler import create_scheduler_v2
-    cfg = FinetuneConfig(image_size=32, weight_decay=0.05, dpp_lr_scale=3.0, lr=0.02)
+    cfg = FinetuneConfig(img_size=32, weight_decay=0.05, dpp_lr_scale=3.0, lr=0.02)
     model, _ = build_model(cfg, num_classes=10)
     assert len(dpp_surgery.dpp_layers(model)) == 4
     opt = build_optimizer(model, cfg)
-    check_param_groups(model, opt.param_groups, weight_decay=0.05, dpp_lr_scale=3.0)
-    # timm's scheduler applies lr_scale from its first value on (finetune steps the optimizer before the scheduler)
+    check_param_groups(model, opt.param_groups, weight_decay=0.05, dpp_lr_scale=3.0, lr=0.02)
+    # timm's scheduler starts from each group's own lr (and finds no lr_scale to apply a second time)
     create_scheduler_v2(opt, sched=cfg.sched, num_epochs=1, updates_per_epoch=4, step_on_epochs=False)
     check_param_groups(model, opt.param_groups, weight_decay=0.05, dpp_lr_scale=3.0, lr=0.02)
 
@@ -94,8 +97,8 @@ def test_offline_weights_are_imagenet_weights():
 
 @needs_data
 def test_seeded_runs_repeat(tmp_path):
-    a = finetune(output=str(tmp_path / 'a'), amp='none', **dict(SMALL, epochs=1))
-    b = finetune(output=str(tmp_path / 'b'), amp='none', **dict(SMALL, epochs=1))
+    a = finetune(output=str(tmp_path / 'a'), amp=False, **dict(SMALL, epochs=1))
+    b = finetune(output=str(tmp_path / 'b'), amp=False, **dict(SMALL, epochs=1))
     assert a['test_loss'] == b['test_loss'] and a['train_loss'] == b['train_loss']
 
 
@@ -117,7 +120,9 @@ def test_bad_options():
         finetune(epoch=1)
     with pytest.raises(ValueError, match='batch_size must be >= 1'):
         finetune(batch_size=0)
-    with pytest.raises(ValueError, match="amp must be one of"):
+    with pytest.raises(ValueError, match="amp_dtype must be one of auto, float16, bfloat16"):
+        finetune(amp_dtype='fp8')
+    with pytest.raises(ValueError, match="amp must be true or false"):
         finetune(amp='fp8')
 
 
@@ -176,7 +181,7 @@ def _single_process_reference(init, cfg):
 
     from dpp_surgery.training import finetune as train_mod
     from ddp_worker import freeze_batchnorm
-    data = data_mod.load_datasets(cfg.data, cfg.image_size)
+    data = data_mod.load_datasets(cfg.data, cfg.img_size)
     train_set = train_mod.subset(data.train, cfg.train_subset, cfg.seed)
     model, _ = build_model(cfg, data.num_classes)
     model.load_state_dict(init)
@@ -191,7 +196,7 @@ def _single_process_reference(init, cfg):
     steps = len(rank_order[0]) // cfg.batch_size
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                        warmup_epochs=cfg.warmup_epochs, updates_per_epoch=steps, step_on_epochs=False)
-    transform = data_mod.BatchTransform(cfg.image_size, model.pretrained_cfg['mean'], model.pretrained_cfg['std'])
+    transform = data_mod.BatchTransform(cfg.img_size, model.pretrained_cfg['mean'], model.pretrained_cfg['std'])
     model.train()
     global_batches = []
     for step in range(steps):
@@ -201,7 +206,7 @@ def _single_process_reference(init, cfg):
         labels = torch.stack([train_set[i][1] for i in batch])
         optimizer.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(model(transform(images)), labels,
-                                                 label_smoothing=cfg.label_smoothing)
+                                                 label_smoothing=cfg.smoothing)
         loss.backward()
         optimizer.step()
         scheduler.step_update(num_updates=step + 1)
@@ -242,7 +247,7 @@ def test_torchrun_ddp_two_processes(tmp_path):
 
     # a single process with the global batches ends with the same weights
     with open(os.path.join(out, 'config.json')) as f:
-        cfg = FinetuneConfig(**json.load(f))
+        cfg = FinetuneConfig.from_dict(json.load(f))
     ref, global_batches = _single_process_reference(init, cfg)
     assert len(global_batches) == steps and all(len(set(b)) == 2 * 16 for b in global_batches)
     assert sorted(i for b in global_batches for i in b) == list(range(DDP_SUBSET))  # each image once
@@ -273,14 +278,14 @@ def test_pretrained_file(tmp_path):
     source = timm.create_model('resnet18')
     path = str(tmp_path / 'resnet18.safetensors')
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
-    model, _ = build_model(FinetuneConfig(model='resnet18', pretrained_file=path, convert=False), num_classes=1000,
+    model, _ = build_model(FinetuneConfig(model='resnet18', pretrained_path=path, convert=False), num_classes=1000,
                            keep_head=True)
     for k, v in source.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match='does not exist'):
-        build_model(FinetuneConfig(model='resnet18', pretrained_file=str(tmp_path / 'missing.pth')), num_classes=10)
+        build_model(FinetuneConfig(model='resnet18', pretrained_path=str(tmp_path / 'missing.pth')), num_classes=10)
     with pytest.raises(RuntimeError, match='cannot load .* into resnet34'):
-        build_model(FinetuneConfig(model='resnet34', pretrained_file=path), num_classes=10)
+        build_model(FinetuneConfig(model='resnet34', pretrained_path=path), num_classes=10)
 
 
 def test_offline_weights_check_every_shape():
@@ -294,8 +299,150 @@ def test_offline_weights_check_every_shape():
 
 def test_offline_weights_for_another_model_fail_before_the_data(tmp_path):
     # the model and weights do not fit: said before any data set is looked for (this one does not exist)
-    cfg = FinetuneConfig(model='resnet18', pretrained='offline', data=str(tmp_path / 'no-data'),
+    cfg = FinetuneConfig(model='resnet18', pretrained_source='offline', data=str(tmp_path / 'no-data'),
                          output=str(tmp_path / 'run'))
     with pytest.raises(ValueError, match='offline has weights for efficientnet_lite0 only, not resnet18'):
         finetune(cfg)
     assert not (tmp_path / 'run').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what finetune takes: a model name, an nn.Module (converted or not) or a checkpoint path
+
+TINY = dict(img_size=32, train_subset=32, test_subset=16, batch_size=16, epochs=1, progress=False, threads=2,
+            amp=False)
+
+
+def _resnet(converted: bool):
+    """A random-init resnet10t with a 10-class head, converted (post placement, not the default) or not."""
+    import warnings
+
+    import timm
+    model = timm.create_model('resnet10t', num_classes=10)
+    if converted:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            dpp_surgery.convert(model, input_size=(3, 32, 32), placement='post')
+    return model
+
+
+def _same_state(model, state) -> bool:
+    now = model.state_dict()
+    return set(now) == set(state) and all(torch.equal(v, state[k]) for k, v in now.items())
+
+
+@needs_data
+@pytest.mark.parametrize('converted', [True, False], ids=['converted', 'unconverted'])
+def test_finetune_takes_a_module(tmp_path, converted):
+    """A converted module keeps its conversion (not converted a second time); an unconverted one is converted with
+    the config's policy. The module passed in is left as it was, and config.json names it."""
+    model = _resnet(converted)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n = len(dpp_surgery.dpp_layers(model))
+    out = tmp_path / 'run'
+    finetune(model=model, output=str(out), **TINY)
+    tuned = dpp_surgery.load(str(out / 'last.safetensors'))
+    conversions = read_metadata(str(out / 'last.safetensors'))['conversions']
+    assert len(conversions) == 1  # one conversion: the module's own, or the one finetune made
+    assert conversions[0]['policy'].get('placement', 'block') == ('post' if converted else 'block')
+    default = _resnet(False)
+    dpp_surgery.convert(default, input_size=(3, 32, 32))
+    assert len(dpp_surgery.dpp_layers(tuned)) == (n if converted else len(dpp_surgery.dpp_layers(default)))
+    assert len(dpp_surgery.dpp_layers(model)) == n and _same_state(model, before)  # the caller's module untouched
+    assert json.loads((out / 'config.json').read_text())['model'] == '<module ResNet>'
+
+
+@needs_data
+def test_finetune_takes_a_checkpoint_and_resumes_it(tmp_path):
+    path = str(tmp_path / 'converted.safetensors')
+    dpp_surgery.save(_resnet(True), path)
+    n = len(dpp_surgery.dpp_layers(dpp_surgery.load(path)))
+    out = str(tmp_path / 'run')
+    finetune(model=path, output=out, **TINY)
+    with open(os.path.join(out, 'config.json')) as f:
+        assert json.load(f)['model'] == path
+    finetune(model=path, resume=out, **dict(TINY, epochs=2))  # timm's --resume: the run folder
+    assert [m['epoch'] for m in _metrics(out)] == [1, 2]
+    assert len(dpp_surgery.dpp_layers(dpp_surgery.load(os.path.join(out, 'last.safetensors')))) == n
+    assert len(read_metadata(os.path.join(out, 'last.safetensors'))['conversions']) == 1
+    with pytest.raises(ValueError, match='--resume continues the run in .* drop --output'):
+        finetune(model=path, resume=out, output=str(tmp_path / 'other'), **TINY)
+
+
+def test_distillation_from_a_converted_model_needs_a_teacher(tmp_path):
+    model = _resnet(True)
+    path = str(tmp_path / 'converted.safetensors')
+    dpp_surgery.save(model, path)
+    out = tmp_path / 'run'
+    for given in (model, path):
+        with pytest.raises(ValueError, match=r'is converted already; pass teacher=.*\(--no-distill\)'):
+            finetune(model=given, distill=True, output=str(out))
+    with pytest.raises(ValueError, match='teacher is used by distillation only; pass distill=True'):
+        finetune(model=model, teacher=_resnet(False), output=str(out))
+    with pytest.raises(TypeError, match=r'teacher is wrapped in DataParallel; pass the model inside it'):
+        finetune(model=model, teacher=torch.nn.DataParallel(_resnet(False)), distill=True, output=str(out))
+    assert not out.exists()
+
+
+@needs_data
+def test_distillation_with_a_teacher(tmp_path):
+    teacher = _resnet(False)
+    student = _resnet(True)
+    metrics = finetune(model=student, teacher=teacher, distill=True, output=str(tmp_path / 'run'), **TINY)
+    assert metrics['test_metric'] == 'teacher_agreement' and metrics['train_accuracy'] is None
+
+
+@pytest.mark.parametrize('make, error, message', [
+    (lambda p: 42, TypeError, r'model must be a timm model name, a checkpoint path .* or an nn.Module, but got int '
+                              r"42; for example model='efficientnet_lite0'"),
+    (lambda p: torch.nn.DataParallel(_resnet(False)), TypeError, r'pass the model inside it \(model.module\)'),
+    (lambda p: torch.nn.Linear(2, 2), TypeError, 'must be a timm classification model .* timm.create_model'),
+    (lambda p: str(p / 'missing.safetensors'), FileNotFoundError, 'missing.safetensors does not exist; pass an '
+                                                                  'existing .safetensors'),
+    (lambda p: (p / 'bad.safetensors').write_bytes(b'not safetensors') and str(p / 'bad.safetensors'), ValueError,
+     'is not a checkpoint that dpp_surgery.load can read .* pass a .safetensors written by dpp_surgery'),
+    (lambda p: str(p), ValueError, 'is a folder; pass a checkpoint in it'),
+    (lambda p: 'no_such_model', ValueError, "unknown model 'no_such_model'"),
+    (lambda p: '<module ResNet>', ValueError, 'pass that module again'),
+], ids=['int', 'data-parallel', 'not-timm', 'missing', 'corrupt', 'folder', 'unknown-name', 'module-record'])
+def test_wrong_model_kinds_fail_with_the_fix_before_any_work(tmp_path, make, error, message):
+    given = make(tmp_path)
+    with pytest.raises(error, match=message):
+        finetune(model=given, output=str(tmp_path / 'run'))
+    assert not (tmp_path / 'run').exists()
+
+
+# config.json of a run before the flags took timm's names (every field, as that version wrote it)
+OLD_CONFIG = {
+    'model': 'efficientnet_lite0', 'pretrained': 'offline', 'pretrained_file': None, 'convert': True,
+    'placement': None, 'dpp_init': None, 'dpp_norm': None, 'data': None, 'image_size': 48, 'train_subset': 64,
+    'test_subset': 32, 'epochs': 1, 'batch_size': 16, 'accum_steps': 2, 'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9,
+    'weight_decay': 0.0001, 'dpp_lr_scale': 1.0, 'sched': 'cosine', 'warmup_epochs': 0, 'label_smoothing': 0.2,
+    'amp': 'bf16', 'ema': True, 'ema_decay': 0.99, 'distill': False, 'distill_alpha': 1.0,
+    'distill_temperature': 2.0, 'seed': 0, 'subset_seed': -1, 'output': 'runs/old', 'resume': False,
+    'overwrite': False, 'checkpoint_every': 0, 'num_workers': 1, 'threads': 0, 'device': 'auto', 'progress': True,
+    'max_steps': 0, 'dpp_trace_every': 0}
+
+
+def test_old_config_json_loads_with_todays_names():
+    from dpp_surgery.training.finetune import upgrade_config
+    cfg = FinetuneConfig.from_dict(OLD_CONFIG)
+    assert (cfg.img_size, cfg.grad_accum_steps, cfg.smoothing, cfg.workers) == (48, 2, 0.2, 1)
+    assert cfg.model_ema is True and cfg.model_ema_decay == 0.99 and cfg.pretrained_path is None
+    assert cfg.pretrained is True and cfg.pretrained_source == 'offline' and cfg.resume is None
+    assert cfg.amp is True and cfg.amp_dtype == 'bfloat16'
+    assert (cfg.lr, cfg.dpp_lr_scale) == (0.01, 1.0)  # the run's own values, not today's defaults
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+    assert upgrade_config({'pretrained': 'none', 'amp': 'none'}) == {'pretrained': False, 'amp': False}
+    assert upgrade_config({'amp': 'fp16', 'pretrained': 'timm'}) == {
+        'amp': True, 'amp_dtype': 'float16', 'pretrained': True, 'pretrained_source': 'timm'}
+    with pytest.raises(ValueError, match='image_size is the old name of img_size, and both are given'):
+        upgrade_config({'img_size': 64, 'image_size': 32})
+    with pytest.raises(TypeError, match=r"unknown finetune option\(s\) \['foo'\]"):
+        FinetuneConfig.from_dict({'foo': 1})
+    # the keyword arguments of earlier versions still work
+    resolved = finetune_module._resolve_config(None, dict(image_size=40, ema=True, pretrained='none', amp='none'))
+    assert (resolved.img_size, resolved.model_ema, resolved.pretrained, resolved.amp) == (40, True, False, False)
+    assert finetune_module._resolve_config(FinetuneConfig(input_size=(3, 24, 24)), {}).img_size == 24
+    with pytest.raises(ValueError, match='input_size .* must be 3 N N'):
+        finetune_module._resolve_config(None, dict(input_size=(3, 24, 32)))

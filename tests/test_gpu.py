@@ -155,7 +155,7 @@ def test_ddp_nccl_two_ranks(tmp_path):
         pytest.skip(needs_data.kwargs['reason'])
     out, states = str(tmp_path / 'ddp'), str(tmp_path / 'states')
     worker = os.path.join(os.path.dirname(__file__), 'ddp_worker.py')
-    small = [a if a != 'none' else 'bf16' for a in CLI_SMALL]  # --amp bf16
+    small = [a for flag in CLI_SMALL for a in (['--amp', '--amp-dtype', 'bfloat16'] if flag == '--no-amp' else [flag])]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', worker, states,
            '--output', out, '--train-subset', '96', '--epochs', '1', '--device', 'auto'] + small
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
@@ -181,7 +181,7 @@ def test_bench_layer_and_train_on_cuda(tmp_path, capsys):
     assert len(result['targets']) == 6
     assert all(r['fwd_ms'] > 0 and r['bandwidth'] > 0 and r['memory_x'] > 0 for r in result['rows'])
     path = tmp_path / 'train.json'
-    assert bench.main(['--json', str(path), 'train', '--device', 'cuda', '--models', 'resnet18', '--size', '64',
-                       '--batch', '8', '--repeat', '2', '--amp', 'bf16', '--channels-last']) == 0
+    assert bench.main(['--json', str(path), 'train', '--device', 'cuda', '--models', 'resnet18', '--img-size', '64',
+                       '-b', '8', '--repeat', '2', '--amp-dtype', 'bfloat16', '--channels-last']) == 0
     rows = json.loads(path.read_text())['rows']
     assert rows[0]['converted_ms'] > 0 and rows[0]['flop_ratio'] > 0

@@ -216,10 +216,10 @@ def test_repr_shows_variant_norm_and_geometry():
 def test_param_groups_keep_dpp_free_of_weight_decay():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), DPP2d(8, guide='full'),
                                 torch.nn.Conv2d(8, 4, 1), DPP2d(4, 3, 2, 1, reward='asym'))
-    groups = param_groups(model, weight_decay=0.05, dpp_lr_scale=0.5)
+    groups = param_groups(model, weight_decay=0.05, dpp_lr_scale=0.5, lr=0.1)
     # every parameter in exactly one group; theta_alpha and theta_lambda of both layers in the DPP group only,
-    # without weight decay and with lr_scale 0.5; the Full guide filter decayed like a conv weight
-    check_param_groups(model, groups, weight_decay=0.05, dpp_lr_scale=0.5)
+    # without weight decay and at lr 0.05; the Full guide filter decayed like a conv weight
+    check_param_groups(model, groups, weight_decay=0.05, dpp_lr_scale=0.5, lr=0.1)
     decayed = {id(p) for g in groups if g['weight_decay'] > 0 for p in g['params']}
     assert decayed == {id(model[0].weight), id(model[2].guide_weight), id(model[3].weight)}
     opt = torch.optim.SGD(groups, lr=0.1)
@@ -227,17 +227,20 @@ def test_param_groups_keep_dpp_free_of_weight_decay():
 
 
 def test_timm_optimizer_factory_skips_dpp_weight_decay():
-    """timm's optimizer factory keeps the groups as they are, and timm's schedulers apply the DPP lr_scale."""
+    """timm's optimizer factory keeps the groups as they are, and timm's schedulers apply the DPP lr_scale of groups
+    built without lr (which warns that plain torch optimizers would ignore it)."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
+    from dpp_surgery import LrScaleWarning
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DPP2d(8), DPP2d(8, 3, 1, guide='full'))
-    opt = create_optimizer_v2(param_groups(model, weight_decay=1e-4, dpp_lr_scale=4.0), 'sgd', lr=0.1,
-                              momentum=0.9)
-    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0)
+    with pytest.warns(LrScaleWarning, match='Pass lr=BASE_LR'):
+        groups = param_groups(model, weight_decay=1e-4, dpp_lr_scale=4.0)
+    opt = create_optimizer_v2(groups, 'sgd', lr=0.1, momentum=0.9)
+    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0, lr_scale=True)
     sched, _ = create_scheduler_v2(opt, sched='step', num_epochs=2, decay_epochs=1, decay_rate=0.5)
-    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0, lr=0.1)
+    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0, lr=0.1, lr_scale=True)
     sched.step(1)
-    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0, lr=0.05)
+    check_param_groups(model, opt.param_groups, weight_decay=1e-4, dpp_lr_scale=4.0, lr=0.05, lr_scale=True)
 
 
 # --- errors -----------------------------------------------------------------------------------------------

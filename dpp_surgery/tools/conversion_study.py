@@ -35,7 +35,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..utils import atomic_write, write_text
-from .experiments import read_record, refuse_overwrite
+from .experiments import add_img_size, read_record, refuse_overwrite
 
 __all__ = ['PLACEMENT_POLICIES', 'HEAL_PHOTOS', 'EVAL_PHOTOS', 'placement', 'placement_table', 'recommendations',
            'heal', 'heal_table', 'dpp_params', 'dpp_params_table', 'study_table', 'PLACEMENT_MODELS', 'add_parsers']
@@ -111,13 +111,28 @@ def _write_record(args, record: Dict[str, Any], stem: str, table: str) -> None:
 def _finetune_config(args, seed: int, output: str, **changes):
     from ..training.finetune import FinetuneConfig
 
-    fields = dict(model=args.model, pretrained=PLACEMENT_MODELS[args.model][0], image_size=args.image_size,
-                  train_subset=args.train_subset, test_subset=args.test_subset, subset_seed=args.subset_seed,
-                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dpp_lr_scale=args.dpp_lr_scale,
-                  seed=seed, output=output, overwrite=True, progress=not args.no_progress, threads=args.threads,
-                  dpp_trace_every=args.trace_every, amp=args.amp)
+    source = PLACEMENT_MODELS[args.model][0]
+    fields = dict(model=args.model, pretrained=source != 'none', pretrained_source=source if source != 'none' else
+                  'auto', img_size=args.image_size, train_subset=args.train_subset, test_subset=args.test_subset,
+                  subset_seed=args.subset_seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  dpp_lr_scale=args.dpp_lr_scale, seed=seed, output=output, overwrite=True,
+                  progress=not args.no_progress, threads=args.threads, dpp_trace_every=args.trace_every,
+                  amp=args.amp != 'none', amp_dtype=_AMP_DTYPE_OF.get(args.amp, 'auto'))
     fields.update(changes)
     return FinetuneConfig(**fields)
+
+
+# a precision request (dpp_surgery.precision) -> timm's --amp-dtype that asks for it
+_AMP_DTYPE_OF = {'auto': 'auto', 'bf16': 'bfloat16', 'fp16': 'float16'}
+
+
+def amp_flags(a: Dict[str, Any]) -> str:
+    """The precision flags of a record's command line (``a``: its ``args``): ``--amp MODE`` in records of earlier
+    versions, timm's ``--no-amp`` or ``--amp-dtype DTYPE`` in those that record ``amp_dtype``."""
+    mode = a.get('amp') or 'auto'
+    if 'amp_dtype' not in a:
+        return f'--amp {mode}'
+    return '--no-amp' if mode == 'none' else f'--amp-dtype {_AMP_DTYPE_OF.get(mode, mode)}'
 
 
 def _read_trace(folder: str) -> List[dict]:
@@ -201,7 +216,8 @@ def _check_placement_args(args) -> None:
                          f"'original' (every policy is compared with it), but got {' '.join(args.policies)}")
     for name in ('epochs', 'image_size', 'latency_size', 'latency_batch', 'latency_repeat'):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, but got {getattr(args, name)}")
+            flag = '--img-size' if name == 'image_size' else f"--{name.replace('_', '-')}"
+            raise ValueError(f'{flag} must be >= 1, but got {getattr(args, name)}')
     for name in ('train_subset', 'test_subset', 'subset_seed', 'trace_every'):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, but got {getattr(args, name)}")
@@ -249,8 +265,8 @@ def _precision_note(record: Dict[str, Any], key: str) -> str:
             counts[name] = counts.get(name, 0) + 1
     if not groups:
         return ''
-    why = (' (`--amp auto` times a probe step in both per run, so where they are close it can go either way)'
-           if record['args'].get('amp', 'auto') == 'auto' else '')
+    why = (f' (`{amp_flags(record["args"])}` times a probe step in both per run, so where they are close it can go '
+           'either way)' if record['args'].get('amp', 'auto') == 'auto' else '')
     return (f'Precision per run{why}: '
             + '; '.join(f"{name} {', '.join(f'{p} x{n}' for p, n in counts.items())}"
                         for name, counts in groups.items()) + '.')
@@ -319,7 +335,7 @@ def placement_table(record: Dict[str, Any]) -> str:
         f"one budget for all: {a['train_subset'] or 60000} training images (one fixed subset, drawn with seed "
         f"{a['subset_seed']}), {a['epochs']} epoch(s) at {a['image_size']} px, batch {a['batch_size']}, SGD "
         f"(Nesterov momentum 0.9) lr {a['lr']} (DPP parameters x{a['dpp_lr_scale']:g}), cosine per step, label "
-        f"smoothing 0.1, `--amp {a.get('amp', 'auto')}`; test accuracy on {a['test_subset'] or 10000} test images "
+        f"smoothing 0.1, `{amp_flags(a)}`; test accuracy on {a['test_subset'] or 10000} test images "
         f'after the last epoch; seeds {seeds} (a seed fixes the batch order and the new layers, the same for every '
         'policy).',
         f"Command: `{record['command']}`",
@@ -539,7 +555,7 @@ def heal_table(record: Dict[str, Any]) -> str:
         f"unconverted model (KL divergence of the logits at temperature {a['temperature']:g}; AdamW at a constant "
         f"lr {a['lr']:g} (DPP parameters x{a['dpp_lr_scale']:g}), no weight decay, batch "
         f"{a['batch_size']} at {a['heal_size']} px, normalisation statistics {a['norm_stats']}, "
-        f"`--amp {a.get('amp', 'auto')}`).",
+        f"`{amp_flags(a)}`).",
         f"Healing images (unlabeled, offline): {record['heal_images']} = {a['heal_fashion']} Fashion-MNIST training "
         f"images and {a['heal_crops']} random crops of each of {', '.join(record['heal_photos'])}.",
         f"Measured on {record['eval_views']} views ({len(record['eval_photos'])} photos never used for healing: "
@@ -774,12 +790,16 @@ def study_table(args) -> Dict[str, Any]:
 # command line
 
 def _add_amp(p: argparse.ArgumentParser) -> None:
-    from ..training.precision import AMP_CHOICES
+    """timm's ``--amp``/``--no-amp`` and ``--amp-dtype`` (auto or bfloat16: the studies run on CPUs);
+    :func:`dpp_surgery.tools.experiments.main` turns them into the precision request ``args.amp`` that the records
+    keep."""
+    from ..cli import add_amp_arguments
 
-    p.add_argument('--amp', choices=[c for c in AMP_CHOICES if c != 'fp16'], default='auto',  # (fp16: GPUs only)
-                   help="precision of every run: 'auto' picks bfloat16 where the CPU has it natively and a probe step "
-                        "ran faster in it (decided per run), 'none' float32, 'bf16' bfloat16 autocast; pin it to "
-                        'repeat a run exactly')
+    add_amp_arguments(p, dtypes=('auto', 'bfloat16'),
+                      amp_help='mixed precision for every run, in the dtype of --amp-dtype; --no-amp: float32, to '
+                               'repeat a run exactly (default on)',
+                      dtype_help='auto: bfloat16 where the CPU has it natively and a probe step ran faster in it '
+                                 '(decided per run); bfloat16: bfloat16 autocast (default auto)')
 
 
 def _add_budget(p: argparse.ArgumentParser, output: Optional[str]) -> None:
@@ -788,8 +808,8 @@ def _add_budget(p: argparse.ArgumentParser, output: Optional[str]) -> None:
     p.add_argument('--test-subset', type=int, default=2000, help='test images (0 = all 10000)')
     p.add_argument('--subset-seed', type=int, default=0, help='the draw of the subsets, the same for every run')
     p.add_argument('--epochs', type=int, default=2)
-    p.add_argument('--image-size', type=int, default=64)
-    p.add_argument('--batch-size', type=int, default=32)
+    add_img_size(p, 64)
+    p.add_argument('-b', '--batch-size', type=int, default=32)
     p.add_argument('--lr', type=float, default=0.02)
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--trace-every', type=int, default=25, help='DPP trace every N steps (0 = off)')
@@ -831,8 +851,8 @@ def add_parsers(sub) -> None:
     p.add_argument('--norm-stats', choices=['frozen', 'train'], default='frozen',
                    help="batch-norm running statistics while healing: 'frozen' keeps the pretrained ones (the "
                         "healing images are not the photos the model serves), 'train' updates them")
-    p.add_argument('--batch-size', type=int, default=8, help='images per healing step (the norms are frozen, so a '
-                                                               'small batch is enough)')
+    p.add_argument('-b', '--batch-size', type=int, default=8, help='images per healing step (the norms are frozen, so '
+                                                                     'a small batch is enough)')
     p.add_argument('--lr', type=float, default=1e-4, help='AdamW learning rate, constant')
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--temperature', type=float, default=2.0)

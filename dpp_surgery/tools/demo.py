@@ -440,7 +440,7 @@ def _finetune(job: _Job) -> None:
     args = job.args
     ft_dir = os.path.join(args.out, 'finetune')
     cfg = FinetuneConfig(
-        model=MODEL_NAME, pretrained='offline', data=args.data, image_size=job.size,
+        model=MODEL_NAME, pretrained_source='offline', data=args.data, img_size=job.size,
         train_subset=args.train_subset, test_subset=args.test_subset, epochs=args.epochs,
         batch_size=BATCH_SIZE, lr=LR, dpp_lr_scale=DPP_LR_SCALE, seed=args.seed, output=ft_dir,
         overwrite=True, threads=args.threads, progress=args.progress)
@@ -616,7 +616,7 @@ def _summary_lines(summary: Dict[str, Any], stages: Dict[str, float], total: flo
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default='demo_out', help='output folder (default demo_out)')
+    parser.add_argument('--output', '--out', dest='out', default='demo_out', help='output folder (default demo_out)')
     parser.add_argument('--threads', type=int, default=2, help='torch and onnxruntime threads (default 2)')
     parser.add_argument('--quick', action='store_true',
                         help=f"every stage on a tiny budget, for tests: {_QUICK['train_subset']} training and "
@@ -624,9 +624,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--train-subset', type=int, help=f"training images (default {_FULL['train_subset']})")
     parser.add_argument('--test-subset', type=int, help=f"test images (default {_FULL['test_subset']})")
     parser.add_argument('--epochs', type=int, help=f"fine-tuning epochs (default {_FULL['epochs']})")
-    parser.add_argument('--image-size', type=int, default=64, help='input size for fine-tuning and export (default 64)')
+    parser.add_argument('--img-size', '--image-size', dest='image_size', type=int, default=64,
+                        help='input size for fine-tuning and export (default 64)')
     parser.add_argument('--seed', type=int, default=0, help='seed for the data subsets, order and new layers')
-    parser.add_argument('--data', help="data set directory (default: Debian's Fashion-MNIST)")
+    parser.add_argument('--data-dir', '--data', dest='data', help="data set directory (default: Debian's Fashion-MNIST)")
     parser.add_argument('--skip-finetune', action='store_true', help='export the converted model without fine-tuning')
     parser.add_argument('--pooling-only', action='store_true',
                         help='only pool the photo: print the pooling table and write pooling.png')
@@ -649,7 +650,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.test_subset < 1 or args.epochs < 1:
         parser.error(f'--test-subset and --epochs must be >= 1, but got {args.test_subset} and {args.epochs}')
     if args.image_size < 32:
-        parser.error(f'--image-size must be >= 32 (EfficientNet-Lite0 downsamples by 32), but got {args.image_size}')
+        parser.error(f'--img-size must be >= 32 (EfficientNet-Lite0 downsamples by 32), but got {args.image_size}')
     torch.set_num_threads(args.threads)
     try:
         _preflight(args)

@@ -36,6 +36,13 @@ _OPT_NAMES = {'sgd': 'SGD (Nesterov momentum 0.9)', 'adamw': 'AdamW'}
 FASHION_FILES = ('fashion_mnist.md', 'fashion_mnist.json')
 
 
+def add_img_size(p: argparse.ArgumentParser, default: int) -> None:
+    """timm's ``--img-size N`` (``dest`` ``image_size``, the key the records keep; ``--image-size`` still read)."""
+    p.add_argument('--img-size', dest='image_size', type=int, default=default, metavar='N',
+                   help=f'input size in pixels (default {default})')
+    p.add_argument('--image-size', dest='image_size', type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def refuse_overwrite(output: str, names, overwrite: bool) -> None:
     """Stop before any training if ``output`` already holds results and ``overwrite`` was not asked for."""
     if overwrite:
@@ -56,7 +63,7 @@ def fashion_mnist(args) -> dict:
         for converted in (False, True):
             name = f"{'dpp' if converted else 'original'}_seed{seed}"
             cfg = FinetuneConfig(
-                model='efficientnet_lite0', pretrained='offline', convert=converted, image_size=args.image_size,
+                model='efficientnet_lite0', pretrained_source='offline', convert=converted, img_size=args.image_size,
                 train_subset=args.train_subset, test_subset=args.test_subset, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, dpp_lr_scale=args.dpp_lr_scale, seed=seed,
                 output=os.path.join(args.output, name), overwrite=True, progress=not args.no_progress,
@@ -155,8 +162,8 @@ def _train_one(variant: str, seed: int, train, test, args) -> Dict[str, object]:
     model = create_smallnet(variant, in_chans=1, num_classes=10)
     params = sum(p.numel() for p in model.parameters())
     opt_kwargs = {'momentum': 0.9} if args.opt == 'sgd' else {}
-    optimizer = create_optimizer_v2(param_groups(model, weight_decay=args.weight_decay), opt=args.opt, lr=args.lr,
-                                    weight_decay=args.weight_decay, **opt_kwargs)
+    optimizer = create_optimizer_v2(param_groups(model, weight_decay=args.weight_decay, lr=args.lr), opt=args.opt,
+                                    lr=args.lr, weight_decay=args.weight_decay, **opt_kwargs)
     x_train, y_train = train
     steps_per_epoch = len(y_train) // args.batch_size
     if steps_per_epoch < 1:
@@ -381,8 +388,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--train-subset', type=int, default=10000)
     p.add_argument('--test-subset', type=int, default=2000)
     p.add_argument('--epochs', type=int, default=1)
-    p.add_argument('--image-size', type=int, default=64)
-    p.add_argument('--batch-size', type=int, default=32)
+    add_img_size(p, 64)
+    p.add_argument('-b', '--batch-size', type=int, default=32)
     p.add_argument('--lr', type=float, default=0.02)
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--threads', type=int, default=2)
@@ -400,7 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--epochs', type=int, default=3)
     p.add_argument('--train-subset', type=int, default=10000, help='training images (0 = all 60000)')
     p.add_argument('--test-subset', type=int, default=0, help='test images (0 = all 10000)')
-    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('-b', '--batch-size', type=int, default=128)
     p.add_argument('--opt', default='sgd', choices=['sgd', 'adamw'],
                    help="timm optimizer: 'sgd' (Nesterov momentum 0.9, the default) or 'adamw'")
     p.add_argument('--lr', type=float, default=0.1)
@@ -415,8 +422,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=paper_table_cmd)
     from .conversion_study import add_parsers
     add_parsers(sub)
-    args = parser.parse_args(argv)
+    from ..cli import upgrade_argv
+    from ..training.finetune import amp_mode
+
+    args = parser.parse_args(upgrade_argv(list(sys.argv[1:] if argv is None else argv)))
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if isinstance(getattr(args, 'amp', None), bool):  # --amp/--no-amp, --amp-dtype: the request the records keep
+        args.amp = amp_mode(args.amp, args.amp_dtype)
     from ..utils import run_command
 
     def run(a: argparse.Namespace) -> int:

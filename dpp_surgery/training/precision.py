@@ -190,11 +190,11 @@ def resolve_amp(amp: str, device, probe: Optional[Callable[[], Dict[str, float]]
             return AmpChoice('bf16' if faster else 'none', amp,
                              f'{why}; {measured}' + ('' if faster else ', so float32 is faster for this model'))
         if amp == 'fp16':
-            raise ValueError("amp 'fp16' needs a GPU (CPU autocast has no float16 GradScaler); on the CPU use "
-                             "'auto', 'bf16' or 'none'")
+            raise ValueError("float16 autocast (--amp-dtype float16) needs a GPU (CPU autocast has no float16 "
+                             'GradScaler); on the CPU use --amp-dtype auto or bfloat16, or --no-amp')
         if amp == 'bf16' and not native:
             warnings.warn(f'bfloat16 autocast was asked for, but this CPU has no native bfloat16 ({why}): it runs '
-                          'emulated, often more than 10x slower than float32. Use amp auto or none (CLI: --amp auto).',
+                          'emulated, often more than 10x slower than float32. Use --amp-dtype auto or --no-amp.',
                           PrecisionWarning, stacklevel=2)
             return AmpChoice('bf16', amp, f'as asked; emulated: {why}')
         return AmpChoice(amp, amp, 'as asked' + (f'; {why}' if amp == 'bf16' else ''))
@@ -203,8 +203,9 @@ def resolve_amp(amp: str, device, probe: Optional[Callable[[], Dict[str, float]]
         if amp == 'auto':
             return AmpChoice('bf16' if bf16 else 'fp16', amp, f'GPU {"supports" if bf16 else "lacks"} bfloat16')
         if amp == 'bf16' and not bf16:
-            raise ValueError(f"amp 'bf16' is not supported by {torch.cuda.get_device_name(device)}; use 'auto' "
-                             "(float16 with a GradScaler) or 'none'")
+            raise ValueError(f'bfloat16 autocast (--amp-dtype bfloat16) is not supported by '
+                             f'{torch.cuda.get_device_name(device)}; use --amp-dtype auto (float16 with a GradScaler) '
+                             'or --no-amp')
         return AmpChoice(amp, amp, 'as asked')
     if amp == 'auto':
         return AmpChoice('none', amp, f'no mixed precision chosen automatically on {device.type}')
