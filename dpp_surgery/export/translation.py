@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..layers import DPP2d, PoolGeometry, dpp2d
+from ..layers import DPP2d, GlobalDPP2d, PoolGeometry, dpp2d
 from .decomposition import DECOMPOSED_OPS, Emitter, emit_dpp, geometry_of
 
 __all__ = ['DPP_DOMAIN', 'DPP_OP', 'DECOMPOSED_OPS', 'DEFAULT_RTOL', 'ExportError', 'register_onnx_schema',
@@ -63,6 +63,8 @@ def _as_custom_node(layer: DPP2d, x: Tensor) -> Tensor:
 
 def _custom_node_wanted(layer: DPP2d, max_window: int) -> bool:
     # only for windows the native kernels take, with a static geometry (global DPP's window is the input size)
+    if isinstance(layer, GlobalDPP2d):  # its window is the whole map: no fixed-window node can hold it
+        return False
     g = layer.geometry
     static = all(type(v) is int for v in (*g.kernel, *g.stride))
     return static and g.kernel[0] * g.kernel[1] <= max_window

@@ -19,7 +19,7 @@ from ..utils import check_choice
 from .functional import DEFAULT_EPS, GUIDES, IMPLEMENTATIONS, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d
 from .geometry import PaddingArg, PoolGeometry
 
-__all__ = ['DPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters', 'LrScaleWarning', 'dpp_aa_layer']
+__all__ = ['DPP2d', 'GlobalDPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters', 'LrScaleWarning', 'dpp_aa_layer']
 
 # init preset -> (theta_alpha, theta_lambda); alpha = exp(theta_alpha), lambda = exp(theta_lambda).
 # Closeness to average / max pooling is measured by `python -m dpp_surgery.bench init` (table in README).
@@ -248,6 +248,46 @@ class DPP2d(nn.Module):
     def extra_repr(self) -> str:
         text = (f'{self.channels}, {self.geometry.describe()}, guide={self.guide}, reward={self.reward}, '
                 f'norm={self.norm}')
+        if self.eps != DEFAULT_EPS:
+            text += f', eps={self.eps}'
+        return text
+
+
+class GlobalDPP2d(DPP2d):
+    """DPP over the whole feature map: a global pool whose output is (N, C, 1, 1), for the global average pool of a
+    classifier head (:func:`dpp_surgery.convert` with ``skip_global=False``).
+
+    Its window is the input's whole spatial size at every call, so it takes any input size; it has the Lite guide
+    (the map's mean) and the options of :class:`DPP2d` otherwise. Its ``geometry`` is a 1x1 placeholder that nothing
+    reads: the export writes it as standard operators over the whole map in both modes (never as a fixed-window
+    ``DPP2d`` node), with dynamic sizes.
+
+    Example::
+
+        >>> GlobalDPP2d(64)(torch.randn(2, 64, 7, 9)).shape
+        torch.Size([2, 64, 1, 1])
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            reward: str = 'sym',
+            norm: str = 'mean',
+            init: Union[str, Tuple[float, float]] = 'paper',
+            eps: float = DEFAULT_EPS,
+            impl: str = 'auto',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(channels, kernel_size=1, stride=1, guide='lite', reward=reward, norm=norm, init=init, eps=eps,
+                         impl=impl, device=device, dtype=dtype)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return dpp2d(x, self.theta_alpha, self.theta_lambda, x.shape[-2:], 1, 0, reward=self.reward, norm=self.norm,
+                     eps=self.eps, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        text = f'{self.channels}, global, guide={self.guide}, reward={self.reward}, norm={self.norm}'
         if self.eps != DEFAULT_EPS:
             text += f', eps={self.eps}'
         return text

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..utils import first_line
-from ..layers import DPP2d
+from ..layers import DPP2d, GlobalDPP2d
 from ..layers.geometry import to_pair
 from .plan import (
     Plan, Site, SiteKind, SitePlacement, block_host, block_stride1, device_dtype, eager_records,
@@ -164,13 +164,7 @@ def _downsample_geometry(stride) -> dict:
     return dict(kernel_size=s, stride=s, padding=0, ceil_mode=True)
 
 
-class _GlobalDPP2d(DPP2d):
-    """DPP over the whole feature map (a global pool); output (N, C, 1, 1)."""
-
-    def forward(self, x):
-        from ..layers.functional import dpp2d
-        return dpp2d(x, self.theta_alpha, self.theta_lambda, x.shape[-2:], 1, 0, reward=self.reward,
-                     norm=self.norm, eps=self.eps, impl=self.impl)
+_GlobalDPP2d = GlobalDPP2d  # the name of earlier versions, for models pickled with them
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module, undo: list) -> None:
@@ -379,9 +373,9 @@ def _apply_module_site(model: nn.Module, site: Site, policy: ConversionPolicy, d
         dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
         _set_child(model, site.name, dpp, undo)
     elif site.placement == SitePlacement.GLOBAL:
-        _set_child(model, site.name, _GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
-                                                  reward=policy.avg_pool.reward, norm=policy.avg_pool.norm,
-                                                  device=device, dtype=dtype), undo)
+        _set_child(model, site.name, GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
+                                                 reward=policy.avg_pool.reward, norm=policy.avg_pool.norm,
+                                                 device=device, dtype=dtype), undo)
     elif site.placement in (SitePlacement.POST, SitePlacement.PRE):
         channels = site.out_channels if site.placement == SitePlacement.POST else site.in_channels
         dpp = _make_dpp(site, policy, channels, _downsample_geometry(site.stride), device, dtype)
