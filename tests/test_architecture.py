@@ -1,5 +1,5 @@
-"""The package's layering (README, "What lives where"): what ``import dpp_surgery`` loads and costs, and which
-module may import which.
+"""The package's layering (docs/internals/index.md, "What lives where"): what ``import dpp_surgery`` loads and costs,
+and which module may import which.
 
 Layers, lowest first: utils, layers, surgery, export; models and training (they use each other, module by module);
 tools (and the command entry points) on top. A module imports only from its own layer and the ones below, and never

@@ -564,8 +564,8 @@ def test_run_write_then_table(tmp_path, monkeypatch):
 
 
 def test_table_of_the_committed_zoo_is_current(tmp_path):
-    """zoo/README.md and the results block of README.md are exactly what `python -m dpp_surgery.zoo table` generates
-    from the committed recipes and paper.md, and every committed recipe has full (not --quick) results."""
+    """zoo/README.md and the results block of docs/results/zoo.md are exactly what `python -m dpp_surgery.zoo table`
+    generates from the committed recipes and paper.md, and every committed recipe has full (not --quick) results."""
     from dpp_surgery.tools.zoo import README_BEGIN, README_END, render_readme_block
     from dpp_surgery.models import load_recipes
     zoo = os.path.join(REPO, 'zoo')
@@ -576,10 +576,10 @@ def test_table_of_the_committed_zoo_is_current(tmp_path):
     assert all(r.results is not None and not r.results['quick'] for r in recipes.values())
     with open(os.path.join(zoo, 'paper', 'paper.md')) as f:
         block = render_readme_block(recipes, f.read())
-    with open(os.path.join(REPO, 'README.md')) as f:
-        readme = f.read()
-    assert readme.count(README_BEGIN) == readme.count(README_END) == 1
-    assert block in readme
+    with open(os.path.join(REPO, 'docs', 'results', 'zoo.md')) as f:
+        page = f.read()
+    assert page.count(README_BEGIN) == page.count(README_END) == 1
+    assert block in page
 
 
 def test_table_updates_the_readme_block_only(tmp_path, capsys):
@@ -587,7 +587,8 @@ def test_table_updates_the_readme_block_only(tmp_path, capsys):
     zoo = tmp_path / 'zoo'
     zoo.mkdir()
     _write(str(zoo), _tiny_recipe(notes='a tiny recipe'))
-    readme = tmp_path / 'README.md'
+    readme = tmp_path / 'docs' / 'results' / 'zoo.md'  # the docs page next to the zoo folder
+    readme.parent.mkdir(parents=True)
     readme.write_text(f'# Project\n\nbefore\n\n{README_BEGIN}\nstale table\n{README_END}\n\nafter\n')
     assert main(['--zoo', str(zoo), 'table']) == 0
     assert 'and the results block of' in capsys.readouterr().out

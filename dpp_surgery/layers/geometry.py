@@ -68,16 +68,8 @@ def _out_size_explicit(size: int, k: int, s: int, p: int, ceil_mode: bool) -> in
 
 @dataclass(frozen=True)
 class PoolGeometry:
-    """Kernel, stride, padding and ceil_mode of a pooling window.
-
-    Args:
-        kernel_size: window size, int or pair.
-        stride: window stride, int or pair; defaults to ``kernel_size``.
-        padding: int or pair (implicit, symmetric, never part of a window), or ``'same'`` for timm's dynamic
-            'same' padding (output size ``ceil(size / stride)``, the extra padding at the bottom/right).
-        ceil_mode: as in ``nn.MaxPool2d``: allow a last window that starts inside the input or left padding
-            and hangs over the far edge.
-    """
+    """Kernel, stride, padding and ceil_mode of a pooling window, as pairs (padding: a pair or ``'same'``); build one
+    with :meth:`create`."""
     kernel: IntPair
     stride: IntPair
     padding: Union[IntPair, str]
@@ -91,6 +83,19 @@ class PoolGeometry:
             padding: PaddingArg = 0,
             ceil_mode: bool = False,
     ) -> 'PoolGeometry':
+        """The geometry of a window, checked.
+
+        Args:
+            kernel_size: window size, int or pair.
+            stride: window stride, int or pair; defaults to ``kernel_size``.
+            padding: int or pair (implicit, symmetric, never part of a window), or ``'same'`` for timm's dynamic
+                'same' padding (output size ``ceil(size / stride)``, the extra padding at the bottom/right).
+            ceil_mode: as in ``nn.MaxPool2d``: allow a last window that starts inside the input or left padding
+                and hangs over the far edge.
+
+        Raises:
+            ValueError: a size below 1, a negative padding or one above half the kernel, an unknown padding string.
+        """
         kernel = to_pair(kernel_size, 'kernel_size')
         stride = kernel if stride is None else to_pair(stride, 'stride')
         if min(kernel) < 1:

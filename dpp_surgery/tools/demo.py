@@ -41,7 +41,7 @@ from ..layers import DPP2d, INIT_PRESETS, THETA_ALPHA_MAX
 from ..layers.kernel import load_kernel
 from .photos import SAMPLE_PHOTOS, load_photo
 
-__all__ = ['main', 'pooling_methods', 'pool_photo', 'check_output_dir', 'MARKER']
+__all__ = ['main', 'build_parser', 'pooling_methods', 'pool_photo', 'check_output_dir', 'MARKER']
 
 MARKER = '.dpp_surgery_demo'
 # names the demo writes into its folder; a folder holding only these (or the marker) is a previous demo output
@@ -613,7 +613,8 @@ def _summary_lines(summary: Dict[str, Any], stages: Dict[str, float], total: flo
     return lines
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m dpp_surgery.demo``."""
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output', '--out', dest='out', default='demo_out', help='output folder (default demo_out)')
@@ -636,6 +637,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--placement-results', metavar='JSON',
                         help='placement.json of `python -m dpp_surgery.experiments placement` for the figure\'s '
                              f'accuracy-against-GFLOPs panel (default {PLACEMENT_RESULTS} if it exists)')
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     profile = _QUICK if args.quick else _FULL
     for key in ('train_subset', 'test_subset', 'epochs'):

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional
 
 from ..utils import write_text
 
-__all__ = ['main', 'paper', 'paper_table', 'paired_differences', 'read_record', 'refuse_overwrite', 't95']
+__all__ = ['main', 'build_parser', 'paper', 'paper_table', 'paired_differences', 'read_record', 'refuse_overwrite',
+           't95']
 
 PAPER_FILES = ('paper.md', 'paper.json')
 # Fashion-MNIST training-set mean and std of the pixel values in [0, 1]
@@ -379,7 +380,8 @@ def paper(args) -> dict:
     return record
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m dpp_surgery.experiments`` (its commands and the conversion study's)."""
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.experiments', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -422,6 +424,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=paper_table_cmd)
     from .conversion_study import add_parsers
     add_parsers(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     from ..cli import upgrade_argv
     from ..training.finetune import amp_mode
 
