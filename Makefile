@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test test-slow test-gpu bench bench-gpu clean
+.PHONY: setup data demo test test-slow test-gpu gpu-check gpu-check-dry bench bench-gpu docs docs-serve clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,26 @@ test-gpu: setup
 bench: setup
 	$(PY) -m dpp_surgery.bench layer
 
+# on a GPU machine that already has torch and Triton (no setup, no .venv): parity, torch.compile, autocast,
+# determinism, short benchmarks and the Triton register report, in one script: make gpu-check PYTHON=python3
+gpu-check:
+	$(PYTHON) -m dpp_surgery.tools.gpu_check --output gpu_check_out
+
+# the same script on a CPU, through Triton's interpreter at tiny sizes (tests/test_gpu_check.py runs it too)
+gpu-check-dry:
+	$(PYTHON) -m dpp_surgery.tools.gpu_check --dry --output gpu_check_out
+
 bench-gpu: setup
 	$(PY) -m dpp_surgery.bench layer --device cuda
 	$(PY) -m dpp_surgery.bench train --device cuda --models resnet50 efficientnet_lite0 --img-size 224 -b 64 \
 		--amp-dtype bfloat16 --channels-last
 
+# the documentation site (mkdocs.yml) into site/; --strict turns a broken link, reference or missing page into an error
+docs: setup
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
+docs-serve: setup
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis site

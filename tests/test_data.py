@@ -98,7 +98,34 @@ def test_image_folder(tmp_path):
     assert img.shape == (3, 24, 24) and img.dtype == torch.uint8
 
 
-def test_batch_transform_resizes_and_normalises():
-    t = BatchTransform(64, (0.5,) * 3, (0.5,) * 3)
-    x = t(torch.full((2, 3, 28, 28), 255, dtype=torch.uint8))
-    assert x.shape == (2, 3, 64, 64) and torch.allclose(x, torch.ones_like(x))
+def _structured_images(n: int, size: int) -> torch.Tensor:
+    """uint8 (n, 3, size, size): a horizontal gradient, a 1-pixel checkerboard (which a resize without antialiasing
+    aliases) and a vertical gradient with a bright square, each image shifted by its index."""
+    i = torch.arange(size).view(1, size)
+    j = torch.arange(size).view(size, 1)
+    imgs = []
+    for k in range(n):
+        grad = (i * 255 // (size - 1)).expand(size, size)
+        checker = ((i + j + k) % 2) * 200 + 20
+        vert = (j * 180 // (size - 1)).expand(size, size).clone()
+        vert[size // 4 + k:size // 2 + k, size // 3:size // 2 + 2] = 250
+        imgs.append(torch.stack([grad, checker, vert]))
+    return torch.stack(imgs).to(torch.uint8)
+
+
+@pytest.mark.parametrize('src,size', [(28, 64), (64, 28), (40, 40)])
+def test_batch_transform_resizes_and_normalises(src, size):
+    """Upscaled, downscaled (where antialiasing matters: the checkerboard) and unscaled structured images against an
+    independent float64 computation: [0, 1], torch's bilinear interpolation with antialiasing, then per-channel
+    normalisation with distinct means and stds (a channel mix-up shows)."""
+    import torch.nn.functional as F
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = _structured_images(2, src)
+    out = BatchTransform(size, mean, std)(images)
+    assert out.shape == (2, 3, size, size) and out.dtype == torch.float32
+    ref = images.double() / 255
+    if src != size:
+        ref = F.interpolate(ref, size=(size, size), mode='bilinear', align_corners=False, antialias=True)
+    ref = (ref - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(std, dtype=torch.float64
+                                                                                          ).view(1, 3, 1, 1)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)

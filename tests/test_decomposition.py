@@ -136,12 +136,12 @@ def test_large_lambda_stays_finite(mode, lam):
 def test_lean_tiling_layer_is_short():
     """A 2x2 tiling layer (what convert makes of strided convolutions): 20 nodes without padding, with dynamic or
     fixed sizes (the one-hot convolution drops what floor mode leaves out: no shape arithmetic); ceil_mode, 'same'
-    and padding 1 (edge padding instead of a mask) at most 25; the Full guide adds two (its convolution), the asym
-    reward one."""
+    and padding 1 (edge padding instead of a mask) at most 25; the Full guide adds four (its convolution, and the Sub
+    and Add that make a window whose guide reads a non-finite value NaN), the asym reward one."""
     lite = _check((2, 2, 0, False), 'lite', 'sym', 'mean', 'dynamic', sizes=((16, 16), (17, 13)))[(16, 16)]
     fixed = _check((2, 2, 0, False), 'lite', 'sym', 'mean', 'fixed', sizes=((16, 16),))[(16, 16)]
     full = _check((2, 2, 0, False), 'full', 'asym', 'mean', 'dynamic', sizes=((16, 16), (17, 13)))[(16, 16)]
-    assert lite <= 20 and fixed <= 20 and full <= lite + 3, (lite, fixed, full)
+    assert lite <= 20 and fixed <= 20 and full <= lite + 5, (lite, fixed, full)
     for geometry in ((2, 2, 0, True), (2, 2, 'same', False), (2, 2, 1, False), (2, 2, 1, True)):
         for reward in ('sym', 'asym'):
             n = _check(geometry, 'lite', reward, 'mean', 'dynamic', sizes=((16, 16), (17, 13)))[(16, 16)]

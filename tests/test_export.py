@@ -249,9 +249,21 @@ def _profiled_ops(path, native, tmp_path):
     return {e['args'].get('op_name') for e in events if e.get('cat') == 'Node'}
 
 
+def _assert_matches_model(sess, model, shape=(2, 3, 64, 64), seed=3, rtol=1e-4):
+    """The session's output on a random input (not zeros: a constant input hides most of what a wrong function
+    computes) matches the PyTorch model's to ``rtol`` of its largest value."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert out.shape == ref.shape
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert np.isfinite(out).all() and err <= rtol, f'the session differs from PyTorch: max rel error {err:.3g}'
+
+
 def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, monkeypatch):
     from dpp_surgery.export import ort_kernel
-    _, path = custom_export
+    model, path = custom_export
     assert 'DPP2d' in _profiled_ops(path, True, tmp_path)  # the kernel ran the DPP2d nodes
     inlined = _profiled_ops(path, False, tmp_path)
     assert 'DPP2d' not in inlined and {'Log', 'Exp'} <= inlined  # the function was inlined
@@ -261,8 +273,10 @@ def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, mo
     try:
         with pytest.raises(RuntimeError, match='native onnxruntime DPP2d kernel is unavailable: disabled by'):
             onnx_session(path, native=True)
-        sess = onnx_session(path)
-        assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})[0].shape == (1, 1000)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', ort_kernel.OrtKernelWarning)
+            sess = onnx_session(path)
+        _assert_matches_model(sess, model)  # the functions the file carries compute the model
     finally:
         monkeypatch.delenv('DPP_SURGERY_NO_ORT_KERNEL')
         ort_kernel._reset()
@@ -340,16 +354,57 @@ def test_native_kernel_matches_function_in_onnxruntime(custom_export, tmp_path):
 
 def test_kernel_build_failure_warns_and_falls_back(custom_export, tmp_path, monkeypatch):
     from dpp_surgery.export import ort_kernel
-    _, path = custom_export
+    model, path = custom_export
     monkeypatch.setenv('ORT_INCLUDE_DIR', str(tmp_path))  # no headers there
     ort_kernel._reset()
     try:
         with pytest.warns(ort_kernel.OrtKernelWarning, match=r'ORT_INCLUDE_DIR=.* has no onnxruntime_c_api.h'):
             sess = onnx_session(path)
-        assert sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})[0].shape == (1, 1000)
+        _assert_matches_model(sess, model, shape=(1, 3, 65, 71))
     finally:
         monkeypatch.delenv('ORT_INCLUDE_DIR')
         ort_kernel._reset()
+
+
+def _perturb_initializer(path, out_path, shape):
+    """A copy of the ONNX file at ``path`` with one weight element of the initializer of ``shape`` changed."""
+    from onnx import numpy_helper
+    m = onnx.load(path)
+    init = next(i for i in m.graph.initializer if tuple(i.dims) == tuple(shape))
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += 0.5 * np.abs(arr).max() + 0.1
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(m, out_path)
+    return out_path
+
+
+def test_verify_onnx_reports_a_file_that_differs_from_the_model(tmp_path, monkeypatch):
+    """verify_onnx's ``ok`` can be False: a file with one weight changed is reported, with the worst row named,
+    and ``export_onnx(verify=True)`` raises ExportError on it (here its writer changes the weight)."""
+    from dpp_surgery import DPP2d
+    from dpp_surgery.export import ExportError
+    import dpp_surgery.export.onnx as exp
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), DPP2d(8, 2), torch.nn.Conv2d(8, 4, 1)).eval()
+    path = export_onnx(net, str(tmp_path / 'net.onnx'), example_input=torch.randn(1, 3, 16, 16), min_size=8)
+    good = verify_onnx(net, path, base_size=(16, 16))
+    assert good['ok'] and good['worst']['max_rel_error'] <= 1e-5
+    bad = verify_onnx(net, _perturb_initializer(path, str(tmp_path / 'bad.onnx'), (8, 3, 3, 3)), base_size=(16, 16))
+    assert not bad['ok'] and not any(r['ok'] for r in bad['rows'])
+    worst = bad['worst']
+    assert worst is max(bad['rows'], key=lambda r: r['max_rel_error']) and worst['max_rel_error'] > 1e-2
+    assert worst['runtime'] == 'onnxruntime' and worst['input'] == 'random'
+
+    real_write = exp._write
+
+    def write_then_change_a_weight(exported, out, overwrite):
+        real_write(exported, out, overwrite)
+        _perturb_initializer(out, out, (8, 3, 3, 3))
+
+    monkeypatch.setattr(exp, '_write', write_then_change_a_weight)
+    target = str(tmp_path / 'verified.onnx')
+    with pytest.raises(ExportError, match=r'verified\.onnx: onnxruntime differs from PyTorch: .*max_rel_error'):
+        export_onnx(net, target, example_input=torch.randn(1, 3, 16, 16), min_size=8, verify=True)
 
 
 def test_missing_file_error(tmp_path):

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 
 ENV = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
 def _cases():
@@ -38,7 +39,8 @@ def test_parity_with_the_references(index):
 
 def test_kernel_status_and_dispatch():
     status = dpp_surgery.kernel_status()['triton']
-    assert status['available'] and not status['interpreter'], status
+    # (compiled for the GPU, unless TRITON_INTERPRET was set: then the interpreter runs on the CUDA tensors)
+    assert status['available'] and status['interpreter'] == INTERPRETED, status
     from dpp_surgery.layers import functional
     x = torch.randn(2, 4, 8, 8, device='cuda')
     assert functional._choose(x, DPP2d(4).geometry.resolve(8, 8), 'auto') == 'triton'
@@ -55,6 +57,7 @@ def test_op_check_on_cuda():
                               (x, guide, alpha, lam, [2, 2, 2, 2, 0, 0, 3, 3], False, 1, 1e-3))
 
 
+@pytest.mark.skipif(INTERPRETED, reason="Triton's interpreter copies CUDA tensors to the host (TRITON_INTERPRET is set)")
 def test_no_host_device_synchronisation():
     """Forward and backward of every guide, overlapping and not, in bfloat16 and float32: nothing waits for the
     device (CUDA's sync debug mode turns any synchronisation into an error)."""

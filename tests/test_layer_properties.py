@@ -165,15 +165,58 @@ def test_same_padding_shape_matches_timm(size):
         assert layer(x).shape == MaxPool2dSame(k, s)(x).shape == AvgPool2dSame(k, s)(x).shape
 
 
-def test_same_padding_with_zero_lambda_equals_timm_avg_pool_same_without_pad():
-    """With lambda -> 0, 'same' DPP is an average over valid positions only (padding never takes part)."""
-    x = torch.randn(2, 3, 7, 6)
-    out = dpp2d(x, torch.zeros(3), torch.full((3,), -30.0), 3, 2, 'same')
-    # timm pads at the bottom/right for odd totals: pad (1, 1) rows... computed explicitly here
-    ones = torch.ones(1, 1, 7, 6)
+def _tf_same(size: int, k: int, s: int):
+    """TensorFlow's 'SAME' rule, written out here (not taken from the implementation): out = ceil(size / s),
+    pad_total = max((out - 1) * s + k - size, 0), pad_before = pad_total // 2, pad_after = the rest."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return out, total // 2, total - total // 2
+
+
+# (kernel, stride) pairs: odd and even windows, stride 1, a window smaller than its stride, a rectangular one
+SAME_GEOMS = [((3, 3), (2, 2)), ((2, 2), (2, 2)), ((3, 3), (1, 1)), ((1, 1), (2, 2)), ((4, 4), (3, 3)),
+              ((3, 2), (1, 2))]
+
+
+@pytest.mark.parametrize('kernel,stride', SAME_GEOMS)
+@pytest.mark.parametrize('size', [5, 6, 7, 8, 9])
+def test_same_padding_follows_tensorflow_rule_and_timm(kernel, stride, size):
+    """'same' padding against TensorFlow's rule derived independently (:func:`_tf_same`), timm's own
+    MaxPool2dSame/AvgPool2dSame output shapes, and, with DPP set to average pooling, AvgPool2dSame's values: DPP
+    averages the valid positions only, which is AvgPool2dSame(x) / AvgPool2dSame(ones) (timm pads with zeros
+    and counts them), and AvgPool2dSame(x) itself wherever the window holds no padding."""
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
     from dpp_surgery import PoolGeometry
-    r = PoolGeometry.create(3, 2, 'same').resolve(7, 6)
-    pads = (r.pad_left, r.pad_right, r.pad_top, r.pad_bottom)
-    num = F.avg_pool2d(F.pad(x, pads), 3, 2)
-    den = F.avg_pool2d(F.pad(ones, pads), 3, 2)
+    h, w = size, size + 2
+    (oh, top, bottom), (ow, left, right) = (_tf_same(n, k, s) for n, k, s in zip((h, w), kernel, stride))
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    ones = torch.ones(1, 1, h, w, dtype=torch.float64)
+    timm_avg, timm_max = AvgPool2dSame(kernel, stride), MaxPool2dSame(kernel, stride)
+    assert timm_max(x).shape[-2:] == timm_avg(x).shape[-2:] == (oh, ow)  # the rule is timm's
+
+    r = PoolGeometry.create(kernel, stride, 'same').resolve(h, w)
+    assert r.out_size == (oh, ow)
+    # a negative 'after' (k < s) crops positions that no window reaches; they pad nothing
+    assert (r.pad_top, max(r.pad_bottom, 0), r.pad_left, max(r.pad_right, 0)) == (top, bottom, left, right)
+
+    # average pooling by value: huge alpha (every weight alpha + ~1) and lambda -> 0 (every weight ~2)
+    expected = timm_avg(x) / timm_avg(ones)
+    for init in ((20000.0, 1e-8), (1.0, 1e-12)):
+        layer = DPP2d(3, kernel, stride, padding='same', init=init).double()
+        with torch.no_grad():
+            out = layer(x)
+        assert out.shape[-2:] == (oh, ow)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    # windows that hold no padding: timm's own average, unscaled
+    inner = timm_avg(ones)[0, 0] == 1
+    torch.testing.assert_close(out[..., inner], timm_avg(x)[..., inner], rtol=1e-6, atol=1e-6)
+    # and the same from the TensorFlow pads alone
+    pads = (left, right, top, bottom)
+    num = F.avg_pool2d(F.pad(x, pads), kernel, stride)
+    den = F.avg_pool2d(F.pad(ones, pads), kernel, stride)
     torch.testing.assert_close(out, num / den, rtol=1e-6, atol=1e-6)
+    # init='avg' (lambda = 0.0025: every weight within ~1% of the others) is close to it
+    with torch.no_grad():
+        near = DPP2d(3, kernel, stride, padding='same', init='avg').double()(x)
+    torch.testing.assert_close(near, expected, rtol=0, atol=0.05)

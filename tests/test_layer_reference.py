@@ -1,8 +1,11 @@
 """DPP2d against the float64 loop reference, every variant x normalisation x geometry, both implementations."""
+import math
+
 import pytest
 import torch
 
 from dpp_surgery import DPP2d, dpp2d
+from conftest import kernel_available
 from reference import dpp2d_reference
 
 # name: (kernel, stride, padding, ceil_mode)
@@ -73,6 +76,48 @@ def test_kernel_equals_torch_path_with_gradients(geometry):
         torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-12)
         for a, b in zip(g1, g2):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+
+def _omp_threshold() -> int:
+    """The work size (N * C * H * W) above which the fused kernel runs on several OpenMP threads, read from its source."""
+    import re
+    from dpp_surgery.layers.kernel import SOURCES
+    found = set(re.findall(r'if \(work > (\d+)\)', SOURCES[0].read_text()))
+    assert len(found) == 1, f'expected one OpenMP threshold in {SOURCES[0]}, found {sorted(found)}'
+    return int(found.pop())
+
+
+@pytest.mark.skipif(not kernel_available(), reason='the fused CPU kernel is not built')
+@pytest.mark.parametrize('layout,guide,reward', [('nchw', 'full', 'asym'), ('channels_last', 'lite', 'sym')])
+def test_kernel_threaded_backward_matches_torch_path(layout, guide, reward):
+    """Above the kernel's OpenMP threshold (the smallest square input over it, with at least two work items: planes in
+    NCHW, images in NHWC) on two threads: the float32 kernel's output, input gradient and theta (and guide) gradients
+    against the PyTorch path in float64, to float32 precision."""
+    torch.set_num_threads(2)  # (the autouse fixture restores the count)
+    n, c = (2, 2) if layout == 'nchw' else (2, 16)  # (channels_last runs the NHWC path from 16 channels)
+    side = math.isqrt(_omp_threshold() // (n * c)) + 1
+    assert n * c * side * side > _omp_threshold()
+    layer = _make(c, (3, 3), (2, 2), 1, False, guide, reward, 'mean')
+    x = torch.randn(n, c, side, side + 1)
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = None
+    results = {}
+    for impl, dtype in (('kernel', torch.float32), ('torch', torch.float64)):
+        layer.impl = impl
+        layer.zero_grad()
+        layer.to(dtype)
+        xi = x.to(dtype).detach().requires_grad_(True)
+        out = layer(xi)
+        if grad is None:
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        out.backward(grad.to(dtype))
+        results[impl] = [out, xi.grad] + [p.grad for p in layer.parameters()]
+    names = ['output', 'input gradient'] + [name for name, _ in layer.named_parameters()]
+    for name, a, b in zip(names, results['kernel'], results['torch']):
+        err = _rel_err(a, b)
+        assert err <= 1e-4, f'{layout} {guide}-{reward} {tuple(x.shape)}: {name} max relative error {err:.3g}'
 
 
 def test_functional_matches_module():

@@ -41,10 +41,12 @@ ALL_CASES = list(itertools.product(VARIANTS, GEOMETRIES, LAYOUTS, DTYPES))
 
 
 def _covering_cases():
-    """Every variant, geometry, layout and dtype, each pair of norm and dtype, in a few cases: variant i % 12
-    and geometry i % 11 (coprime periods), layout (i // 2) % 2, dtype (i // 4) % 3."""
+    """Every variant, geometry, layout and dtype, each pair of norm and dtype and each of guide x dtype (the Full
+    guide in float32 too), in a few cases: variant i % 12 and geometry i % 11 (coprime periods), layout
+    (i // 2) % 2, dtype (i // 4 + i // 12) % 3."""
     geometries, layouts, dtypes = list(GEOMETRIES), list(LAYOUTS), list(DTYPES)
-    return [(VARIANTS[i % 12], geometries[i % 11], layouts[(i // 2) % 2], dtypes[(i // 4) % 3]) for i in range(24)]
+    return [(VARIANTS[i % 12], geometries[i % 11], layouts[(i // 2) % 2], dtypes[(i // 4 + i // 12) % 3])
+            for i in range(24)]
 
 
 def _case_id(case):
@@ -123,6 +125,8 @@ def test_covering_cases_cover_every_factor():
     assert {c[2] for c in cases} == set(LAYOUTS)
     assert {c[3] for c in cases} == set(DTYPES)
     assert {(c[0][2], c[3]) for c in cases} == set(itertools.product(('mean', 'none', 'sum'), DTYPES))
+    assert {(c[0][0], c[3]) for c in cases} == set(itertools.product(('lite', 'full'), DTYPES))
+    assert {(c[0][0], c[2]) for c in cases if c[3] == 'f32'} == set(itertools.product(('lite', 'full'), LAYOUTS))
 
 
 GRADCHECK = [
@@ -236,6 +240,28 @@ def test_backward_is_deterministic_and_tiling_does_not_matter(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('geometry', [(2, 2, 0), (3, 2, 1)], ids=['2x2', '3x3s2p1'])
+@pytest.mark.parametrize('guide', ['lite', 'full'])
+def test_channel_and_position_tiles_match_the_torch_path(monkeypatch, guide, geometry):
+    """Small tiles: channels_last spread over several channel tiles (the last one partial) and positions over
+    several tiles (the last one partial), NCHW over many position tiles; float32 values and gradients equal the
+    PyTorch path's."""
+    from dpp_surgery.layers import triton_dpp
+    monkeypatch.setattr(triton_dpp, 'TILE_LANES', 8)
+    monkeypatch.setattr(triton_dpp, 'TILE_CHANNELS', 2)
+    layer = DPP2d(5, *geometry, guide=guide, reward='asym', impl='triton').to(DEVICE)
+    for fmt in LAYOUTS.values():
+        x = torch.randn(2, 5, 7, 9, device=DEVICE).contiguous(memory_format=fmt)
+        bp, bc, _ = triton_dpp._blocks(x, 'forward')
+        assert (bp, bc) == ((4, 2) if fmt == torch.channels_last else (8, 1))
+        got = _layer_grads(layer, x)
+        layer.impl = 'torch'
+        want = _layer_grads(layer, x)
+        layer.impl = 'triton'
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_views_run_without_copies_and_match_the_torch_path():
     """Channel slices and strided views (neither NCHW- nor channels_last-contiguous) give the PyTorch path's
     values and gradients."""
@@ -306,7 +332,11 @@ def test_auto_on_cpu_keeps_the_cpu_kernel():
     x = torch.randn(1, 2, 8, 8)
     r = DPP2d(2).geometry.resolve(8, 8)
     assert functional._choose(x, r, 'auto') == ('kernel' if kernel_status()['loaded'] else 'torch')
-    assert functional._choose(x, r, 'triton') == 'triton'
+    if kernel_status()['triton']['interpreter']:
+        assert functional._choose(x, r, 'triton') == 'triton'
+    else:  # (a CUDA machine: conftest turns the interpreter on only without a GPU)
+        with pytest.raises(RuntimeError, match='only through Triton\'s interpreter'):
+            functional._choose(x, r, 'triton')
     # (CPU bfloat16, autocast's: the CPU kernel on a float32 copy, not the Triton kernels)
     assert functional._choose(x.to(torch.bfloat16), r, 'auto') == functional._choose(x, r, 'auto')
 

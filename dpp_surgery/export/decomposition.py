@@ -264,15 +264,18 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
     axes = em.ints([axis], 'axis')
 
     if blocks:
-        shape5 = em.ints([0, k, -1, 0, 0], 'blocks')
+        # (N, 1, K * C, OH, OW) -> (N, K, C, OH, OW) with C from the input's shape and -1 for N, not C: Reshape infers
+        # -1 only where the other sizes are not zero, which an empty batch (N = 0) copied by a 0 would be
+        shape5 = em.op('Concat', em.ints([-1, k]), em.op('Shape', x, start=1, end=2), em.ints([0, 0]), axis=0)
 
-        def stack(t, c=None):
+        def stack(t, c=None):  # (c: a fixed channel count, the mask's 1)
             return em.op('Reshape', em.op('Unsqueeze', em.op('SpaceToDepth', region.cut(t), blocksize=kh), axes),
-                         shape5)
+                         shape5 if c is None else em.ints([0, k, c, 0, 0], 'blocks'))
     elif not em.as_function:
         # one grouped convolution with one-hot filters (C * K outputs, K per channel: exact copies) unfolds the
         # windows, padding included where it is symmetric (floor mode): no padded copy, no Slice per position
-        unfold = em.ints([0, -1, k, 0, 0], 'unfold')
+        unfold = {}  # (N, C * K, OH, OW) -> (N, C, K, OH, OW) per channel count: no -1, which Reshape cannot infer
+        # for an empty batch (N = 0)
         conv_pads = [g.padding[0], g.padding[1]] * 2 if simple else [0, 0, 0, 0]
         filters = {}
         if edge and not simple:
@@ -294,9 +297,10 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
             if c not in filters:
                 eye = np.eye(k, dtype=np.float32).reshape(k, 1, kh, kw)
                 filters[c] = em.const(np.tile(eye, (c, 1, 1, 1)), hint='unfold_filter')
+                unfold[c] = em.ints([0, int(c), k, 0, 0], 'unfold')
             cols = em.op('Conv', source(t), filters[c], group=int(c), kernel_shape=[kh, kw], strides=[sh, sw],
                          pads=conv_pads)
-            return em.op('Reshape', em.op('Unsqueeze', cols, axes), unfold)
+            return em.op('Reshape', em.op('Unsqueeze', cols, axes), unfold[c])
     else:  # (function bodies, whose channel count is not fixed: one strided Slice per position)
         steps, spatial = em.ints([sh, sw], 'steps'), em.ints([3, 4], 'spatial')
 
@@ -355,4 +359,10 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
     rw = em.op('Exp', em.op('Mul', em.op('Log', em.op('Div', y, big)), w.half))
     num = em.op('Add', em.op('Mul', a, px), mean(em.op('Mul', rw, cols)))
     den = em.op('Add', em.op('Mul', a, share) if share else a, mean(rw))
+    if guide_weight is not None:
+        # non-finite inputs (issue 33): a window whose Full guide reads a NaN or infinite value outside the window must
+        # give NaN too, where Relu (asym) would turn a deviation of -inf (a guide of +inf) into a finite weight; guide -
+        # guide is +0 (den unchanged) or NaN. The Lite guide needs nothing: a non-finite window value reaches the output
+        # through alpha * px in num
+        den = em.op('Add', den, em.op('Sub', guide, guide))
     return em.op('Squeeze', em.op('Div', num, den), axes, output=output)

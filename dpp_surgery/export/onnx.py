@@ -263,7 +263,7 @@ def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False
     otherwise the spinning threads of the session that ran last take cores from the next one.
 
     ``native``: for files with ``dpp_surgery.DPP2d`` nodes (``mode='custom'``), register the native kernel library
-    (:mod:`dpp_surgery.ort_kernel`, built on first use). ``None`` (default): if it can be built, else run the
+    (:mod:`dpp_surgery.export.ort_kernel`, built on first use). ``None`` (default): if it can be built, else run the
     decomposition carried in the file (with one OrtKernelWarning saying why); ``True``: require it (RuntimeError if
     it cannot be built); ``False``: never (the decomposition runs).
     """

@@ -80,6 +80,15 @@ class DPP2d(nn.Module):
     compute in float32, with a backward that recomputes from the input. Elsewhere a pure-PyTorch path computes the
     same values; it computes float16 and bfloat16 inputs in float32 and returns them in their own dtype.
 
+    **Non-finite and empty inputs.** A NaN, +inf or -inf in the input makes NaN every output whose computation reads
+    it (its windows and, with the Full guide, the outputs whose guide filter reaches it) and leaves every other output
+    bit-identical to the result without it, with no data-dependent branch or host-device synchronisation. In the
+    backward pass, the input gradient is non-finite exactly at the positions those outputs read; the ``theta_alpha``,
+    ``theta_lambda`` (and ``guide_weight``) gradients of their channel become NaN, the other channels' are unchanged.
+    An empty batch (N = 0) gives an empty output and zero-size (input) or zero (parameter) gradients. The CPU kernel,
+    the PyTorch path and the ONNX files in onnxruntime (decomposed, custom with the native kernel or with the function
+    fallback) follow this; see ``docs/internals/nonfinite.md``.
+
     Args:
         channels: number of input channels C.
         kernel_size: window size, int or pair. Default 2, or ``stride`` when only ``stride`` is given (timm's

@@ -144,18 +144,36 @@ def full_guide(x: Tensor, weight: Tensor, geometry: PoolGeometry, resolved: Reso
     sh, sw = geometry.stride
     oh, ow = resolved.out_size
     h, w = x.shape[-2:]
+    if x.shape[1] == 0:  # no channels: conv2d refuses groups=0; an empty guide (and an empty weight gradient)
+        return x.new_zeros(x.shape[0], 0, oh, ow) + weight.sum().to(x.dtype)
     top = resolved.pad_top + (kgh - kh)
     left = resolved.pad_left + (kgw - kw)
     bottom = (oh - 1) * sh + kgh - h - top  # negative: crop
     right = (ow - 1) * sw + kgw - w - left
     with torch.autocast(x.device.type, enabled=False):  # the guide keeps the dtype DPP computes in
         if not _exporting() and bottom <= top and right <= left:
-            # conv2d's own symmetric padding covers it (no padded copy of x); extra outputs are cropped
+            # conv2d's own symmetric padding covers it (no padded copy of x); extra outputs are cropped. Rows and
+            # columns that no output reads (floor mode) are cut off first: a cropped output reading a NaN there
+            # would still make the weight's gradient NaN (its zero gradient times NaN)
+            if bottom < 0 or right < 0:
+                x = x[:, :, :h + min(bottom, 0), :w + min(right, 0)]
             g = F.conv2d(x, weight.to(x.dtype), stride=(sh, sw), padding=(top, left), groups=x.shape[1])
         else:
             g = F.conv2d(F.pad(x, (left, right, top, bottom)), weight.to(x.dtype), stride=(sh, sw),
                          groups=x.shape[1])
     return g[:, :, :oh, :ow]
+
+
+def _nonfinite_guard(guide: Tensor) -> Tensor:
+    """``guide * 0``: zero where the guide is finite, NaN where it is NaN or infinite (no data-dependent branch, no
+    host-device synchronisation). Every guide value reads its whole window (the Lite guide is its mean, the Full
+    guide's filter covers it and reaches further), so added to a window's weight sum it makes exactly the outputs
+    whose computation read a non-finite input NaN where the clamps and the asymmetric reward's ``max(0, .)`` would
+    leave the weights finite (a guide of +inf makes every deviation -inf, which the asymmetric reward clamps to 0).
+    Adding a zero leaves the other outputs bit for bit. In the backward pass it passes ``0 * grad`` to the guide:
+    NaN from a NaN output (so the positions the Full guide's filter reads get NaN gradients even where ``max(0, .)``
+    passes none), a zero, which changes no sum, from the others."""
+    return guide * 0
 
 
 _BASE_LIMIT = 1.0 + 2.0 ** -10  # (1 + 2^-10)^(lambda/2) overflows float32 only for lambda above 1.8e5
@@ -231,7 +249,7 @@ def _pooled(
         rw = torch.pow(ratio, hl)
     num = a * pool(xp) + pool(rw * xp)
     den = a * share + pool(rw) if masked else a + pool(rw)
-    return num / den
+    return num / (den + _nonfinite_guard(guide))
 
 
 def _reference(
@@ -302,7 +320,7 @@ def _stacked(
     # All weights share the factor exp(-shift); the output does not depend on it, and it keeps them finite.
     shift = lr.amax(2).clamp_min(0).detach()
     wts = (alpha.view(1, c, 1, 1) * torch.exp(-shift)).unsqueeze(2) * valid + torch.exp(lr - shift.unsqueeze(2))
-    return (wts * cols).sum(2) / wts.sum(2)
+    return (wts * cols).sum(2) / (wts.sum(2) + _nonfinite_guard(guide))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ['forward', 'backward', 'INTERPRETED', 'STATS', 'TILE_LANES']
+__all__ = ['forward', 'backward', 'launch_config', 'LAUNCH', 'INTERPRETED', 'STATS', 'TILE_LANES']
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted; record which this module got.
 INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
@@ -125,7 +125,10 @@ def _window(x_ptr, g_ptr, xbase, gofs, ih0, iw0, sxh, sxw, H, W, mask, a, hl, ep
             ws += w
             wx += w * v
     ws = tl.where(ws > 0, ws, 1.0)
-    return g, cnt, sy, lm, m, ea, ws, wx / ws
+    # A non-finite element reaches wx (w v is NaN or inf for any weight w), but a non-finite guide need not (the
+    # asymmetric reward clips v - G at 0): such a window's output is NaN. Other windows compute as without it.
+    gbad = g - g
+    return g, cnt, sy, lm, m, ea, ws, tl.where(gbad == 0, wx / ws, gbad)
 
 
 @triton.jit
@@ -284,18 +287,37 @@ def _acc(x: Tensor):
 
 # Lanes per tile: None picks them per launch (below); tests set a small number to run many tiles per launch.
 TILE_LANES: Optional[int] = None
+TILE_CHANNELS: Optional[int] = None  # (tests: at most this many channels per channels_last tile)
 _INTERPRETED_LANES = 1 << 14  # the interpreter pays per program, not per lane: few, large tiles
 
 
-def _blocks(x: Tensor, lanes: int) -> Tuple[int, int]:
-    """(positions, channels) per tile: one channel for NCHW, up to 64 channels for channels_last."""
-    if TILE_LANES is not None:
-        lanes = TILE_LANES
-    elif INTERPRETED:
-        lanes = _INTERPRETED_LANES
+# Per kernel at GPU tile sizes: lanes per tile, channels per tile for channels_last, and warps per program
+# (2 lanes a thread for the forward: about 95 registers for 3x3 windows, 31% theoretical occupancy on sm_80/sm_90;
+# 1 for the backward, which keeps about twice as many values a lane, and for the gather kernel, which spilled at
+# 2 on sm_80; see dpp_surgery.layers.triton_aot)
+LAUNCH = {'forward': (256, 64, 4), 'backward': (128, 32, 4), 'gather': (128, 32, 4)}
+
+
+def launch_config(kernel: str, channels: int, channels_last: bool) -> dict:
+    """BLOCK_P (positions), BLOCK_C (channels) and num_warps of ``kernel`` on a GPU: one channel per tile for NCHW
+    (consecutive positions are consecutive in memory), up to LAUNCH's channels for channels_last."""
+    lanes, max_c, warps = LAUNCH[kernel]
+    if channels > 1 and channels_last:
+        bc = min(max_c, triton.next_power_of_2(channels))
+        return dict(BLOCK_P=max(lanes // bc, 1), BLOCK_C=bc, num_warps=warps)
+    return dict(BLOCK_P=lanes, BLOCK_C=1, num_warps=warps)
+
+
+def _blocks(x: Tensor, kernel: str) -> Tuple[int, int, int]:
+    """(positions, channels, warps) per tile of ``kernel`` for x (see launch_config)."""
     c = x.shape[1]
-    if c > 1 and x.stride(1) == 1:
-        bc = min(64 if not INTERPRETED or TILE_LANES else lanes, triton.next_power_of_2(c))
+    channels_last = c > 1 and x.stride(1) == 1
+    config = launch_config(kernel, c, channels_last)
+    if TILE_LANES is None and not INTERPRETED:
+        return config['BLOCK_P'], config['BLOCK_C'], config['num_warps']
+    lanes = TILE_LANES if TILE_LANES is not None else _INTERPRETED_LANES
+    if channels_last:
+        bc = min(TILE_CHANNELS or (64 if TILE_LANES else lanes), triton.next_power_of_2(c))
         bp = max(lanes // bc, 1)
     else:
         bc, bp = 1, lanes
@@ -303,7 +325,7 @@ def _blocks(x: Tensor, lanes: int) -> Tuple[int, int]:
         # no wider than the work: the interpreter computes every lane, masked or not
         rows = x.shape[0] * x.shape[2] * x.shape[3]
         bp = min(bp, triton.next_power_of_2(max(rows, 1)))
-    return bp, bc
+    return bp, bc, config['num_warps']
 
 
 def _strides(t: Optional[Tensor]) -> Tuple[int, ...]:
@@ -335,14 +357,14 @@ def forward(x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geom
     p = n * oh * ow
     if out.numel() == 0:
         return out
-    bp, bc = _blocks(x, 512)
+    bp, bc, warps = _blocks(x, 'forward')
     grid = (triton.cdiv(p, bp), triton.cdiv(c, bc))
     _forward_kernel[grid](
         x, guide if guide is not None else x, alpha, lam, out,
         c, h, w, oh, ow, p, pt, pl, float(eps),
         *x.stride(), *_strides(guide), *out.stride(),
         KH=kh, KW=kw, SH=sh, SW=sw, ASYM=bool(asym), NORM=int(norm), HAS_GUIDE=guide is not None, ACC=_acc(x),
-        BLOCK_P=bp, BLOCK_C=bc)
+        BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     return out
 
 
@@ -361,7 +383,7 @@ def backward(grad: Tensor, x: Tensor, guide: Optional[Tensor], alpha: Tensor, la
     grad_guide = torch.empty_like(guide, memory_format=fmt) if guide is not None else x.new_empty(0)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     p = n * oh * ow
-    bp, bc = _blocks(x, 256)
+    bp, bc, warps = _blocks(x, 'backward')
     grid = (triton.cdiv(p, bp), triton.cdiv(c, bc))
     part_a = torch.zeros(grid[0], c, dtype=acc_dtype, device=x.device)
     part_l = torch.zeros(grid[0], c, dtype=acc_dtype, device=x.device)
@@ -382,14 +404,15 @@ def backward(grad: Tensor, x: Tensor, guide: Optional[Tensor], alpha: Tensor, la
         *x.stride(), *_strides(guide), *_strides(grad_guide if guide is not None else None), *grad.stride(),
         *grad_x.stride(), *sstr,
         KH=kh, KW=kw, SH=sh, SW=sw, ASYM=bool(asym), NORM=int(norm), HAS_GUIDE=guide is not None,
-        NON_OVERLAP=non_overlap, ACC=_acc(x), BLOCK_P=bp, BLOCK_C=bc)
+        NON_OVERLAP=non_overlap, ACC=_acc(x), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     if not non_overlap:
         q = n * h * w
+        bp, bc, warps = _blocks(x, 'gather')
         qgrid = (triton.cdiv(q, bp), triton.cdiv(c, bc))
         _gather_kernel[qgrid](
             x, lam, stats, grad_x,
             c, h, w, oh, ow, q, pt, pl, float(eps),
             *x.stride(), *grad_x.stride(), *sstr,
             KH=kh, KW=kw, SH=sh, SW=sw, ASYM=bool(asym), NWH=triton.cdiv(kh, sh), NWW=triton.cdiv(kw, sw),
-            ACC=_acc(x), BLOCK_P=bp, BLOCK_C=bc)
+            ACC=_acc(x), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     return grad_x, grad_guide, part_a.sum(0).to(alpha.dtype), part_l.sum(0).to(lam.dtype)

@@ -1148,6 +1148,37 @@ def bench_train(args) -> dict:
             'rows': rows, 'checks': [{'check': t, 'pass': ok} for t, ok in checks]}
 
 
+def bench_triton_report(args) -> dict:
+    """Registers, spills, shared memory and theoretical occupancy of the Triton kernels, compiled for sm_90 and
+    sm_80 on this machine (no GPU needed): see :mod:`dpp_surgery.layers.triton_aot`."""
+    from ..layers import triton_aot
+    found = triton_aot.tools()
+    if found['error']:
+        print(f'triton-report: skipped: {found["error"]}')
+        return {'skipped': found['error']}
+    if args.full:
+        specs = triton_aot.all_specs()
+    elif args.covering:
+        specs = triton_aot.covering_specs()
+    else:
+        specs = triton_aot.all_specs(norms=('mean',), dtypes=('float32', 'bfloat16'))
+    import triton
+    print(f'Triton {triton.__version__}: {len(specs)} kernel specializations x sm_{", sm_".join(map(str, args.arch))}'
+          f' ({args.channels} channels, the launcher\'s GPU tiles)', flush=True)
+    result = triton_aot.report(specs, archs=args.arch, channels=args.channels, jobs=args.jobs)
+    print(triton_aot.format_table(result['rows']))
+    checks = [(f'no register spill in {len(result["rows"])} compiled kernels',
+               all(r['stack'] == 0 for r in result['rows'])),
+              (f'theoretical occupancy >= {triton_aot.TARGET_OCCUPANCY:.0%} for every forward and 2x2 backward',
+               not any('occupancy' in m for m in result['missed']))]
+    for m in result['missed']:
+        print(f'  missed: {m}')
+    _print_checks(checks)
+    print(f'({result["seconds"]} s)')
+    result['checks'] = [{'check': t, 'pass': ok} for t, ok in checks]
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.bench', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1228,6 +1259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu', help='device: cpu or cuda (default cpu)')
     p.add_argument('--channels-last', action='store_true', help='models and input in channels_last')
     p.set_defaults(func=bench_train)
+    p = sub.add_parser('triton-report', help='registers, spills, shared memory and occupancy of the Triton kernels, '
+                                             'compiled for sm_90/sm_80 without a GPU')
+    p.add_argument('--arch', type=int, nargs='+', default=[90, 80], choices=[80, 90],
+                   help='compute capabilities to compile for (default 90 80)')
+    p.add_argument('--full', action='store_true',
+                   help='every specialization (all norms and float16 too; default: norm mean, float32 and bfloat16)')
+    p.add_argument('--covering', action='store_true', help='only a covering subset (what the default tests compile)')
+    p.add_argument('--channels', type=int, default=256, help='channels the launcher tiles for (default 256)')
+    p.add_argument('--jobs', type=int, default=1, help='compile in this many processes (default 1)')
+    p.set_defaults(func=bench_triton_report)
     return parser
 
 

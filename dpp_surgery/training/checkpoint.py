@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     'save', 'load', 'read_metadata', 'read_conversions', 'read_tensors', 'create', 'record_creation', 'rebuild', 'CheckpointError',
+    'check_tensor_values',
     'FORMAT', 'validate_input_size',
     'validate_image_size', 'validate_policy', 'MODEL_KWARGS', 'MAX_CHANNELS', 'MAX_IMAGE_SIDE', 'MAX_CONVERSIONS',
     'MAX_NUM_CLASSES',
@@ -589,6 +590,34 @@ def read_tensors(path: str, device: str = 'cpu') -> Dict[str, torch.Tensor]:
         raise CheckpointError(f'{path}: cannot read its tensors (truncated or corrupted): {e}') from e
 
 
+# DPP's parameters: they train from finite log-values, so inf there (as NaN anywhere) marks a run that diverged
+_DPP_SUFFIXES = ('.theta_alpha', '.theta_lambda', '.guide_weight')
+
+
+def check_tensor_values(state: Dict[str, Any], reference: Dict[str, torch.Tensor], where: str, fix: str) -> None:
+    """CheckpointError, one line naming ``where``, the tensor and the problem, then ``fix``, if a tensor of ``state``
+    cannot stand for its namesake in ``reference`` (a model's ``state_dict``) although its shape may fit:
+    not a tensor; another kind of dtype (a float where the model has an integer buffer, an integer or bool where it
+    has a float; float precisions convert); NaN anywhere, or inf in a DPP parameter (theta, guide). Keys that
+    ``reference`` lacks are left to the caller's key check. Reads only."""
+    for key, value in state.items():
+        ref = reference.get(key)
+        if ref is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f'{where}: {key} is a {type(value).__name__}, not a tensor; {fix}')
+        if value.is_floating_point() != ref.is_floating_point() or (
+                not ref.is_floating_point() and value.dtype != ref.dtype):
+            raise CheckpointError(f'{where}: tensor {key} has dtype {str(value.dtype).replace("torch.", "")}, where '
+                                  f'the model has {str(ref.dtype).replace("torch.", "")}; {fix}')
+        if value.is_floating_point() and value.numel():
+            bad = ~torch.isfinite(value) if key.endswith(_DPP_SUFFIXES) else torch.isnan(value)
+            count = int(bad.sum())
+            if count:
+                what = 'NaN or inf' if key.endswith(_DPP_SUFFIXES) else 'NaN'
+                raise CheckpointError(f'{where}: tensor {key} holds {what} ({count} of {value.numel()} values); {fix}')
+
+
 def rebuild(model_name: str, model_kwargs: Dict[str, Any], conversions: Sequence[Conversion],
             state: Dict[str, torch.Tensor], where: str, label: Optional[str] = None) -> nn.Module:
     """The model a checkpoint describes: :func:`create` ``(model_name, **model_kwargs)``, the conversions replayed
@@ -621,6 +650,9 @@ def rebuild(model_name: str, model_kwargs: Dict[str, Any], conversions: Sequence
             warnings.simplefilter('ignore', NoEffectWarning)
             convert(model, input_size=input_size, policy=policy)
     label = label or model_name
+    check_tensor_values(state, model.state_dict(), where,
+                        'the run that saved it went wrong (diverged, or wrote another model); load another '
+                        'checkpoint of it (best.safetensors), or save the model again')
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of another shape
@@ -640,7 +672,8 @@ def load(path: str, map_location: str = 'cpu') -> nn.Module:
     read, for a checkpoint that fails the checks.
 
     Raises:
-        CheckpointError: see :func:`read_metadata`, or weights that do not match the rebuilt model.
+        CheckpointError: see :func:`read_metadata`, or weights that do not match the rebuilt model (missing or
+            unexpected keys, shapes, dtypes, NaN values or non-finite DPP parameters: :func:`check_tensor_values`).
     """
     meta, conversions = read_conversions(path)
     state = read_tensors(path, map_location)

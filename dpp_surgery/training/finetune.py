@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -614,6 +615,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, teacher: Optional[nn.Modul
     cfg = _resolve_config(cfg, kwargs)
     source = _check_sources(cfg, teacher)
     _check_output(cfg)
+    resumed = _read_train_state(cfg)
     run = _start(cfg)
     run.source, run.given_teacher = source, teacher
     _prepare_data(run)
@@ -621,7 +623,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, teacher: Optional[nn.Modul
     _prepare_output(run)
     _prepare_optimizer(run)
     _wrap_distributed(run)
-    state = _resume(run)
+    state = _resume(run, resumed)
     _prepare_precision(run, state)
     metrics = _train_epochs(run)
     return _finish(run, metrics)
@@ -729,6 +731,84 @@ def _check_output(cfg: FinetuneConfig) -> None:
     if os.path.exists(state_path) and not cfg.resume and not cfg.overwrite:
         raise FileExistsError(f'{cfg.output} holds a previous run; pass --resume {cfg.output} to continue it or '
                               '--overwrite to start over')
+    if cfg.resume:
+        _check_resumed_config(cfg)
+
+
+# the options that make the training state: the model and its conversion, the data and its order, the optimizer.
+# A resumed run must keep them (its train_state.pt holds their state); the others (epochs, max_steps, lr, test
+# subset, threads, device, ...) may change.
+RESUME_FIXED = ('model', 'pretrained', 'pretrained_source', 'pretrained_path', 'num_classes', 'convert', 'placement',
+                'dpp_init', 'dpp_norm', 'data', 'img_size', 'train_subset', 'batch_size', 'grad_accum_steps', 'opt',
+                'model_ema', 'distill', 'seed', 'subset_seed')
+
+
+def _check_resumed_config(cfg: FinetuneConfig) -> None:
+    """The resumed run folder's ``config.json`` (that run's options) against ``cfg`` in :data:`RESUME_FIXED`:
+    ValueError naming the options that changed and the fix. Reads only."""
+    path = os.path.join(cfg.output, 'config.json')
+    if not os.path.exists(path):
+        return  # (a folder of an earlier version without one: nothing to compare with)
+    try:
+        with open(path) as f:
+            saved = FinetuneConfig.from_dict(json.load(f)).to_dict()
+    except Exception as e:  # noqa: BLE001 - invalid JSON, unknown or ill-typed fields
+        raise ValueError(f'--resume: {path} cannot be read ({type(e).__name__}: {first_line(e)}); restore it, or '
+                         'start a new run without --resume') from e
+    now = cfg.to_dict()
+    changed = [f'{k} {short_repr(saved[k])} -> {short_repr(now[k])}' for k in RESUME_FIXED if saved[k] != now[k]]
+    if changed:
+        raise ValueError(f'--resume: the run in {cfg.output} started with other options ({path}): '
+                         f'{"; ".join(changed)}; resume with the options of {path}, or start a new run in another '
+                         '--output')
+
+
+def _read_train_state(cfg: FinetuneConfig) -> Optional[dict]:
+    """With ``cfg.resume``: the run folder's ``train_state.pt``, read with ``torch.load(weights_only=True)`` and its
+    structure checked (the keys and kinds of value :func:`_save_state` writes); ValueError, one line naming the file,
+    the problem and the fix, for a truncated, corrupted or foreign file. Reads only. None for a new run."""
+    if not cfg.resume:
+        return None
+    path = os.path.join(cfg.output, STATE_FILE)
+    fix = (f'restore {path} from a copy, or start the run over with --overwrite (or a new run in another '
+           '--output)')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and weights-only errors of every kind
+        raise ValueError(f'--resume: {path} cannot be read ({type(e).__name__}: {first_line(e)}): it is truncated, '
+                         f'corrupted or no training state of dpp_surgery finetune; {fix}') from e
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f'--resume: {path} is no training state of dpp_surgery finetune: {problem}; {fix}')
+
+    if not isinstance(state, dict):
+        raise bad(f'it holds a {type(state).__name__}, not a dict')
+    missing = [k for k in _STATE_KINDS if k not in state]
+    if missing:
+        raise bad(f'it lacks {", ".join(missing)} (it has {short_repr(sorted(map(str, state)))})')
+    for key, kinds in _STATE_KINDS.items():
+        value = state[key]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise bad(f'{key} is a {type(value).__name__}')
+        if key in ('epoch', 'batch', 'global_step') and value < 0:
+            raise bad(f'{key} is {value}')
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state['model'].items()):
+        raise bad('model is not a dict of named tensors')
+    if not (isinstance(state['optimizer'].get('state'), dict) and isinstance(state['optimizer'].get('param_groups'),
+                                                                             list)):
+        raise bad('optimizer is not an optimizer state_dict (state, param_groups)')
+    if not (state['ema'] is None or isinstance(state['ema'], dict)):
+        raise bad(f'ema is a {type(state["ema"]).__name__}')
+    if state['rng'].dtype != torch.uint8 or state['rng'].dim() != 1:
+        raise bad(f'rng is a {state["rng"].dtype} tensor of shape {tuple(state["rng"].shape)}, not a CPU RNG state')
+    if not math.isfinite(state['best_acc']):
+        raise bad(f'best_acc is {state["best_acc"]}')
+    return state
+
+
+# train_state.pt's keys (_save_state) and the kinds of their values ('ema' and 'amp' checked apart or optional)
+_STATE_KINDS = {'model': dict, 'optimizer': dict, 'scheduler': dict, 'epoch': int, 'batch': int, 'global_step': int,
+                'best_acc': (int, float), 'rng': torch.Tensor, 'ema': (dict, type(None))}
 
 
 def _prepare_output(run: _Run) -> None:
@@ -814,12 +894,54 @@ def _wrap_distributed(run: _Run) -> None:
     run.ddp_model = nn.parallel.DistributedDataParallel(run.model) if run.distributed else run.model
 
 
-def _resume(run: _Run) -> Optional[dict]:
+def _check_state_fits(run: _Run, state: dict) -> None:
+    """The training state (structure checked by :func:`_read_train_state`) fits this run's model, EMA and optimizer:
+    the same tensors by name, shape and kind of dtype, no NaN (no inf in DPP parameters), the same parameter groups;
+    ValueError, one line naming the file, the problem and the fix. Reads only."""
+    path = run.state_path
+    fix = (f'resume with the options the run started with ({os.path.join(run.cfg.output, "config.json")}), or '
+           f'start the run over with --overwrite')
+    parts = [('model', run.model.state_dict())]
+    if run.ema is not None and state['ema'] is not None:
+        parts.append(('ema', run.ema.module.state_dict()))
+    for part, reference in parts:
+        saved = state[part]
+        missing = [k for k in reference if k not in saved]
+        unexpected = [k for k in saved if k not in reference]
+        if missing or unexpected:
+            raise ValueError(f'--resume: the {part} of {path} is not this run\'s model: {len(missing)} missing keys '
+                             f'{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; {fix}')
+        for k, ref in reference.items():
+            if tuple(saved[k].shape) != tuple(ref.shape):
+                raise ValueError(f'--resume: the {part} of {path} is not this run\'s model: {k} has shape '
+                                 f'{tuple(saved[k].shape)}, the model {tuple(ref.shape)}; {fix}')
+        try:
+            ckpt.check_tensor_values(saved, reference, f'--resume: the {part} of {path}',
+                                     'the run diverged or the file was damaged; restart from an earlier copy of the '
+                                     'run folder, or start over with --overwrite')
+        except ckpt.CheckpointError as e:
+            raise ValueError(str(e)) from e
+    groups, saved_groups = run.optimizer.state_dict()['param_groups'], state['optimizer']['param_groups']
+    if [len(g['params']) for g in groups] != [len(g.get('params', ())) if isinstance(g, dict) else -1
+                                              for g in saved_groups]:
+        raise ValueError(f'--resume: the optimizer of {path} has parameter groups of '
+                         f'{[len(g.get("params", ())) if isinstance(g, dict) else "?" for g in saved_groups]} '
+                         f'parameters, this run {[len(g["params"]) for g in groups]}; {fix}')
+    for index, values in state['optimizer']['state'].items():
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and torch.isnan(value).any():
+                raise ValueError(f'--resume: the optimizer of {path} holds NaN in {name} of parameter {index}: the '
+                                 'run diverged or the file was damaged; restart from an earlier copy of the run '
+                                 'folder, or start over with --overwrite')
+
+
+def _resume(run: _Run, state: Optional[dict]) -> Optional[dict]:
     """With ``cfg.resume``: the weights, optimizer, scheduler, EMA, position and RNG of the last checkpoint
+    (``state``, read by :func:`_read_train_state`) checked against the run (:func:`_check_state_fits`), then
     restored; returns that training state (None for a new run)."""
     if not run.cfg.resume:
         return None
-    state = torch.load(run.state_path, map_location='cpu', weights_only=True)
+    _check_state_fits(run, state)
     run.model.load_state_dict(state['model'])
     run.optimizer.load_state_dict(state['optimizer'])
     run.scheduler.load_state_dict(state['scheduler'])

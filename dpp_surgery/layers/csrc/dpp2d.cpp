@@ -183,8 +183,17 @@ void block_forward(Scratch<T>& s, int K, int L, bool full_guide, int asym, int n
             D[l] += w * xk[l];
         }
     }
+    // Non-finite activations (issue 33): G - G is +0 for a finite guide and NaN for a NaN or infinite one, and the
+    // guide reads every position of the window (the Lite guide is its mean; the Full guide's filter covers it and
+    // reaches further). Adding it to the weight sum makes the output, and in the backward pass every gradient of
+    // the window (c = go / S), NaN exactly where the computation read a non-finite value, whatever the clamps
+    // (fast_exp, the asymmetric max) made of the weights; finite windows keep S bit for bit. Needs IEEE arithmetic
+    // (no -ffast-math / -ffinite-math-only, which would fold G - G to 0).
     DPP_SIMD
-    for (int l = 0; l < L; ++l) D[l] /= S[l];
+    for (int l = 0; l < L; ++l) {
+        S[l] += G[l] - G[l];
+        D[l] /= S[l];
+    }
 }
 
 // Backward of one block, after block_forward on the same inputs. s.go holds the output gradient. Writes
