@@ -23,6 +23,14 @@ def _seed():
     torch.set_num_threads(threads)  # (finetune and the benchmarks set the process's threads)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures('one_thread')``): small models at small
+    sizes gain nothing from 2 threads, and 2 OpenMP threads stall on a busy 2-core machine (``_seed`` restores the
+    count)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope='session')
 def other_runtime():
     """``run(path, runtime, x) -> outputs``: an ONNX file run in OpenVINO or tract (``run_once``) in one spawned

@@ -19,13 +19,7 @@ import dpp_surgery
 from dpp_surgery import DPP2d, dpp_aa_layer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small models at small sizes gain nothing from 2 threads, and 2 OpenMP threads stall on a busy 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _feature_sizes(model, x):

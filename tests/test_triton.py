@@ -223,6 +223,16 @@ def _layer_grads(layer, x):
     return [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
 
 
+def _assert_matches_torch_path(layer, x):
+    """The Triton layer's output and gradients equal the PyTorch path's on ``x``."""
+    got = _layer_grads(layer, x)
+    layer.impl = 'torch'
+    want = _layer_grads(layer, x)
+    layer.impl = 'triton'
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_backward_is_deterministic_and_tiling_does_not_matter(monkeypatch):
     """The same call twice gives bitwise equal gradients (no atomics); many small tiles (many partial alpha/lambda
     sums) give the same values as the default tiles."""
@@ -254,12 +264,7 @@ def test_channel_and_position_tiles_match_the_torch_path(monkeypatch, guide, geo
         x = torch.randn(2, 5, 7, 9, device=DEVICE).contiguous(memory_format=fmt)
         bp, bc, _ = triton_dpp._blocks(x, 'forward')
         assert (bp, bc) == ((4, 2) if fmt == torch.channels_last else (8, 1))
-        got = _layer_grads(layer, x)
-        layer.impl = 'torch'
-        want = _layer_grads(layer, x)
-        layer.impl = 'triton'
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        _assert_matches_torch_path(layer, x)
 
 
 def test_views_run_without_copies_and_match_the_torch_path():
@@ -269,12 +274,7 @@ def test_views_run_without_copies_and_match_the_torch_path():
     base = torch.randn(2, 6, 12, 18, device=DEVICE)
     for view in (base[:, 1:4], base[:, ::2, :, ::2], base.permute(0, 1, 3, 2)[:, :3]):
         assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
-        got = _layer_grads(layer, view)
-        layer.impl = 'torch'
-        want = _layer_grads(layer, view)
-        layer.impl = 'triton'
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        _assert_matches_torch_path(layer, view)
 
 
 def test_no_float32_copy_of_low_precision_activations():

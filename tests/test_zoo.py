@@ -25,13 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = ('efficientnet_lite0_dpp', 'resnet18_dpp', 'resnet50_dpp')
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # model building and tiny runs gain nothing from 2 threads, and 2 OpenMP threads stall on a busy 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _tiny_recipe(**changes):
