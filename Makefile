@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 DATA_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test test-slow test-gpu gpu-check gpu-check-dry bench bench-gpu docs docs-serve clean
+.PHONY: setup data demo test test-slow test-gpu gpu-check gpu-check-dry bench bench-records bench-gpu docs docs-serve clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,20 @@ test-gpu: setup
 
 bench: setup
 	$(PY) -m dpp_surgery.bench layer
+
+# the records behind the speed pages (docs/results/speed.md, method.md, placement.md, internals/gpu.md), one
+# benchmark at a time on an otherwise idle machine (about 40 minutes on 2 cores), then the pages regenerated
+BENCH_RECORD = $(PY) -m dpp_surgery.bench --record results/bench/$(1).json --overwrite
+bench-records: setup
+	$(call BENCH_RECORD,init) init
+	$(call BENCH_RECORD,preserve) preserve
+	$(call BENCH_RECORD,layer) layer --dtypes float32 bfloat16 --compile
+	$(call BENCH_RECORD,onnx_layer) onnx-layer
+	$(call BENCH_RECORD,onnx) onnx
+	$(call BENCH_RECORD,runtimes) runtimes
+	$(call BENCH_RECORD,train) train --amp-dtype auto bfloat16
+	$(call BENCH_RECORD,triton_report) triton-report --full --jobs 2
+	$(PY) -m dpp_surgery.tools.docs_results
 
 # on a GPU machine that already has torch and Triton (no setup, no .venv): parity, torch.compile, autocast,
 # determinism, short benchmarks and the Triton register report, in one script: make gpu-check PYTHON=python3

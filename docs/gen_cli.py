@@ -29,6 +29,9 @@ PROGRAMS: Tuple[Tuple[str, str, str], ...] = (
     ('python -m dpp_surgery.demo', 'dpp_surgery.tools.demo',
      'The end-to-end demo: pool a photo, convert and fine-tune EfficientNet-Lite0 on Fashion-MNIST, export it to ONNX '
      'and run it in onnxruntime.'),
+    ('python -m dpp_surgery.tools.gpu_check', 'dpp_surgery.tools.gpu_check',
+     'The GPU check (`make gpu-check`, `make gpu-check-dry`): Triton kernel parity, torch.compile, autocast, '
+     'determinism and short benchmarks on a machine that already has torch and Triton; installs nothing.'),
 )
 HELP_COLUMNS = 100  # --help is wrapped at this width whatever the terminal
 

@@ -28,12 +28,13 @@ from . import models as _models  # noqa: F401 - registers the zoo recipes as tim
 
 # public name -> the module that defines it
 _LAZY = {
-    **dict.fromkeys(('DPP2d', 'GlobalDPP2d', 'dpp2d', 'full_guide', 'PoolGeometry', 'INIT_PRESETS', 'param_groups',
-                     'dpp_parameters', 'kernel_status', 'KernelBuildWarning', 'LrScaleWarning', 'DEFAULT_EPS',
-                     'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'dpp_aa_layer'), 'dpp_surgery.layers'),
+    **dict.fromkeys(('DPP2d', 'GlobalDPP2d', 'S3DPP2d', 'dpp2d', 'full_guide', 'PoolGeometry', 'INIT_PRESETS',
+                     'param_groups', 'dpp_parameters', 'kernel_status', 'KernelBuildWarning', 'LrScaleWarning',
+                     'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'dpp_aa_layer'),
+                    'dpp_surgery.layers'),
     **dict.fromkeys(('plan', 'convert', 'Plan', 'Site', 'SiteKind', 'SiteAction', 'SitePlacement', 'ReasonCode',
                      'ConversionPolicy', 'DPPVariant', 'NoEffectWarning', 'ConversionError', 'TraceError', 'dpp_layers',
-                     'trace'), 'dpp_surgery.surgery'),
+                     'trace', 'conversion_history', 'is_converted'), 'dpp_surgery.surgery'),
     **dict.fromkeys(('save', 'load', 'create', 'CheckpointError'), 'dpp_surgery.training.checkpoint'),
     'finetune': 'dpp_surgery.training.finetune',
     **dict.fromkeys(('export_onnx', 'onnx_session'), 'dpp_surgery.export.onnx'),
@@ -59,11 +60,12 @@ if TYPE_CHECKING:  # the real signatures, for type checkers and IDEs
     from .export.onnx import export_onnx, onnx_session
     from .layers import (
         DEFAULT_EPS, DPP2d, GUIDES, INIT_PRESETS, NORMS, REWARDS, THETA_ALPHA_MAX, GlobalDPP2d, KernelBuildWarning,
-        LrScaleWarning, PoolGeometry, dpp2d, dpp_aa_layer, dpp_parameters, full_guide, kernel_status, param_groups,
+        LrScaleWarning, PoolGeometry, S3DPP2d, dpp2d, dpp_aa_layer, dpp_parameters, full_guide, kernel_status,
+        param_groups,
     )
     from .surgery import (
         ConversionError, ConversionPolicy, DPPVariant, NoEffectWarning, Plan, ReasonCode, Site, SiteAction, SiteKind,
-        SitePlacement, TraceError, convert, dpp_layers, plan, trace,
+        SitePlacement, TraceError, conversion_history, convert, dpp_layers, is_converted, plan, trace,
     )
     from .training.checkpoint import CheckpointError, create, load, save
     from .training.finetune import finetune

@@ -36,6 +36,8 @@ _FINETUNE_HELP = {
     'convert': ('convert the model with DPP before fine-tuning (--no-convert fine-tunes the original); a model '
                 'converted already keeps its conversion', 'what this tool is for'),
     'placement': ('placement of DPP for strided convs: block, post or pre', "the default policy's, block"),
+    'operator': ("downsampling operator at every converted site: dpp, s3dpp (the paper's stochastic DPP), or for "
+                 "comparison blur (timm's BlurPool2d), avg or max", "the policy's, dpp"),
     'dpp_init': ('DPP init for every DPP layer: paper, avg, max or ALPHA,LAMBDA', "the policy's"),
     'dpp_norm': ('DPP window normalisation for every DPP layer: mean, none or sum', "the policy's"),
     'data': ('data directory: ImageFolder (train/ val/), CIFAR-10/100 python, or MNIST/Fashion-MNIST IDX',
@@ -155,7 +157,11 @@ def add_amp_arguments(p: argparse.ArgumentParser, default: bool = True, dtypes: 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     from .surgery.policy import PLACEMENTS, TARGETS
+    from .surgery.policy import OPERATORS
     p.add_argument('--placement', choices=PLACEMENTS, help='placement of DPP for strided convs (default block)')
+    p.add_argument('--operator', choices=OPERATORS,
+                   help='downsampling operator for every target kind: dpp (default), s3dpp, or for comparison blur '
+                        "(timm's BlurPool2d), avg, max")
     p.add_argument('--targets', nargs='+', choices=TARGETS, help='site kinds to convert (default all)')
     p.add_argument('--include', nargs='+', help='only sites whose names match these fnmatch patterns')
     p.add_argument('--exclude', nargs='+', help='leave sites whose names match these patterns alone')
@@ -167,7 +173,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 def _policy_kwargs(args) -> dict:
     kwargs = {}
-    for name in ('placement', 'targets', 'include', 'exclude'):
+    for name in ('placement', 'targets', 'include', 'exclude', 'operator'):
         value = getattr(args, name, None)
         if value is not None:
             kwargs[name] = value
@@ -331,7 +337,7 @@ def _cmd_ort_library(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.finetune import AMP_DTYPES, PRETRAINED_SOURCES, FinetuneConfig
+    from .training.finetune import PRETRAINED_SOURCES
 
     parser = argparse.ArgumentParser(prog='dpp-surgery', description='Detail-Preserving Pooling for timm models.',
                                      allow_abbrev=False)
@@ -358,9 +364,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(p)
     p.set_defaults(func=_cmd_convert)
 
+    _add_finetune_parser(sub)
+    _add_eval_export_parsers(sub)
+
+    p = sub.add_parser('ort-library', allow_abbrev=False,
+                       help='write the DPP2d custom-op library for any onnxruntime host (portable, with a manifest)')
+    p.add_argument('--output', '-o', required=True, metavar='DIR',
+                   help='folder for libdpp_surgery_ort.so and its manifest dpp_surgery_ort.json (created if missing)')
+    p.add_argument('--overwrite', action='store_true', help='replace the files of an earlier build in DIR')
+    p.set_defaults(func=_cmd_ort_library)
+
+    p = sub.add_parser('bench', help='benchmarks (same as python -m dpp_surgery.bench)', add_help=False)
+    p.add_argument('rest', nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__('dpp_surgery.bench', fromlist=['main']).main(a.rest))
+    return parser
+
+
+def _add_finetune_parser(sub) -> None:
+    """``dpp-surgery finetune``: one option per field of :class:`FinetuneConfig`."""
+    from .training.finetune import AMP_DTYPES, PRETRAINED_SOURCES, FinetuneConfig
+
     p = sub.add_parser('finetune', allow_abbrev=False, help='fine-tune a model: converted with DPP, or converted '
                                                             'already (a name, or a checkpoint path)')
-    choices = {'placement': ['block', 'post', 'pre'], 'dpp_norm': ['mean', 'none', 'sum'],
+    from .surgery.policy import OPERATORS
+    choices = {'placement': ['block', 'post', 'pre'], 'dpp_norm': ['mean', 'none', 'sum'], 'operator': list(OPERATORS),
                'pretrained_source': list(PRETRAINED_SOURCES), 'amp_dtype': list(AMP_DTYPES)}
     for f in dataclasses.fields(FinetuneConfig):
         flags = _FINETUNE_FLAGS.get(f.name, ['--' + f.name.replace('_', '-')])
@@ -388,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
         if old:
             p.add_argument(old, dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
     p.set_defaults(func=_cmd_finetune)
+
+
+def _add_eval_export_parsers(sub) -> None:
+    """``dpp-surgery eval`` and ``dpp-surgery export``."""
+    from .training.finetune import AMP_DTYPES
 
     p = sub.add_parser('eval', allow_abbrev=False, help='test accuracy of a checkpoint')
     p.add_argument('checkpoint', nargs='?', help='a .safetensors checkpoint written by convert or finetune')
@@ -430,18 +462,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="example input size (default: the model's pretrained_cfg input size)")
     p.add_argument('--overwrite', action='store_true', help='replace an existing file')
     p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser('ort-library', allow_abbrev=False,
-                       help='write the DPP2d custom-op library for any onnxruntime host (portable, with a manifest)')
-    p.add_argument('--output', '-o', required=True, metavar='DIR',
-                   help='folder for libdpp_surgery_ort.so and its manifest dpp_surgery_ort.json (created if missing)')
-    p.add_argument('--overwrite', action='store_true', help='replace the files of an earlier build in DIR')
-    p.set_defaults(func=_cmd_ort_library)
-
-    p = sub.add_parser('bench', help='benchmarks (same as python -m dpp_surgery.bench)', add_help=False)
-    p.add_argument('rest', nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__('dpp_surgery.bench', fromlist=['main']).main(a.rest))
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:

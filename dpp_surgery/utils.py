@@ -11,7 +11,8 @@ import re
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-__all__ = ['first_line', 'did_you_mean', 'check_choice', 'atomic_write', 'write_text', 'log_to_stderr', 'run_command',
+__all__ = ['MAX_LIST_ENTRIES', 'MAX_NAME_LENGTH', 'IDENTIFIER', 'field_path', 'one_of', 'string_list', 'unknown_key',
+           'first_line', 'did_you_mean', 'check_choice', 'atomic_write', 'write_text', 'log_to_stderr', 'run_command',
            'short_repr', 'is_int', 'is_finite_number', 'REPR_LIMIT', 'EXTRAS', 'MissingExtraError', 'require_extra']
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')
@@ -160,3 +161,44 @@ def run_command(func: Callable[[Any], Optional[int]], args: Any, prog: str) -> i
     except (ValueError, TypeError, RuntimeError, OSError, ImportError) as e:  # one clear line, no traceback
         print(f'{prog}: error: {first_line(e)}', file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checking what a file (a checkpoint, a recipe, a record) says, with errors that name the field and what is allowed
+
+MAX_LIST_ENTRIES = 256  # entries of a list read from a file (a policy's include, exclude, include_types, ...)
+MAX_NAME_LENGTH = 200  # a model name, a name pattern, a class name, a version string
+IDENTIFIER = re.compile(r'[A-Za-z][A-Za-z0-9_]*')
+
+
+def field_path(parent: str, key) -> str:
+    """``parent.key`` for an identifier key, else ``parent[repr(key)]``: where a value sits, for error messages."""
+    if isinstance(key, str) and IDENTIFIER.fullmatch(key):
+        return f'{parent}.{key}'
+    return f'{parent}[{short_repr(key)}]'
+
+
+def one_of(value, field: str, allowed, fold_case: bool = False) -> str:
+    """``value`` if it is one of ``allowed`` (in any case with ``fold_case``, as DPP2d reads its options); a
+    ValueError naming ``field`` and the choices otherwise."""
+    if isinstance(value, str) and (value.lower() if fold_case else value) in allowed:
+        return value
+    raise ValueError(f'{field} must be one of {", ".join(map(repr, allowed))}, but got {short_repr(value)}')
+
+
+def string_list(value, field: str, pattern=None, what: str = 'strings') -> tuple:
+    """``value`` as a tuple if it is a list of at most :data:`MAX_LIST_ENTRIES` non-empty strings of at most
+    :data:`MAX_NAME_LENGTH` characters (each matching ``pattern`` if given); a ValueError otherwise."""
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_LIST_ENTRIES:
+        raise ValueError(f'{field} must be a list of at most {MAX_LIST_ENTRIES} {what}, but got {short_repr(value)}')
+    for item in value:
+        if (not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH
+                or (pattern is not None and not pattern.fullmatch(item))):
+            raise ValueError(f'{field} must be a list of {what} (1 to {MAX_NAME_LENGTH} characters), but it holds '
+                             f'{short_repr(item)}')
+    return tuple(value)
+
+
+def unknown_key(key, allowed) -> str:
+    """``key``, a close match among ``allowed`` if there is one, and the allowed names: for an unknown-key error."""
+    return f'{short_repr(key)}{did_you_mean(key, allowed)}; allowed: {", ".join(allowed)}'

@@ -174,14 +174,17 @@ def test_ddp_nccl_two_ranks(tmp_path):
 def test_bench_layer_and_train_on_cuda(tmp_path, capsys):
     from dpp_surgery.tools import bench
     path = tmp_path / 'layer.json'
-    assert bench.main(['--json', str(path), 'layer', '--device', 'cuda', '--shape', '4', '32', '16', '16',
+    assert bench.main(['--record', str(path), 'layer', '--device', 'cuda', '--shape', '4', '32', '16', '16',
                        '--repeat', '3', '--inner', '2']) == 0
     text = capsys.readouterr().out
+    result = json.loads(path.read_text())
+    assert text == bench.render(result) + '\n'
     assert 'CUDA events' in text and 'forward bandwidth / peak' in text
     assert '| DPP lite-sym 2x2 | bfloat16 | channels_last |' in text
     assert 'PyTorch path, torch.compile) | bfloat16 | channels_last |' in text
-    result = json.loads(path.read_text())
-    assert len(result['targets']) == 6
+    # the 6 Triton targets in bfloat16 channels_last, and the compiled forms' 2 guides x 2 dtypes x 2 layouts x 2
+    assert len(result['checks']) == len(result['targets']) == 6 + 16
+    assert result['device'] == 'cuda' and result['compiled'] and result['peak_bandwidth'] > 0
     assert all(r['fwd_ms'] > 0 and r['bandwidth'] > 0 and r['memory_x'] > 0 for r in result['rows'])
     path = tmp_path / 'train.json'
     assert bench.main(['--json', str(path), 'train', '--device', 'cuda', '--models', 'resnet18', '--img-size', '64',

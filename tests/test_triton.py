@@ -262,7 +262,7 @@ def test_channel_and_position_tiles_match_the_torch_path(monkeypatch, guide, geo
     layer = DPP2d(5, *geometry, guide=guide, reward='asym', impl='triton').to(DEVICE)
     for fmt in LAYOUTS.values():
         x = torch.randn(2, 5, 7, 9, device=DEVICE).contiguous(memory_format=fmt)
-        bp, bc, _ = triton_dpp._blocks(x, 'forward')
+        bp, bc, _ = triton_dpp._blocks(x, 'forward', geometry[0] ** 2)
         assert (bp, bc) == ((4, 2) if fmt == torch.channels_last else (8, 1))
         _assert_matches_torch_path(layer, x)
 

@@ -66,3 +66,12 @@ def test_report_and_bench_subcommand(tmp_path, capsys):
     assert 'Triton ' in out and 'PASS: no register spill' in out
     saved = json.loads(path.read_text())
     assert len(saved['rows']) == len(triton_aot.covering_specs()) and saved['triton']
+    assert bench.render(saved) in out and saved['specializations'] == len(saved['rows']) and saved['archs'] == [90]
+
+
+def test_launch_config_reads_the_norm_code_the_kernels_take():
+    from dpp_surgery.layers import triton_dpp
+    from dpp_surgery.layers.kernel import NORM_CODES
+
+    assert triton_dpp._NORM_SUM == NORM_CODES['sum']
+    assert triton_dpp.launch_config('backward', 64, False, 4, 'sum') != triton_dpp.launch_config('backward', 64, False)

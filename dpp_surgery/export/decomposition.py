@@ -232,37 +232,13 @@ class _Weights:
             self.neg_half = em.const(-half.reshape(shape), hint='neg_half_lambda')
 
 
-def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_weight: Optional[str], cfg: Dict,
-             channels: Optional[int], size: Optional[Tuple[int, int]] = None, params=None,
-             output: Optional[str] = None) -> str:
-    """Emit one DPP2d node's computation into ``em``; returns the output's name.
-
-    ``cfg``: the node's attributes; ``channels``: C (needed for the Full guide's grouped convolution); ``size``: the
-    input's (H, W) where fixed (else computed at run time); ``params``: the (theta_alpha, theta_lambda) values to fold
-    into constants (else computed from the inputs); ``output``: the name to give the result.
-
-    With the parameters known and the 'mean' norm, the weights are normalised by the window's sum rather than its
-    maximum where lambda allows (see :class:`_Weights`): the per-window alpha term is then a constant and the window
-    maximum is not needed, a shorter graph with the same output.
-    """
-    g = geometry_of(cfg)
+def _stacker(em: Emitter, g, region, x: str, channels: Optional[int], axes: str, blocks: bool, simple: bool,
+             edge: bool):
+    """The function that stacks the K positions of every window of a tensor on one axis: (N, K, C, OH, OW) by
+    SpaceToDepth (``blocks``: function bodies, square windows that tile the input), else (N, C, K, OH, OW) by a
+    one-hot grouped convolution where the channel count is fixed, or by one strided Slice per position."""
     (kh, kw), (sh, sw) = g.kernel, g.stride
     k = kh * kw
-    reward, norm, eps = cfg.get('reward', 'sym'), cfg.get('norm', 'mean'), float(cfg.get('eps', 1e-3))
-    # Edge padding instead of a mask where it leaves DPP unchanged: 2x2 windows (so a window reaching out has exactly
-    # one valid row or column, which edge padding repeats: every valid position of the window then counts twice), a
-    # guide that is the window mean (Lite) and a norm invariant to repeating every position alike ('mean', 'none')
-    edge = g.kernel == g.stride == (2, 2) and guide_weight is None and norm in ('mean', 'none')
-    region = _Region(em, g, x, size, edge)
-    # the K positions of every window on one axis: (N, C, K, OH, OW) by a one-hot grouped convolution where the
-    # channel count is fixed; in function bodies (N, K, C, OH, OW) by SpaceToDepth for square windows that tile the
-    # input, else (N, C, K, OH, OW) by one strided Slice per position
-    blocks = em.as_function and g.kernel == g.stride and kh == kw
-    # (convolutions pad zeros symmetrically and drop what floor mode leaves out: then no cut of the input)
-    simple = not (em.as_function or g.is_same or g.ceil_mode or (edge and any(g.padding)))
-    axis = 1 if blocks else 2
-    axes = em.ints([axis], 'axis')
-
     if blocks:
         # (N, 1, K * C, OH, OW) -> (N, K, C, OH, OW) with C from the input's shape and -1 for N, not C: Reshape infers
         # -1 only where the other sizes are not zero, which an empty batch (N = 0) copied by a 0 would be
@@ -313,6 +289,62 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
                      for i in range(kh) for j in range(kw)]
             return em.op('Concat', *parts, axis=2)
 
+    return stack
+
+
+def _alpha_term(em: Emitter, w, y: str, axes: str, norm: str, share: Optional[str], mean):
+    """(the alpha term a, the window's normaliser M) of the weights a + (y / M)^(lambda/2): M is the window's sum
+    (norm 'sum', or the lean form of :class:`_Weights`), else its maximum, so every base is at most 1."""
+    if norm == 'sum' or w.lean:
+        big = em.op('ReduceSum', y, axes, keepdims=1)
+        a = w.alpha
+        if w.lean:  # alpha * count^(-lambda/2): K^(-lambda/2) is in lean_alpha
+            a = w.lean_alpha if share is None else em.op(
+                'Mul', w.lean_alpha, em.op('Exp', em.op('Mul', em.op('Log', share), w.neg_half)))
+    else:  # the window maximum: every base at most 1
+        big = em.op('ReduceMax', y, axes, keepdims=1)
+        if norm == 'none':
+            big = em.op('Max', big, em.const(1.0))
+            a = em.op('Div', w.alpha, em.op('Pow', big, w.half))
+        else:
+            m = em.op('Div', mean(y), share) if share else mean(y)
+            a = em.op('Mul', w.alpha, em.op('Pow', em.op('Div', m, big), w.half))
+    return a, big
+
+
+def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_weight: Optional[str], cfg: Dict,
+             channels: Optional[int], size: Optional[Tuple[int, int]] = None, params=None,
+             output: Optional[str] = None) -> str:
+    """Emit one DPP2d node's computation into ``em``; returns the output's name.
+
+    ``cfg``: the node's attributes; ``channels``: C (needed for the Full guide's grouped convolution); ``size``: the
+    input's (H, W) where fixed (else computed at run time); ``params``: the (theta_alpha, theta_lambda) values to fold
+    into constants (else computed from the inputs); ``output``: the name to give the result.
+
+    With the parameters known and the 'mean' norm, the weights are normalised by the window's sum rather than its
+    maximum where lambda allows (see :class:`_Weights`): the per-window alpha term is then a constant and the window
+    maximum is not needed, a shorter graph with the same output.
+    """
+    g = geometry_of(cfg)
+    (kh, kw), (sh, sw) = g.kernel, g.stride
+    k = kh * kw
+    reward, norm, eps = cfg.get('reward', 'sym'), cfg.get('norm', 'mean'), float(cfg.get('eps', 1e-3))
+    # Edge padding instead of a mask where it leaves DPP unchanged: 2x2 windows (so a window reaching out has exactly
+    # one valid row or column, which edge padding repeats: every valid position of the window then counts twice), a
+    # guide that is the window mean (Lite) and a norm invariant to repeating every position alike ('mean', 'none')
+    edge = g.kernel == g.stride == (2, 2) and guide_weight is None and norm in ('mean', 'none')
+    region = _Region(em, g, x, size, edge)
+    # the K positions of every window on one axis: (N, C, K, OH, OW) by a one-hot grouped convolution where the
+    # channel count is fixed; in function bodies (N, K, C, OH, OW) by SpaceToDepth for square windows that tile the
+    # input, else (N, C, K, OH, OW) by one strided Slice per position
+    blocks = em.as_function and g.kernel == g.stride and kh == kw
+    # (convolutions pad zeros symmetrically and drop what floor mode leaves out: then no cut of the input)
+    simple = not (em.as_function or g.is_same or g.ceil_mode or (edge and any(g.padding)))
+    axis = 1 if blocks else 2
+    axes = em.ints([axis], 'axis')
+
+    stack = _stacker(em, g, region, x, channels, axes, blocks, simple, edge)
+
     def mean(t):
         return em.op('ReduceMean', t, axes, keepdims=1)
 
@@ -340,20 +372,7 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
         y = em.op('Mul', y, valid)  # padding: y = 0, weight 0
 
     # weights a + (y / M)^(lambda/2) per window
-    if norm == 'sum' or w.lean:
-        big = em.op('ReduceSum', y, axes, keepdims=1)
-        a = w.alpha
-        if w.lean:  # alpha * count^(-lambda/2): K^(-lambda/2) is in lean_alpha
-            a = w.lean_alpha if share is None else em.op(
-                'Mul', w.lean_alpha, em.op('Exp', em.op('Mul', em.op('Log', share), w.neg_half)))
-    else:  # the window maximum: every base at most 1
-        big = em.op('ReduceMax', y, axes, keepdims=1)
-        if norm == 'none':
-            big = em.op('Max', big, em.const(1.0))
-            a = em.op('Div', w.alpha, em.op('Pow', big, w.half))
-        else:
-            m = em.op('Div', mean(y), share) if share else mean(y)
-            a = em.op('Mul', w.alpha, em.op('Pow', em.op('Div', m, big), w.half))
+    a, big = _alpha_term(em, w, y, axes, norm, share, mean)
     # (y / M)^(lambda/2) as Exp(lambda/2 * Log(y / M)): vectorised in runtimes, where Pow with a per-channel exponent
     # runs element by element (onnxruntime: several times slower); Log(0) = -inf gives padding 0
     rw = em.op('Exp', em.op('Mul', em.op('Log', em.op('Div', y, big)), w.half))

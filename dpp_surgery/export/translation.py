@@ -77,12 +77,13 @@ def dpp_as_custom_nodes(model: nn.Module, max_window: int) -> Iterator[int]:
     Global DPP (a window as large as the input) and larger windows keep their decomposition."""
     patched = [m for m in model.modules() if isinstance(m, DPP2d) and _custom_node_wanted(m, max_window)]
     for layer in patched:
-        layer.forward = types.MethodType(_as_custom_node, layer)  # an instance attribute shadows DPP2d.forward
+        # an instance attribute shadows the class's: DPP2d.forward (and S3DPP2d's DPP step) call it
+        layer._forward = types.MethodType(_as_custom_node, layer)
     try:
         yield len(patched)
     finally:
         for layer in patched:
-            del layer.forward
+            del layer._forward
 
 
 def register_onnx_schema() -> None:

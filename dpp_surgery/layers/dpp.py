@@ -13,10 +13,12 @@ import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from ..utils import check_choice
-from .functional import DEFAULT_EPS, GUIDES, IMPLEMENTATIONS, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d
+from .functional import (DEFAULT_EPS, GUIDES, IMPLEMENTATIONS, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d, exporting,
+                         global_dpp2d)
 from .geometry import PaddingArg, PoolGeometry
 
 __all__ = ['DPP2d', 'GlobalDPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters', 'LrScaleWarning', 'dpp_aa_layer']
@@ -30,6 +32,7 @@ INIT_PRESETS: Dict[str, Tuple[float, float]] = {
 }
 
 
+@register_notrace_module  # timm's FX feature extraction (and any timm-leaf tracer) keeps each layer one node
 class DPP2d(nn.Module):
     r"""Detail-Preserving Pooling over 2-D windows.
 
@@ -262,6 +265,7 @@ class DPP2d(nn.Module):
         return text
 
 
+@register_notrace_module
 class GlobalDPP2d(DPP2d):
     """DPP over the whole feature map: a global pool whose output is (N, C, 1, 1), for the global average pool of a
     classifier head (:func:`dpp_surgery.convert` with ``skip_global=False``).
@@ -292,6 +296,9 @@ class GlobalDPP2d(DPP2d):
                          impl=impl, device=device, dtype=dtype)
 
     def _forward(self, x: Tensor) -> Tensor:
+        if exporting():  # reductions over the map, nothing tied to its size: the file takes any input size
+            return global_dpp2d(x, self.theta_alpha, self.theta_lambda, reward=self.reward, norm=self.norm,
+                                eps=self.eps)
         return dpp2d(x, self.theta_alpha, self.theta_lambda, x.shape[-2:], 1, 0, reward=self.reward, norm=self.norm,
                      eps=self.eps, impl=self.impl)
 
@@ -399,7 +406,7 @@ def dpp_aa_layer(
         # named DPP2d, so that the layers print as DPP2d (their repr gives the variant); the qualname tells the classes
         cls = type('DPP2d', (_DPP2dAA,), {'_aa_defaults': defaults, '_aa_key': key, '__module__': __name__,
                                           '__qualname__': call, '__doc__': f"DPP2d for timm's aa_layer slot: {call}."})
-        _AA_CLASSES[key] = cls
+        _AA_CLASSES[key] = register_notrace_module(cls)
     return cls
 
 

@@ -28,8 +28,8 @@ from ..utils import check_choice
 from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry
 
 __all__ = [
-    'dpp2d', 'full_guide', 'DEFAULT_EPS', 'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS',
-    'NonFiniteParameterError',
+    'dpp2d', 'global_dpp2d', 'torch_path', 'TORCH_FORMS', 'exporting', 'check_input', 'full_guide', 'DEFAULT_EPS',
+    'THETA_ALPHA_MAX', 'GUIDES', 'REWARDS', 'NORMS', 'IMPLEMENTATIONS', 'NonFiniteParameterError',
 ]
 
 DEFAULT_EPS = 1e-3  # added to the squared deviation, as in every path of the authors' code
@@ -40,7 +40,7 @@ NORMS = ('mean', 'none', 'sum')
 IMPLEMENTATIONS = ('auto', 'kernel', 'triton', 'torch')
 
 
-def _check_input(x: Tensor, channels: int) -> None:
+def check_input(x: Tensor, channels: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f'DPP2d expects a torch.Tensor input, but got {type(x).__name__}')
     if x.dim() != 4:
@@ -60,9 +60,12 @@ def _in_onnx_export() -> bool:
     return mod is not None and mod.is_in_onnx_export()
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """torch.export / ONNX export / jit tracing: DPP runs as standard ops (the fused kernel is CPU eager only)."""
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or _in_onnx_export()
+
+
+_exporting = exporting
 
 
 class NonFiniteParameterError(ValueError):
@@ -323,6 +326,55 @@ def _stacked(
     return (wts * cols).sum(2) / (wts.sum(2) + _nonfinite_guard(guide))
 
 
+TORCH_FORMS = ('pooled', 'stacked')
+
+
+def torch_path(layer, x: Tensor, form: str) -> Tensor:
+    """``layer``'s (a :class:`~dpp_surgery.DPP2d`) output computed on the pure-PyTorch path in the given form:
+    ``'pooled'`` (:func:`_pooled`, windows that tile the input only) or ``'stacked'`` (:func:`_stacked`, any
+    geometry), whichever form the layer itself would pick. For comparing the two (``bench layer --compile`` times
+    both under torch.compile: the pooled form is what the PyTorch path runs with the Lite guide there, the stacked
+    form with the Full guide)."""
+    form = check_choice(form, 'form', TORCH_FORMS)
+    r = layer.geometry.resolve(x.shape[-2], x.shape[-1])
+    if form == 'pooled' and r.kernel != r.stride:
+        raise ValueError(f'the pooled form needs windows that tile the input (kernel == stride), but the layer has '
+                         f'kernel {r.kernel} and stride {r.stride}; use form=\'stacked\'')
+    xa, guide, alpha, lam = _operands(x, layer.theta_alpha, layer.theta_lambda, layer.guide_weight, layer.geometry, r)
+    fn = _pooled if form == 'pooled' else _stacked
+    return fn(xa, guide, alpha, lam, r, layer.reward == 'asym', layer.norm, layer.eps).to(x.dtype)
+
+
+def global_dpp2d(x: Tensor, theta_alpha: Tensor, theta_lambda: Tensor, reward: str = 'sym', norm: str = 'mean',
+                 eps: float = DEFAULT_EPS) -> Tensor:
+    """DPP over the whole map, (N, C, H, W) -> (N, C, 1, 1), with the Lite guide (the map's mean): what
+    :class:`~dpp_surgery.GlobalDPP2d` computes, written as reductions over the spatial axes so that nothing depends
+    on H or W. This is the form torch.export and ONNX export record, so the file takes any input size; it computes
+    the weights as :func:`_stacked` does (log-space, shifted by their maximum)."""
+    reward = check_choice(reward, 'reward', REWARDS)
+    norm = check_choice(norm, 'norm', NORMS)
+    check_input(x, theta_alpha.shape[0])
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    c = xa.shape[1]
+    alpha = torch.exp(theta_alpha.clamp(max=THETA_ALPHA_MAX)).to(acc).view(1, c, 1, 1)
+    hl = (torch.exp(theta_lambda).to(acc) * 0.5).view(1, c, 1, 1)
+    guide = xa.mean((2, 3), keepdim=True)
+    d = xa - guide
+    if reward == 'asym':
+        d = d.clamp_min(0)
+    y = d * d + eps
+    lu = torch.log(y)
+    if norm != 'none':
+        m = y.sum((2, 3), keepdim=True) if norm == 'sum' else y.mean((2, 3), keepdim=True)
+        lu = lu - torch.log(m)
+    lr = hl * lu
+    shift = lr.amax((2, 3), keepdim=True).clamp_min(0).detach()
+    wts = alpha * torch.exp(-shift) + torch.exp(lr - shift)
+    out = (wts * xa).sum((2, 3), keepdim=True) / (wts.sum((2, 3), keepdim=True) + _nonfinite_guard(guide))
+    return out.to(x.dtype)
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous():
         return torch.contiguous_format
@@ -578,7 +630,7 @@ def dpp2d(
     reward = check_choice(reward, 'reward', REWARDS)
     norm = check_choice(norm, 'norm', NORMS)
     impl = check_choice(impl, 'impl', IMPLEMENTATIONS)
-    _check_input(input, theta_alpha.shape[0])
+    check_input(input, theta_alpha.shape[0])
     if theta_lambda.shape != theta_alpha.shape:
         raise ValueError(f'theta_lambda must have shape {tuple(theta_alpha.shape)}, but got '
                          f'{tuple(theta_lambda.shape)}')

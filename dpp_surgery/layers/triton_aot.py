@@ -198,7 +198,7 @@ def compile_spec(spec: Spec, arch: int = 90, channels: int = 256, config: Option
         raise RuntimeError(found['error'])
     module = _kernels_module()
     kh, kw, sh, sw = GEOMETRIES[spec.geometry]
-    launch = dict(module.launch_config(spec.kernel, channels, spec.layout == 'channels_last'))
+    launch = dict(module.launch_config(spec.kernel, channels, spec.layout == 'channels_last', kh * kw, spec.norm))
     launch.update(config or {})
     constexprs = dict(KH=kh, KW=kw, SH=sh, SW=sw, ASYM=spec.reward == 'asym', ACC=tl.float32,
                       BLOCK_P=launch['BLOCK_P'], BLOCK_C=launch['BLOCK_C'])
@@ -292,4 +292,29 @@ def format_table(rows: Sequence[dict]) -> str:
     for r in rows:
         lines.append(f'| {r["name"]} | {r["arch"]} | {r["registers"]} | {r["stack"]} | {r["shared"]} | '
                      f'{r["block"][0]} x {r["block"][1]} | {r["warps"]} | {r["occupancy"]:.0%} | {r["limiter"]} |')
+    return '\n'.join(lines)
+
+
+def _span(values: Sequence, fmt: str = '{}') -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f'{fmt.format(lo)}-{fmt.format(hi)}'
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+    """One line per kernel x window x arch of a :func:`report`: how many kernels, the ranges of their registers
+    and theoretical occupancy, their tiles and warps, and the largest spill."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((KERNELS.index(r['kernel']), list(GEOMETRIES).index(r['geometry']), r['arch']),
+                          []).append(r)
+    lines = ['| kernel | window | arch | kernels | registers | occupancy | tiles (P x C) | warps '
+             '| most stack (spill) B |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2] != 'sm_90', k[2])):
+        g = groups[key]
+        tiles = ', '.join(sorted({f'{r["block"][0]}x{r["block"][1]}' for r in g}, key=lambda t: -int(t.split('x')[0])))
+        lines.append(f'| {KERNELS[key[0]]} | {list(GEOMETRIES)[key[1]]} | {key[2]} | {len(g)} | '
+                     f'{_span([r["registers"] for r in g])} | '
+                     f'{_span(sorted({round(100 * r["occupancy"]) for r in g}), "{}%")} | {tiles} | '
+                     f'{_span([r["warps"] for r in g])} | {max(r["stack"] for r in g)} |')
     return '\n'.join(lines)

@@ -291,28 +291,47 @@ TILE_CHANNELS: Optional[int] = None  # (tests: at most this many channels per ch
 _INTERPRETED_LANES = 1 << 14  # the interpreter pays per program, not per lane: few, large tiles
 
 
-# Per kernel at GPU tile sizes: lanes per tile, channels per tile for channels_last, and warps per program
-# (2 lanes a thread for the forward: about 95 registers for 3x3 windows, 31% theoretical occupancy on sm_80/sm_90;
-# 1 for the backward, which keeps about twice as many values a lane, and for the gather kernel, which spilled at
-# 2 on sm_80; see dpp_surgery.layers.triton_aot)
-LAUNCH = {'forward': (256, 64, 4), 'backward': (128, 32, 4), 'gather': (128, 32, 4)}
+# Per kernel and window size at GPU tile sizes: lanes per tile, channels per tile for channels_last, and warps per
+# program. Every lane holds its window's values across a kernel's passes, so the larger windows and the backward
+# (about twice the values a lane) run fewer lanes a thread. Chosen from `bench triton-report --full` (every
+# specialization compiled for sm_90 and sm_80, dpp_surgery.layers.triton_aot): no spill anywhere, at least 25%
+# theoretical occupancy for every forward and 2x2 backward. What the alternatives did: the 3x3 forward at 2 lanes a
+# thread spilled 8 bytes on sm_80 (norm 'sum', channels_last); the 3x3 backward at 4 warps spilled 8 bytes on sm_90
+# (Full-asym 3x3/s3 float32 NCHW); the 2x2 backward with norm 'sum' spilled 8 bytes at 1 lane a thread whatever
+# the warps (Lite, NCHW: bfloat16/float16 on sm_90 at 2 and 4 warps, float32 on sm_90 at 8), so it runs 2 lanes a
+# thread at 8 warps (25% occupancy; the other norms keep 1 lane a thread, 44-56%).
+LAUNCH = {
+    ('forward', 'small'): (256, 64, 4),  # windows of up to 4 positions (2x2): 2 lanes a thread
+    ('forward', 'large'): (128, 64, 4),  # larger windows (3x3): 1 lane a thread
+    ('backward', 'small'): (128, 32, 4),
+    ('backward', 'large'): (256, 32, 8),
+    ('gather', 'small'): (128, 32, 4),  # (the gather kernel runs for overlapping windows only)
+    ('gather', 'large'): (128, 32, 4),
+}
+LAUNCH_NORM_SUM = {('backward', 'small'): (512, 32, 8)}  # norm 'sum' where it differs
+SMALL_WINDOW = 4  # positions
+_NORM_SUM = 2  # the code of norm 'sum' (dpp_surgery.layers.kernel.NORM_CODES)
 
 
-def launch_config(kernel: str, channels: int, channels_last: bool) -> dict:
-    """BLOCK_P (positions), BLOCK_C (channels) and num_warps of ``kernel`` on a GPU: one channel per tile for NCHW
-    (consecutive positions are consecutive in memory), up to LAUNCH's channels for channels_last."""
-    lanes, max_c, warps = LAUNCH[kernel]
+def launch_config(kernel: str, channels: int, channels_last: bool, window: int = SMALL_WINDOW,
+                  norm: str = 'mean') -> dict:
+    """BLOCK_P (positions), BLOCK_C (channels) and num_warps of ``kernel`` on a GPU for windows of ``window``
+    positions and the window ``norm``: one channel per tile for NCHW (consecutive positions are consecutive in
+    memory), up to LAUNCH's channels for channels_last."""
+    key = (kernel, 'small' if window <= SMALL_WINDOW else 'large')
+    lanes, max_c, warps = LAUNCH_NORM_SUM[key] if norm == 'sum' and key in LAUNCH_NORM_SUM else LAUNCH[key]
     if channels > 1 and channels_last:
         bc = min(max_c, triton.next_power_of_2(channels))
         return dict(BLOCK_P=max(lanes // bc, 1), BLOCK_C=bc, num_warps=warps)
     return dict(BLOCK_P=lanes, BLOCK_C=1, num_warps=warps)
 
 
-def _blocks(x: Tensor, kernel: str) -> Tuple[int, int, int]:
-    """(positions, channels, warps) per tile of ``kernel`` for x (see launch_config)."""
+def _blocks(x: Tensor, kernel: str, window: int = SMALL_WINDOW, norm: int = 1) -> Tuple[int, int, int]:
+    """(positions, channels, warps) per tile of ``kernel`` for x, windows of ``window`` positions and the norm's code
+    (see launch_config)."""
     c = x.shape[1]
     channels_last = c > 1 and x.stride(1) == 1
-    config = launch_config(kernel, c, channels_last)
+    config = launch_config(kernel, c, channels_last, window, 'sum' if norm == _NORM_SUM else 'mean')
     if TILE_LANES is None and not INTERPRETED:
         return config['BLOCK_P'], config['BLOCK_C'], config['num_warps']
     lanes = TILE_LANES if TILE_LANES is not None else _INTERPRETED_LANES
@@ -357,7 +376,7 @@ def forward(x: Tensor, guide: Optional[Tensor], alpha: Tensor, lam: Tensor, geom
     p = n * oh * ow
     if out.numel() == 0:
         return out
-    bp, bc, warps = _blocks(x, 'forward')
+    bp, bc, warps = _blocks(x, 'forward', kh * kw, norm)
     grid = (triton.cdiv(p, bp), triton.cdiv(c, bc))
     _forward_kernel[grid](
         x, guide if guide is not None else x, alpha, lam, out,
@@ -383,7 +402,7 @@ def backward(grad: Tensor, x: Tensor, guide: Optional[Tensor], alpha: Tensor, la
     grad_guide = torch.empty_like(guide, memory_format=fmt) if guide is not None else x.new_empty(0)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     p = n * oh * ow
-    bp, bc, warps = _blocks(x, 'backward')
+    bp, bc, warps = _blocks(x, 'backward', kh * kw, norm)
     grid = (triton.cdiv(p, bp), triton.cdiv(c, bc))
     part_a = torch.zeros(grid[0], c, dtype=acc_dtype, device=x.device)
     part_l = torch.zeros(grid[0], c, dtype=acc_dtype, device=x.device)
@@ -407,7 +426,7 @@ def backward(grad: Tensor, x: Tensor, guide: Optional[Tensor], alpha: Tensor, la
         NON_OVERLAP=non_overlap, ACC=_acc(x), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     if not non_overlap:
         q = n * h * w
-        bp, bc, warps = _blocks(x, 'gather')
+        bp, bc, warps = _blocks(x, 'gather', kh * kw)
         qgrid = (triton.cdiv(q, bp), triton.cdiv(c, bc))
         _gather_kernel[qgrid](
             x, lam, stats, grad_x,

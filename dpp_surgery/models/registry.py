@@ -119,9 +119,9 @@ class Recipe:
 
     def conversion_policy(self) -> ConversionPolicy:
         """The recipe's :class:`ConversionPolicy` (defaults plus the recipe's fields)."""
-        from ..training.checkpoint import validate_policy
+        from ..surgery import ConversionPolicy
 
-        return validate_policy(self.policy)
+        return ConversionPolicy.from_dict(self.policy)
 
     def latency_settings(self) -> Dict[str, int]:
         return {**LATENCY_DEFAULTS, **self.latency}
@@ -222,11 +222,11 @@ def _check_weights(weights: Dict[str, Any], arch: str, where: str) -> None:
 
 def _check_policy(policy: Any, where: str) -> Any:
     """The recipe's policy, with the same checks as a checkpoint's policies
-    (:func:`dpp_surgery.training.checkpoint.validate_policy`)."""
-    from ..training.checkpoint import validate_policy
+    (:meth:`dpp_surgery.ConversionPolicy.from_dict`)."""
+    from ..surgery import ConversionPolicy
 
     try:
-        validate_policy(policy, 'policy')
+        ConversionPolicy.from_dict(policy, 'policy')
     except ValueError as e:
         raise _fail(where, str(e)) from e
     return policy
@@ -583,7 +583,7 @@ def _features_model(recipe: Recipe, model: nn.Module, feature_kwargs: Dict[str, 
     from timm.models import _builder
     from timm.models._builder import pretrained_cfg_for_features
 
-    from ..surgery import NoEffectWarning, convert
+    from ..surgery import NoEffectWarning, conversion_history, convert
 
     used = []
 
@@ -609,7 +609,7 @@ def _features_model(recipe: Recipe, model: nn.Module, feature_kwargs: Dict[str, 
         # timm built a features class of its own: convert it as the recipe says, then take the converted weights
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', NoEffectWarning)
-            for policy, input_size in getattr(model, '_dpp_surgery_history', []):
+            for policy, input_size in conversion_history(model):
                 convert(features, input_size=input_size, policy=policy)
         state = model.state_dict()
         wanted = features.state_dict()
@@ -623,6 +623,48 @@ def _features_model(recipe: Recipe, model: nn.Module, feature_kwargs: Dict[str, 
     features.pretrained_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
     features.default_cfg = features.pretrained_cfg
     return features
+
+
+def _original_model(recipe: 'Recipe', name: str, pretrained: bool, file: Optional[str], cache_dir: Optional[str],
+                    kwargs: Dict[str, Any]):
+    """(the architecture's model, unconverted, with the weights asked for; what its pretrained_cfg says about them
+    where they are not the registered tag's): a local file of original weights, the offline package, timm's hub,
+    or random init."""
+    import timm
+    from timm.models import load_pretrained
+
+    from .weights import WEIGHTS_EXTRA_HINT, offline_weights_available
+
+    arch = recipe.architecture
+    weights: Dict[str, Any] = {}
+    if pretrained and file:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f'pretrained_cfg_overlay file {file} does not exist')
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kwargs)
+        weights = dict(tag=None, notes=(_weights_note(recipe, f'the original {arch} weights in {file}'),))
+    elif pretrained and recipe.weight_source == 'offline' and offline_weights_available():
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+        source_cfg = dict(timm.models.get_pretrained_cfg(arch).to_dict(), state_dict=_offline_state_dict(arch))
+        load_pretrained(model, pretrained_cfg=source_cfg, num_classes=model.num_classes,
+                        in_chans=kwargs.get('in_chans', 3))
+    elif pretrained:
+        try:
+            model = timm.create_model(arch, pretrained=True, cache_dir=cache_dir, **kwargs)
+        except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
+            first = first_line(e)
+            extra = f'{WEIGHTS_EXTRA_HINT}, or ' if recipe.weight_source == 'offline' else ''
+            raise RuntimeError(
+                f"cannot get {arch}'s pretrained weights from timm's hub ({type(e).__name__}: {first[:200]}). "
+                f"Offline, {extra}pass a local file: timm.create_model({name!r}, pretrained=True, "
+                "pretrained_cfg_overlay=dict(file=PATH)) with the original weights or a converted dpp_surgery "
+                'checkpoint, or use pretrained=False') from e
+        if recipe.weight_source == 'offline':  # without the offline package: timm's weights, its normalisation
+            source = timm.models.get_pretrained_cfg(arch)
+            weights = dict(tag=_converted(_original_tag(recipe, False) or ''), mean=source.mean, std=source.std,
+                           notes=(_weights_note(recipe, _origin(recipe, False)),))
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    return model, weights
 
 
 def create_zoo_model(
@@ -653,12 +695,10 @@ def create_zoo_model(
     Raises:
         ValueError: a pretrained tag (``timm.create_model('<name>.<tag>')``) other than the model's.
     """
-    import timm
-    from timm.models import load_pretrained, resolve_pretrained_cfg
+    from timm.models import resolve_pretrained_cfg
 
     from ..surgery import convert
     from ..training.checkpoint import record_creation
-    from .weights import WEIGHTS_EXTRA_HINT, offline_weights_available
 
     recipe = _REGISTERED.get(name)
     if recipe is None:
@@ -687,33 +727,7 @@ def create_zoo_model(
         weights = dict(tag=None, notes=(f'weights: the dpp_surgery checkpoint {file}',))
     else:
         policy = recipe.conversion_policy()  # a converted checkpoint holds its own conversions, checked when read
-        if pretrained and file:
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f'pretrained_cfg_overlay file {file} does not exist')
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kwargs)
-            weights = dict(tag=None, notes=(_weights_note(recipe, f'the original {arch} weights in {file}'),))
-        elif pretrained and recipe.weight_source == 'offline' and offline_weights_available():
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-            source_cfg = dict(timm.models.get_pretrained_cfg(arch).to_dict(), state_dict=_offline_state_dict(arch))
-            load_pretrained(model, pretrained_cfg=source_cfg, num_classes=model.num_classes,
-                            in_chans=kwargs.get('in_chans', 3))
-        elif pretrained:
-            try:
-                model = timm.create_model(arch, pretrained=True, cache_dir=cache_dir, **kwargs)
-            except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-                first = first_line(e)
-                extra = f'{WEIGHTS_EXTRA_HINT}, or ' if recipe.weight_source == 'offline' else ''
-                raise RuntimeError(
-                    f"cannot get {arch}'s pretrained weights from timm's hub ({type(e).__name__}: {first[:200]}). "
-                    f"Offline, {extra}pass a local file: timm.create_model({name!r}, pretrained=True, "
-                    "pretrained_cfg_overlay=dict(file=PATH)) with the original weights or a converted dpp_surgery "
-                    'checkpoint, or use pretrained=False') from e
-            if recipe.weight_source == 'offline':  # without the offline package: timm's weights, its normalisation
-                source = timm.models.get_pretrained_cfg(arch)
-                weights = dict(tag=_converted(_original_tag(recipe, False) or ''), mean=source.mean, std=source.std,
-                               notes=(_weights_note(recipe, _origin(recipe, False)),))
-        else:
-            model = timm.create_model(arch, pretrained=False, **kwargs)
+        model, weights = _original_model(recipe, name, pretrained, file, cache_dir, kwargs)
         # plan's default input size comes from pretrained_cfg, which keeps 3 channels whatever in_chans is
         in_chans = kwargs.get('in_chans', 3)
         convert(model, input_size=(in_chans, *tuple(cfg.get('input_size', (3, 224, 224)))[1:]), policy=policy)

@@ -152,11 +152,69 @@ def dpp_layers(model: nn.Module) -> List[Tuple[str, DPP2d]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, DPP2d)]
 
 
-def _make_dpp(site: Site, policy: ConversionPolicy, channels: int, geometry: dict, device, dtype) -> DPP2d:
+_HISTORY = '_dpp_surgery_history'  # the attribute convert() keeps the history in (pickled models carry it)
+
+
+def conversion_history(model: nn.Module) -> List[Tuple[ConversionPolicy, Tuple[int, ...]]]:
+    """Every conversion :func:`convert` applied to ``model``, in order: (policy, input size) pairs, as checkpoints
+    record them to rebuild the model (:func:`dpp_surgery.save`); empty for a model never converted."""
+    return list(getattr(model, _HISTORY, []))
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` is converted already: a conversion in its history (:func:`convert` records every one) or
+    DPP layers in it (a model rebuilt by :func:`dpp_surgery.load`, a zoo model, one built with ``dpp_aa_layer``)."""
+    return bool(conversion_history(model)) or bool(dpp_layers(model))
+
+
+def _make_dpp(site: Site, policy: ConversionPolicy, channels: int, geometry: dict, device, dtype) -> nn.Module:
+    """The downsampling layer the policy gives ``site``: DPP2d by default, or the variant's other operator."""
     kind = SiteKind.AVG_POOL if site.kind == SiteKind.GLOBAL_POOL else site.kind
     v = policy.variant(kind)
-    return DPP2d(channels, guide=v.guide, reward=v.reward, norm=v.norm, init=v.init, device=device,
-                 dtype=dtype, **geometry)
+    if v.operator == 'dpp':
+        return DPP2d(channels, guide=v.guide, reward=v.reward, norm=v.norm, init=v.init, device=device,
+                     dtype=dtype, **geometry)
+    return make_operator(v, channels, geometry, is_max_pool=site.kind == SiteKind.MAX_POOL, where=site.name,
+                         device=device, dtype=dtype)
+
+
+def make_operator(variant, channels: int, geometry: dict, is_max_pool: bool = False, where: str = 'the site',
+                  device=None, dtype=None) -> nn.Module:
+    """The layer of a variant's operator other than ``'dpp'`` for a window ``geometry`` (``kernel_size``,
+    ``stride``, ``padding``, ``ceil_mode``), with the output size the replaced layer had: ``'s3dpp'`` an
+    :class:`~dpp_surgery.S3DPP2d` (stride 2), ``'avg'``/``'max'`` plain pooling of that geometry, ``'blur'`` timm's
+    ``BlurPool2d`` at the stride, padded by ``blur_filter - 1`` in all (so a map of H gives ceil(H / stride), as a
+    strided conv and DPP2d in ceil mode do), after a max pool at stride 1 where it replaces a max pool."""
+    from ..layers import S3DPP2d
+
+    k, s = to_pair(geometry['kernel_size'], 'kernel_size'), to_pair(geometry['stride'], 'stride')
+    pad, ceil = geometry.get('padding', 0), geometry.get('ceil_mode', False)
+    if isinstance(pad, str):
+        raise ConversionError(f"{where}: operator {variant.operator!r} cannot take the site's dynamic 'same' padding; "
+                              "use operator='dpp' there, or exclude the site")
+    if variant.operator == 's3dpp':
+        if s != (2, 2):
+            raise ConversionError(f"{where}: operator 's3dpp' downsamples by 2 only, but the site's stride is {s}; "
+                                  "use another operator there, or exclude the site")
+        return S3DPP2d(channels, guide=variant.guide, reward=variant.reward, norm=variant.norm, init=variant.init,
+                       device=device, dtype=dtype)
+    if variant.operator == 'avg':
+        return nn.AvgPool2d(k, s, pad, ceil_mode=ceil, count_include_pad=False)
+    if variant.operator == 'max':
+        return nn.MaxPool2d(k, s, pad, ceil_mode=ceil)
+    if variant.operator == 'blur':
+        from timm.layers import BlurPool2d
+
+        if s[0] != s[1]:
+            raise ConversionError(f"{where}: operator 'blur' needs the same stride on both axes, but got {s}")
+        blur = BlurPool2d(channels, filt_size=variant.blur_filter, stride=s[0], pad_mode=variant.blur_pad,
+                          device=device, dtype=dtype)
+        first = (variant.blur_filter - 1) // 2
+        blur.padding = [first, variant.blur_filter - 1 - first] * 2  # (left, right, top, bottom)
+        if is_max_pool:  # antialiased-cnns' MaxBlurPool: the max at stride 1, then the blur downsamples
+            return nn.Sequential(nn.MaxPool2d(k, 1, pad), blur)
+        return blur
+    raise ConversionError(f'{where}: unknown operator {variant.operator!r}')
 
 
 def _downsample_geometry(stride) -> dict:
@@ -269,6 +327,7 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
         >>> print(p)
         >>> model = dpp_surgery.convert(model, plan=p)
     """
+    _refuse_after_other_operators(model)
     p = _plan_for(model, plan, input_size, policy, policy_kwargs)
     todo = p.to_replace
     if not todo:
@@ -281,6 +340,17 @@ def convert(model: nn.Module, input_size: Optional[Sequence[int]] = None, policy
     _logger.info('converted %d of %d downsampling sites of %s', len(todo), len(p.sites), p.model_name)
     _record(model, p)
     return model
+
+
+def _refuse_after_other_operators(model: nn.Module) -> None:
+    """ConversionError for a model converted before with an operator other than DPP: its new pools and blurs
+    look like downsampling sites to :func:`plan`, so a second conversion would convert them again."""
+    for policy, _ in conversion_history(model):
+        others = sorted({policy.variant(k).operator for k in policy.targets} - {'dpp', 's3dpp'})
+        if others:
+            raise ConversionError(f'{type(model).__name__} was converted with operator {others[0]!r}, whose layers '
+                                  'plan() cannot tell from the model\'s own: convert the original model once, with '
+                                  'every setting in one policy')
 
 
 def _plan_for(model: nn.Module, given: Optional[Plan], input_size, policy, policy_kwargs: dict) -> Plan:
@@ -329,9 +399,9 @@ def _check_sizes(before: Dict[str, Tuple[int, ...]], after: Dict[str, Tuple[int,
 def _record(model: nn.Module, p: Plan) -> None:
     """Record an applied conversion on the model: ``dpp_surgery_plan`` (the plan) and the history of every
     conversion, in order (checkpoints replay it to rebuild the model)."""
-    history = list(getattr(model, '_dpp_surgery_history', []))
+    history = conversion_history(model)
     history.append((p.policy, tuple(p.input_size)))
-    model._dpp_surgery_history = history
+    setattr(model, _HISTORY, history)
     model.dpp_surgery_plan = p
 
 
@@ -373,6 +443,10 @@ def _apply_module_site(model: nn.Module, site: Site, policy: ConversionPolicy, d
         dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
         _set_child(model, site.name, dpp, undo)
     elif site.placement == SitePlacement.GLOBAL:
+        if policy.avg_pool.operator != 'dpp':
+            raise ConversionError(f"{site.name}: a global pool takes operator 'dpp' only (GlobalDPP2d), but the "
+                                  f"policy's avg_pool operator is {policy.avg_pool.operator!r}; leave global pools "
+                                  'alone (skip_global=True, the default)')
         _set_child(model, site.name, GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
                                                  reward=policy.avg_pool.reward, norm=policy.avg_pool.norm,
                                                  device=device, dtype=dtype), undo)

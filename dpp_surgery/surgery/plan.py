@@ -348,6 +348,20 @@ def dpp_flops(channels: int, out: Tuple[int, int], window: int, full_guide: bool
     return flops
 
 
+def operator_flops(variant, channels: int, out: Tuple[int, int], window: int) -> int:
+    """Estimated FLOPs of the downsampling layer a :class:`DPPVariant` puts at a site: DPP (:func:`dpp_flops`),
+    S3DPP (DPP over the stride-1 map, then a 2x2 average), a blur (its filter at every output, multiply and add) or
+    a plain pool (one operation per window element)."""
+    full = variant.guide == 'full'
+    if variant.operator == 'dpp':
+        return dpp_flops(channels, out, window, full)
+    if variant.operator == 's3dpp':
+        return dpp_flops(channels, (2 * out[0], 2 * out[1]), 4, full) + channels * out[0] * out[1] * 4
+    if variant.operator == 'blur':
+        return 2 * channels * out[0] * out[1] * variant.blur_filter ** 2
+    return channels * out[0] * out[1] * window
+
+
 def _dpp_placement_of(m: nn.Module) -> Optional[str]:
     return getattr(type(m), '_dpp_placement', None)
 
@@ -1067,16 +1081,15 @@ def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block
         site.flops_after = site.flops_before
         return
     variant = policy.variant(SiteKind.AVG_POOL if site.kind == SiteKind.GLOBAL_POOL else site.kind)
-    full = variant.guide == 'full'
     if site.placement in (SitePlacement.POOL, SitePlacement.FUNCTIONAL, SitePlacement.GLOBAL):
-        site.flops_after = dpp_flops(c_in, out, window, full)
+        site.flops_after = operator_flops(variant, c_in, out, window)
     elif site.placement == SitePlacement.POST:
         groups = getattr(module, 'groups', 1)
         h1 = tuple(n * s for n, s in zip(out, site.stride))  # conv at stride 1 (about s times the outputs per side)
-        site.flops_after = _conv_flops(c_in, c_out, groups, site.kernel, h1) + dpp_flops(
-            c_out, out, site.stride[0] * site.stride[1], full)
+        site.flops_after = _conv_flops(c_in, c_out, groups, site.kernel, h1) + operator_flops(
+            variant, c_out, out, site.stride[0] * site.stride[1])
     elif site.placement == SitePlacement.PRE:
-        site.flops_after = site.flops_before + dpp_flops(c_in, out, site.stride[0] * site.stride[1], full)
+        site.flops_after = site.flops_before + operator_flops(variant, c_in, out, site.stride[0] * site.stride[1])
     elif site.placement == SitePlacement.BLOCK:
         # the whole block is measured before and after with torch's FLOP counter; the first site of a block
         # carries the block's numbers, the others none
@@ -1085,7 +1098,7 @@ def _flops(model, g: _Graph, site: Site, module, policy: ConversionPolicy, block
             return
         before, after = _try_block(model, g, site.block)
         last_shape = g.block_shapes(site.block)[1]
-        after += dpp_flops(int(last_shape[1]), tuple(last_shape[2:]), site.stride[0] * site.stride[1], full)
+        after += operator_flops(variant, int(last_shape[1]), tuple(last_shape[2:]), site.stride[0] * site.stride[1])
         block_cache[site.block] = True
         site.flops_before, site.flops_after = before, after
 

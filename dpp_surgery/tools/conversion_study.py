@@ -371,7 +371,7 @@ def placement_table(record: Dict[str, Any]) -> str:
               f'both ran; resolved = a two-sided paired t-test at 95% tells it from zero'
               + (f' (|t| > {t95(n - 1):.2f} for {n} seeds).' if n > 1 else '.'),
               _precision_note(record, 'variant'),
-              '', 'Recommendation, computed from the table:'] + recommendations(record)
+              '', 'Recommendation, computed from the table:', ''] + recommendations(record)
     return '\n'.join(lines)
 
 

@@ -172,8 +172,10 @@ def check_family(family: str, size: int = 96, extra_checks: Sequence[Callable] =
     return check_model(name, family, size, extra_checks)
 
 
-def check_model(name: str, family: str = '', size: int = 96, extra_checks: Sequence[Callable] = ()) -> FamilyResult:
-    """plan + convert + forward + backward of timm model ``name``; never raises."""
+def check_model(name: str, family: str = '', size: int = 96, extra_checks: Sequence[Callable] = (),
+                operator: Optional[str] = None) -> FamilyResult:
+    """plan + convert + forward + backward of timm model ``name`` (with the policy's ``operator`` if given:
+    ``'blur'``, ...); never raises."""
     import timm
 
     result = FamilyResult(family=family)
@@ -182,7 +184,7 @@ def check_model(name: str, family: str = '', size: int = 96, extra_checks: Seque
         result.model = name
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False)
-        p, x, ref = _plan_at_first_size(model, size, result)
+        p, x, ref = _plan_at_first_size(model, size, result, operator)
         result.traced = True
         for key, value in site_recall(model, p).items():
             setattr(result, key, value)
@@ -212,7 +214,7 @@ def _left_by_default(site) -> bool:
     return site.action == SiteAction.SKIP and site.reason_code in CONVERTIBLE_REASONS
 
 
-def _plan_at_first_size(model: torch.nn.Module, size: int, result: FamilyResult):
+def _plan_at_first_size(model: torch.nn.Module, size: int, result: FamilyResult, operator: Optional[str] = None):
     """(plan, input batch, eval output) at the first of :func:`_input_sizes` where the model runs and plans (the
     small size first; models that cannot run or trace there get their own input size); the last size's error
     propagates. Sets ``result.input_size``."""
@@ -226,7 +228,7 @@ def _plan_at_first_size(model: torch.nn.Module, size: int, result: FamilyResult)
             model.eval()
             with torch.no_grad():
                 ref = model(x)
-            return plan(model, input_size=input_size), x, ref
+            return plan(model, input_size=input_size, operator=operator), x, ref
         except Exception:  # noqa: BLE001 - retried at the model's own size, else reported
             if i == len(sizes) - 1:
                 raise
@@ -350,7 +352,7 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
 
 def run_coverage(families: Optional[Sequence[str]] = None, size: int = 96, csv_path: Optional[str] = None,
                  progress: bool = True, extra_checks: Sequence[Callable] = (), per_family: int = 1,
-                 overwrite: bool = True) -> List[FamilyResult]:
+                 overwrite: bool = True, operator: Optional[str] = None) -> List[FamilyResult]:
     """:func:`check_model` for up to ``per_family`` models (:func:`pick_models`) of every timm family (or
     ``families``); ``extra_checks`` run on each family's first model only. Optionally writes a CSV (atomically)."""
     import timm
@@ -371,7 +373,7 @@ def run_coverage(families: Optional[Sequence[str]] = None, size: int = 96, csv_p
         if name is None:
             res = FamilyResult(family=fam, status='no_site', reason='family registers no model')
         else:
-            res = check_model(name, fam, size, extra_checks if first else ())
+            res = check_model(name, fam, size, extra_checks if first else (), operator)
         results.append(res)
         if progress:
             iterator.set_postfix_str(f'{name or fam}: {res.status}')

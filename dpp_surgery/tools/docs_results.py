@@ -8,7 +8,9 @@ Every results table of the pages under ``docs/`` sits between two marker comment
 
 and is made here from a committed record, with the renderer that wrote the record's own table: the studies'
 ``results/*/*.json`` (:mod:`dpp_surgery.tools.conversion_study`, ``experiments fashion-mnist``), the coverage CSVs
-(:func:`dpp_surgery.tools.coverage.summarize`), the zoo's recipes and ``zoo/paper/`` (:mod:`dpp_surgery.tools.zoo`).
+(:func:`dpp_surgery.tools.coverage.summarize`), the zoo's recipes and ``zoo/paper/`` (:mod:`dpp_surgery.tools.zoo`),
+the benchmarks' ``results/bench/*.json`` (``python -m dpp_surgery.bench --record ...``, rendered by
+:func:`dpp_surgery.tools.bench.render`, exactly as the benchmark printed them).
 Each block also names its record and the record's date (its own, else the date of its last commit). The table of
 what runs where (device x implementation x runtime) is one data structure, :data:`WHAT_RUNS_WHERE`, written to
 ``docs/snippets/what-runs-where.md``, which every page that speaks of it includes.
@@ -125,7 +127,8 @@ def _record_line(root: str, rels: Sequence[str]) -> str:
         date = None
         if rel.endswith('.json'):
             data = _read_json(root, rel)
-            date = data.get('date') or (data.get('results') or {}).get('date')
+            date = (data.get('date') or (data.get('results') or {}).get('date')
+                    or (data.get('meta') or {}).get('date'))
         parts.append(f'`{rel}` ({date[:10]}, the run\'s date)' if date else
                      f'`{rel}` ({_commit_date(root, rel)}, its last commit)')
     return 'Record: ' + ', '.join(parts) + '.'
@@ -156,6 +159,36 @@ def _dpp_params(record: dict) -> str:
 def _fashion(record: dict) -> str:
     from .experiments import fashion_mnist_table
     return fashion_mnist_table(record)
+
+
+BENCH_RECORDS = 'results/bench'
+
+
+def _bench(stem: str) -> Callable[[str], str]:
+    """A benchmark's record, ``results/bench/STEM.json``: its command, then its Markdown as the benchmark printed
+    it (the machine, the tables, the targets)."""
+    def make(root: str) -> str:
+        from .bench import render
+
+        rel = f'{BENCH_RECORDS}/{stem}.json'
+        record = _read_json(root, rel)
+        return (f"Command: `{record['meta']['command']}`\n\n" + render(record).strip() + '\n\n'
+                + _record_line(root, [rel]))
+    return make
+
+
+def _triton_summary(root: str) -> str:
+    """``bench triton-report``'s record in short: one line per kernel x window x arch (the record has every
+    kernel)."""
+    from ..layers.triton_aot import summary_table
+    from .bench.common import checks_text
+
+    rel = f'{BENCH_RECORDS}/triton_report.json'
+    record = _read_json(root, rel)
+    return '\n\n'.join([
+        f"Command: `{record['meta']['command']}` (Triton {record['triton']}, {len(record['rows'])} kernels compiled "
+        f"in {record['seconds']:.0f} s for {record['channels']} channels, on {record['machine']}; no GPU needed)",
+        summary_table(record['rows']), checks_text(record['checks']), _record_line(root, [rel])])
 
 
 def _read_coverage(path: str):
@@ -231,6 +264,9 @@ BLOCKS: Dict[str, Tuple[Callable[[str], str], bool]] = {
     'coverage-onnx': (_coverage('results/coverage_onnx.csv'), False),
     'zoo': (_zoo, True),
     'zoo-records': (_zoo_records, False),
+    **{f'bench-{stem.replace("_", "-")}': (_bench(stem), False)
+       for stem in ('layer', 'train', 'onnx', 'onnx_layer', 'runtimes', 'init', 'preserve')},
+    'triton-summary': (_triton_summary, False),
 }
 
 

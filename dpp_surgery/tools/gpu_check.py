@@ -276,7 +276,8 @@ class Check:
         from dpp_surgery.tools import bench
         out = {}
         layer = os.path.join(self.output, 'bench_layer.json')
-        argv = ['--json', layer, 'layer', '--device', self.device, '--repeat', '2' if self.dry else '5',
+        argv = ['--record', layer, '--overwrite', 'layer', '--device', self.device,
+                '--repeat', '2' if self.dry else '5',
                 '--shape', *(('2', '8', '8', '8') if self.dry else ('16', '128', '56', '56')), '--no-memory']
         if self.dry:
             argv += ['--inner', '1', '--no-compile']
@@ -289,8 +290,9 @@ class Check:
             return out
         _need('timm')
         train = os.path.join(self.output, 'bench_train.json')
-        assert bench.main(['--json', train, 'train', '--device', 'cuda', '--models', 'resnet18', '--img-size', '64',
-                           '-b', '32', '--repeat', '3', '--amp-dtype', 'bfloat16', '--channels-last']) == 0
+        assert bench.main(['--record', train, '--overwrite', 'train', '--device', 'cuda', '--models', 'resnet18',
+                           '--img-size', '64', '-b', '32', '--repeat', '3', '--amp-dtype', 'bfloat16',
+                           '--channels-last']) == 0
         out['train'] = train
         return out
 
@@ -344,14 +346,18 @@ class Check:
         return results
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m dpp_surgery.tools.gpu_check', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output', default='gpu_check_out', help='folder for the log and JSON (default gpu_check_out)')
     parser.add_argument('--dry', action='store_true',
                         help="CPU dry run: Triton's interpreter, tiny shapes, torch.compile with aot_eager")
     parser.add_argument('--sections', nargs='+', choices=Check.SECTIONS, help='only these sections')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.dry and os.environ.get('TRITON_INTERPRET') != '1':
         # Triton reads TRITON_INTERPRET when it and the kernels are defined, and importing dpp_surgery may have
         # imported it already: run again in a process that has it from the start

@@ -13,7 +13,6 @@ by the constants below. :func:`save` applies the same checks, so it never writes
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -24,6 +23,10 @@ from torch import nn
 
 from ..utils import atomic_write, did_you_mean, first_line
 from ..utils import is_finite_number as _is_number, is_int as _is_int, short_repr as _short
+from ..utils import MAX_LIST_ENTRIES, MAX_NAME_LENGTH, field_path as _field, one_of as _choice
+from ..surgery.policy import policy_from_dict
+
+MAX_POLICY_ENTRIES = MAX_LIST_ENTRIES  # entries of a policy's list fields (include, exclude, include_types, ...)
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -46,8 +49,6 @@ MAX_CHANNELS = 16  # input channels (in_chans, the C of an input size, the lengt
 MAX_IMAGE_SIDE = 1024  # pixels, for the H and W of an input size and for an image size
 MAX_CONVERSIONS = 16  # conversions replayed by load
 MAX_NUM_CLASSES = 100_000
-MAX_POLICY_ENTRIES = 256  # entries of a policy's list fields (include, exclude, include_types, ...)
-MAX_NAME_LENGTH = 200  # a model name, a name pattern, a class name, a version string
 
 # timm's global pooling types (SelectAdaptivePool2d and the transformers' token/map pooling); '' = no pooling
 GLOBAL_POOLS = ('', 'avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax',
@@ -60,7 +61,6 @@ _REQUIRED_META = ('format', 'model_name', 'model_kwargs', 'conversions')
 _OPTIONAL_META = ('dpp_surgery_version', 'preprocessing', 'extra')
 _PREPROCESSING_KEYS = ('input_size', 'mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
 _MODEL_NAME = re.compile(r'[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?')  # timm 'arch' or 'arch.tag': no path, URL or hub prefix
-_IDENTIFIER = re.compile(r'[A-Za-z][A-Za-z0-9_]*')
 
 
 class CheckpointError(RuntimeError):
@@ -99,13 +99,6 @@ _MODEL_KWARG_CHECKS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
 MODEL_KWARGS: Dict[str, str] = {k: allowed for k, (_, allowed) in _MODEL_KWARG_CHECKS.items()}
 
 
-def _field(parent: str, key: Any) -> str:
-    """``parent.key`` for an identifier key, else ``parent[repr(key)]``."""
-    if isinstance(key, str) and _IDENTIFIER.fullmatch(key):
-        return f'{parent}.{key}'
-    return f'{parent}[{_short(key)}]'
-
-
 def validate_input_size(size: Any, field: str = 'input_size') -> Tuple[int, int, int]:
     """An input size ``(C, H, W)`` read from a file or a recipe, checked against the bounds.
 
@@ -139,126 +132,14 @@ def validate_image_size(side: Any, field: str = 'image_size') -> int:
     raise ValueError(f'{field} must be an integer from 1 to {MAX_IMAGE_SIDE} (pixels), but got {_short(side)}')
 
 
-def _choice(value: Any, field: str, allowed: Sequence[str], fold_case: bool = False) -> str:
-    """``value`` if it is one of ``allowed`` (in any case with ``fold_case``, as DPP2d reads its options)."""
-    if isinstance(value, str) and (value.lower() if fold_case else value) in allowed:
-        return value
-    raise ValueError(f'{field} must be one of {", ".join(map(repr, allowed))}, but got {_short(value)}')
-
-
-def _strings(value: Any, field: str, pattern: Optional[re.Pattern] = None, what: str = 'strings') -> Tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or len(value) > MAX_POLICY_ENTRIES:
-        raise ValueError(f'{field} must be a list of at most {MAX_POLICY_ENTRIES} {what}, but got {_short(value)}')
-    for item in value:
-        if (not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH
-                or (pattern is not None and not pattern.fullmatch(item))):
-            raise ValueError(f'{field} must be a list of {what} (1 to {MAX_NAME_LENGTH} characters), but it holds '
-                             f'{_short(item)}')
-    return tuple(value)
-
-
-def _variant(value: Any, field: str) -> Dict[str, Any]:
-    """A DPPVariant dict of JSON values: known keys, known choices, init a preset or two finite positive numbers."""
-    from ..layers import GUIDES, INIT_PRESETS, NORMS, REWARDS
-
-    keys = ('guide', 'reward', 'norm', 'init')
-    if not isinstance(value, dict):
-        raise ValueError(f'{field} must be an object with DPP variant options ({", ".join(keys)}), but got '
-                         f'{_short(value)}')
-    out = {}
-    for key, v in value.items():
-        where = _field(field, key)
-        if key not in keys:
-            raise ValueError(f'{field} has unknown DPP variant option {_unknown(key, keys)}')
-        if key == 'init':
-            if isinstance(v, str):
-                out[key] = _choice(v, where, tuple(INIT_PRESETS), fold_case=True)
-            elif isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(x) and x > 0 for x in v):
-                out[key] = (float(v[0]), float(v[1]))
-            else:
-                raise ValueError(f'{where} must be one of {", ".join(map(repr, INIT_PRESETS))} or two finite positive '
-                                 f'numbers [alpha, lambda], but got {_short(v)}')
-        else:
-            out[key] = _choice(v, where, {'guide': GUIDES, 'reward': REWARDS, 'norm': NORMS}[key], fold_case=True)
-    return out
-
-
-def _unknown(key: Any, allowed) -> str:
-    """``key``, a close match among ``allowed`` if there is one, and the allowed names: for an unknown-key error."""
-    return f'{_short(key)}{did_you_mean(key, allowed)}; allowed: {", ".join(allowed)}'
-
-
-def _leaf_module(name: Any, field: str) -> type:
-    """The nn.Module subclass called ``name`` in torch.nn or timm.layers (looked up in their namespaces only)."""
-    import timm.layers
-
-    cls = None
-    if isinstance(name, str) and _IDENTIFIER.fullmatch(name):
-        for namespace in (vars(torch.nn), vars(timm.layers)):
-            candidate = namespace.get(name)
-            if isinstance(candidate, type) and issubclass(candidate, nn.Module):
-                cls = candidate
-                break
-    if cls is None:
-        raise ValueError(f'{field} names {_short(name)}, which is not an nn.Module class of torch.nn or timm.layers; '
-                         'allowed: such class names (for others, call dpp_surgery.convert(..., leaf_modules=[...]) '
-                         'yourself)')
-    return cls
-
-
-_POLICY_FLAGS = ('skip_stem', 'skip_patchify', 'skip_global', 'skip_stride1')
-
-
-def validate_policy(data: Any, field: str = 'policy') -> ConversionPolicy:
-    """The :class:`~dpp_surgery.ConversionPolicy` described by ``data``, a JSON object of its fields (as
-    ``ConversionPolicy.to_dict`` writes them; omitted fields keep their defaults), every field checked.
-
-    Checkpoints and zoo recipes both go through it: ``targets``, ``include``, ``exclude``, ``include_types`` and
-    ``exclude_types`` are lists of strings, the ``skip_*`` flags booleans, ``placement`` a known placement, the
-    variants objects of known options, and ``leaf_modules`` names of nn.Module classes in torch.nn or timm.layers.
-
-    Args:
-        data: the policy object.
-        field: the name of the field it came from, for error messages.
+def validate_policy(data: Any, field: str = 'policy') -> 'ConversionPolicy':
+    """The :class:`~dpp_surgery.ConversionPolicy` described by ``data`` (:meth:`ConversionPolicy.from_dict
+    <dpp_surgery.ConversionPolicy.from_dict>`, which checkpoints and zoo recipes both go through).
 
     Raises:
         ValueError: naming the field, the value and what is allowed.
     """
-    from ..surgery import ConversionPolicy
-    from ..surgery.policy import PLACEMENTS, TARGETS
-
-    fields = [f.name for f in dataclasses.fields(ConversionPolicy)]
-    if not isinstance(data, dict):
-        raise ValueError(f'{field} must be an object of ConversionPolicy fields ({{}} for the default), but got '
-                         f'{_short(data)}')
-    kwargs: Dict[str, Any] = {}
-    for key, value in data.items():
-        where = _field(field, key)
-        if key not in fields:
-            raise ValueError(f'{field}: unknown policy field {_unknown(key, fields)}')
-        if key == 'placement':
-            kwargs[key] = _choice(value, where, PLACEMENTS)
-        elif key == 'targets':
-            kwargs[key] = tuple(_choice(t, where, TARGETS) for t in _strings(value, where, what='target names'))
-        elif key in TARGETS:
-            kwargs[key] = _variant(value, where)
-        elif key in _POLICY_FLAGS:
-            if not isinstance(value, bool):
-                raise ValueError(f'{where} must be true or false, but got {_short(value)}')
-            kwargs[key] = value
-        elif key in ('include', 'exclude'):
-            kwargs[key] = _strings(value, where, what='name patterns')
-        elif key in ('include_types', 'exclude_types'):
-            kwargs[key] = _strings(value, where, _IDENTIFIER, 'class names')
-        elif key == 'leaf_modules':
-            names = _strings(value, where, what='class names')
-            kwargs[key] = tuple(_leaf_module(name, where) for name in names)
-        else:  # a ConversionPolicy field this function does not know how to check: refuse rather than pass it on
-            raise ValueError(f'{where} cannot be read from a file; leave it out')
-    try:
-        return ConversionPolicy(**kwargs)
-    except (TypeError, ValueError) as e:  # cross-field rules (init='max' needs reward='asym')
-        raise ValueError(f'{field}: {e}') from e
+    return policy_from_dict(data, field)
 
 
 def _check_model_name(name: Any) -> str:
@@ -522,7 +403,9 @@ def save(model: nn.Module, path: str, overwrite: bool = False, metadata: Optiona
             'was built from and build the extractor again with timm.create_model(..., features_only=True) (zoo '
             'models: pretrained_cfg_overlay=dict(file=...)), or save its state_dict with safetensors')
     name, kwargs = _model_spec(model)
-    history = getattr(model, '_dpp_surgery_history', [])
+    from ..surgery import conversion_history
+
+    history = conversion_history(model)
     _check_dpp_from_conversions(model, history, name, path)
     try:
         _check_model_kwargs(kwargs)  # before JSON: a layer class or a callable is refused by name, not by json

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import checkpoint as ckpt
 from .data import BatchTransform, load_datasets
 from ..layers import DPP2d, dpp_parameters, param_groups
+from ..surgery import is_converted
 from ..utils import atomic_write, first_line, short_repr
 from .precision import AMP_CHOICES, AmpChoice, probe_cpu_bf16, resolve_amp
 
@@ -83,6 +84,7 @@ class FinetuneConfig:
     num_classes: Optional[int] = None  # classes of the model's head (None: the data set's)
     convert: bool = True
     placement: Optional[str] = None  # None: the default policy
+    operator: Optional[str] = None  # None: the policy's (dpp); 's3dpp', or for comparison 'blur', 'avg', 'max'
     dpp_init: Optional[str] = None  # None: the policy's; 'paper', 'avg', 'max' or 'ALPHA,LAMBDA' for every DPP layer
     dpp_norm: Optional[str] = None  # None: the policy's; 'mean', 'none' or 'sum' for every DPP layer
     data: Optional[str] = None  # None: Debian's Fashion-MNIST
@@ -234,12 +236,6 @@ def dpp_stats(model: nn.Module) -> Dict[str, Dict[str, float]]:
             for name, layer in m.named_modules() if isinstance(layer, DPP2d)}
 
 
-def is_converted(model: nn.Module) -> bool:
-    """Whether dpp_surgery has converted ``model`` already: a conversion in its history (:func:`dpp_surgery.convert`
-    records every one) or DPP layers in it (a model rebuilt by :func:`dpp_surgery.load` or a zoo model)."""
-    from ..surgery import dpp_layers
-
-    return bool(getattr(model, '_dpp_surgery_history', None)) or bool(dpp_layers(model))
 
 
 @dataclass
@@ -445,6 +441,8 @@ def conversion_kwargs(cfg: FinetuneConfig) -> Dict[str, Any]:
     from ..surgery import ConversionPolicy, TARGETS
 
     kwargs: Dict[str, Any] = {} if cfg.placement is None else {'placement': cfg.placement}
+    if cfg.operator is not None:
+        kwargs['operator'] = cfg.operator
     changes: Dict[str, Any] = {}
     if cfg.dpp_init is not None:
         changes['init'] = _parse_init(cfg.dpp_init)
@@ -739,6 +737,7 @@ def _check_output(cfg: FinetuneConfig) -> None:
 # A resumed run must keep them (its train_state.pt holds their state); the others (epochs, max_steps, lr, test
 # subset, threads, device, ...) may change.
 RESUME_FIXED = ('model', 'pretrained', 'pretrained_source', 'pretrained_path', 'num_classes', 'convert', 'placement',
+                'operator',
                 'dpp_init', 'dpp_norm', 'data', 'img_size', 'train_subset', 'batch_size', 'grad_accum_steps', 'opt',
                 'model_ema', 'distill', 'seed', 'subset_seed')
 
