@@ -167,15 +167,33 @@ def is_converted(model: nn.Module) -> bool:
     return bool(conversion_history(model)) or bool(dpp_layers(model))
 
 
-def _make_dpp(site: Site, policy: ConversionPolicy, channels: int, geometry: dict, device, dtype) -> nn.Module:
-    """The downsampling layer the policy gives ``site``: DPP2d by default, or the variant's other operator."""
+def _make_dpp(site: Site, policy: ConversionPolicy, channels: int, geometry: dict, device, dtype,
+              in_place: bool = False) -> nn.Module:
+    """The downsampling layer the policy gives ``site``: DPP2d by default, or the variant's other operator;
+    ``in_place``: it replaces the site's own pool (its geometry), not downsampling after or before a conv."""
     kind = SiteKind.AVG_POOL if site.kind == SiteKind.GLOBAL_POOL else site.kind
     v = policy.variant(kind)
     if v.operator == 'dpp':
         return DPP2d(channels, guide=v.guide, reward=v.reward, norm=v.norm, init=v.init, device=device,
                      dtype=dtype, **geometry)
-    return make_operator(v, channels, geometry, is_max_pool=site.kind == SiteKind.MAX_POOL, where=site.name,
-                         device=device, dtype=dtype)
+    return make_operator(v, channels, geometry, is_max_pool=in_place and site.kind == SiteKind.MAX_POOL,
+                         where=site.name, device=device, dtype=dtype)
+
+
+def _blur_pads(f: int, k: Tuple[int, int], s: Tuple[int, int], pad: Tuple[int, int], ceil: bool,
+               after_max: bool, where: str) -> List[int]:
+    """The (left, right, top, bottom) padding of a blur with filter ``f`` that gives the output size of the pool (or
+    the ceil-mode downsampling) of window ``k``, stride ``s``, padding ``pad``: on each axis ``f + 2 pad - k``, plus
+    ``s - 1`` in ceil mode, split with the larger half after the map; after a max at stride 1 (which already
+    covered the window), ``f - 1``, so that a map of H gives ceil(H / s)."""
+    out = []
+    for axis in (1, 0):  # width, then height
+        total = f - 1 if after_max else f + 2 * pad[axis] - k[axis] + (s[axis] - 1 if ceil else 0)
+        if total < 0:
+            raise ConversionError(f"{where}: operator 'blur' with a filter of {f} cannot give the output size of a "
+                                  f'{k[axis]}-wide window padded by {pad[axis]}; use a larger blur_filter')
+        out += [total // 2, total - total // 2]
+    return out
 
 
 def make_operator(variant, channels: int, geometry: dict, is_max_pool: bool = False, where: str = 'the site',
@@ -209,11 +227,17 @@ def make_operator(variant, channels: int, geometry: dict, is_max_pool: bool = Fa
             raise ConversionError(f"{where}: operator 'blur' needs the same stride on both axes, but got {s}")
         blur = BlurPool2d(channels, filt_size=variant.blur_filter, stride=s[0], pad_mode=variant.blur_pad,
                           device=device, dtype=dtype)
-        first = (variant.blur_filter - 1) // 2
-        blur.padding = [first, variant.blur_filter - 1 - first] * 2  # (left, right, top, bottom)
-        if is_max_pool:  # antialiased-cnns' MaxBlurPool: the max at stride 1, then the blur downsamples
-            return nn.Sequential(nn.MaxPool2d(k, 1, pad), blur)
-        return blur
+        blur.padding = _blur_pads(variant.blur_filter, k, s, to_pair(pad, 'padding'), ceil, is_max_pool, where)
+        if not is_max_pool:
+            return blur
+        # antialiased-cnns' MaxBlurPool: the max at stride 1, then the blur downsamples; in ceil mode the max runs
+        # over stride - 1 more positions after the map (-inf), so that the blur gives the pool's ceil-mode size
+        pad = to_pair(pad, 'padding')
+        if ceil and (pad[0] + s[0] > k[0] or pad[1] + s[1] > k[1]):
+            raise ConversionError(f"{where}: operator 'blur' cannot replace a ceil-mode max pool whose padding and "
+                                  'stride exceed its window; use another operator there, or exclude the site')
+        steps = [nn.ConstantPad2d((0, s[1] - 1, 0, s[0] - 1), float('-inf'))] if ceil and s != (1, 1) else []
+        return nn.Sequential(*steps, nn.MaxPool2d(k, 1, pad), blur)
     raise ConversionError(f'{where}: unknown operator {variant.operator!r}')
 
 
@@ -271,7 +295,7 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
             raise ConversionError(f'functional site {site.name!r} not found when re-tracing {owner_name!r}')
         node = nodes[site.ordinal]
         child = f'dpp_{node.name}'
-        dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
+        dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype, in_place=True)
         _add_child(owner, child, dpp, undo)
         gm.add_submodule(child, dpp)  # the graph checks call_module targets against its own module
         with graph.inserting_before(node):
@@ -440,7 +464,7 @@ def _apply_module_site(model: nn.Module, site: Site, policy: ConversionPolicy, d
     it ('post', 'pre')."""
     module = model.get_submodule(site.name)
     if site.placement == SitePlacement.POOL:
-        dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype)
+        dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype, in_place=True)
         _set_child(model, site.name, dpp, undo)
     elif site.placement == SitePlacement.GLOBAL:
         if policy.avg_pool.operator != 'dpp':
