@@ -73,5 +73,6 @@ def test_launch_config_reads_the_norm_code_the_kernels_take():
     from dpp_surgery.layers import triton_dpp
     from dpp_surgery.layers.kernel import NORM_CODES
 
-    assert triton_dpp._NORM_SUM == NORM_CODES['sum']
+    assert {code: triton_dpp._NORM_NAMES[code] for code in NORM_CODES.values()} == {
+        code: name for name, code in NORM_CODES.items()}
     assert triton_dpp.launch_config('backward', 64, False, 4, 'sum') != triton_dpp.launch_config('backward', 64, False)

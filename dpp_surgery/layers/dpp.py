@@ -189,22 +189,28 @@ class DPP2d(nn.Module):
             return float(init[0]), float(init[1])
         raise ValueError(f'init must be a preset name or a pair (alpha, lambda) of positive numbers, but got {init!r}')
 
+    @property
+    def pool_geometry(self) -> PoolGeometry:
+        """The layer's geometry as a downsampler, which the pool attributes below give: its DPP's ``geometry``
+        (S3DPP2d's is its whole layer's, a stride-2 pool around a stride-1 DPP)."""
+        return self.geometry
+
     # the pool geometry, as in nn.MaxPool2d
     @property
     def kernel_size(self) -> Tuple[int, int]:
-        return self.geometry.kernel
+        return self.pool_geometry.kernel
 
     @property
     def stride(self) -> Tuple[int, int]:
-        return self.geometry.stride
+        return self.pool_geometry.stride
 
     @property
     def padding(self):
-        return self.geometry.padding
+        return self.pool_geometry.padding
 
     @property
     def ceil_mode(self) -> bool:
-        return self.geometry.ceil_mode
+        return self.pool_geometry.ceil_mode
 
     @property
     def alpha(self) -> Tensor:
@@ -245,11 +251,17 @@ class DPP2d(nn.Module):
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', torch.jit.TracerWarning)
                 size = tuple(int(s) for s in x.shape[-2:])
-                out = self._forward(x)
-            warnings.warn(f'torch.jit.trace: DPP2d resolves its windows from the traced input size ({size} here), '
-                          'so the trace serves that size only; trace at the size you deploy, or use torch.export / '
-                          'dpp_surgery.export_onnx for dynamic sizes', torch.jit.TracerWarning, stacklevel=2)
+                out = self._layer(x)
+            warnings.warn(f'torch.jit.trace: {type(self).__name__} resolves its windows from the traced input size '
+                          f'({size} here), so the trace serves that size only; trace at the size you deploy, or use '
+                          'torch.export / dpp_surgery.export_onnx for dynamic sizes', torch.jit.TracerWarning,
+                          stacklevel=2)
             return out
+        return self._layer(x)
+
+    def _layer(self, x: Tensor) -> Tensor:
+        """The whole layer: its DPP computation (:meth:`_forward`, which the ONNX exporter runs as one op), and in
+        subclasses what surrounds it."""
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:

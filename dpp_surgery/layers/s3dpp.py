@@ -6,7 +6,6 @@ Sampling", CVPR 2017. See :class:`S3DPP2d` (and the project's DPP specification,
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -148,43 +147,15 @@ class S3DPP2d(DPP2d):
         self.generator = generator
         self.last_indices: Optional[Tuple[Tensor, Tensor]] = None
 
-    # the whole layer, as a downsampler: output ceil(H / 2), 2x2 average pooling in evaluation
-    _OUTER = PoolGeometry.create(2, 2, 0, True)
+    # the whole layer, as a downsampler (kernel_size, stride, padding, ceil_mode): output ceil(H / 2), 2x2 average
+    # pooling in evaluation
+    pool_geometry = PoolGeometry.create(2, 2, 0, True)
 
-    @property
-    def kernel_size(self) -> Tuple[int, int]:
-        return self._OUTER.kernel
-
-    @property
-    def stride(self) -> Tuple[int, int]:
-        return self._OUTER.stride
-
-    @property
-    def padding(self):
-        return self._OUTER.padding
-
-    @property
-    def ceil_mode(self) -> bool:
-        return self._OUTER.ceil_mode
-
-    def forward(self, x: Tensor) -> Tensor:
+    def _layer(self, x: Tensor) -> Tensor:
         if self.training and exporting():
             raise RuntimeError(
                 'S3DPP2d in training mode draws random rows and columns at every call, which a trace or an export '
                 'cannot record: call model.eval() before tracing or exporting (evaluation pools by 2x2 averages)')
-        if torch.jit.is_tracing():
-            # one warning that says what matters, instead of one per shape check (as DPP2d.forward does)
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', torch.jit.TracerWarning)
-                size = tuple(int(s) for s in x.shape[-2:])
-                out = self._compute(x)
-            warnings.warn(f'torch.jit.trace: S3DPP2d resolves its windows from the traced input size ({size} here), '
-                          'so the trace serves that size only; trace at the size you deploy, or use torch.export / '
-                          'dpp_surgery.export_onnx for dynamic sizes', torch.jit.TracerWarning, stacklevel=2)
-            return out
-        return self._compute(x)
-
-    def _compute(self, x: Tensor) -> Tensor:
         check_input(x, self.channels)
         y = self.dpp_step(F.pad(x, (0, 1, 0, 1), mode='replicate'))
         if self.training:

@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kernel import NORM_CODES
+
 __all__ = ['forward', 'backward', 'launch_config', 'LAUNCH', 'INTERPRETED', 'STATS', 'TILE_LANES']
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted; record which this module got.
@@ -310,7 +312,7 @@ LAUNCH = {
 }
 LAUNCH_NORM_SUM = {('backward', 'small'): (512, 32, 8)}  # norm 'sum' where it differs
 SMALL_WINDOW = 4  # positions
-_NORM_SUM = 2  # the code of norm 'sum' (dpp_surgery.layers.kernel.NORM_CODES)
+_NORM_NAMES = {code: name for name, code in NORM_CODES.items()}  # the kernels' norm codes -> names
 
 
 def launch_config(kernel: str, channels: int, channels_last: bool, window: int = SMALL_WINDOW,
@@ -326,12 +328,13 @@ def launch_config(kernel: str, channels: int, channels_last: bool, window: int =
     return dict(BLOCK_P=lanes, BLOCK_C=1, num_warps=warps)
 
 
-def _blocks(x: Tensor, kernel: str, window: int = SMALL_WINDOW, norm: int = 1) -> Tuple[int, int, int]:
+def _blocks(x: Tensor, kernel: str, window: int = SMALL_WINDOW,
+            norm: int = NORM_CODES['mean']) -> Tuple[int, int, int]:
     """(positions, channels, warps) per tile of ``kernel`` for x, windows of ``window`` positions and the norm's code
     (see launch_config)."""
     c = x.shape[1]
     channels_last = c > 1 and x.stride(1) == 1
-    config = launch_config(kernel, c, channels_last, window, 'sum' if norm == _NORM_SUM else 'mean')
+    config = launch_config(kernel, c, channels_last, window, _NORM_NAMES[norm])
     if TILE_LANES is None and not INTERPRETED:
         return config['BLOCK_P'], config['BLOCK_C'], config['num_warps']
     lanes = TILE_LANES if TILE_LANES is not None else _INTERPRETED_LANES

@@ -210,6 +210,7 @@ def make_operator(variant, channels: int, geometry: dict, is_max_pool: bool = Fa
     if isinstance(pad, str):
         raise ConversionError(f"{where}: operator {variant.operator!r} cannot take the site's dynamic 'same' padding; "
                               "use operator='dpp' there, or exclude the site")
+    pad = to_pair(pad, 'padding')
     if variant.operator == 's3dpp':
         if s != (2, 2):
             raise ConversionError(f"{where}: operator 's3dpp' downsamples by 2 only, but the site's stride is {s}; "
@@ -227,12 +228,11 @@ def make_operator(variant, channels: int, geometry: dict, is_max_pool: bool = Fa
             raise ConversionError(f"{where}: operator 'blur' needs the same stride on both axes, but got {s}")
         blur = BlurPool2d(channels, filt_size=variant.blur_filter, stride=s[0], pad_mode=variant.blur_pad,
                           device=device, dtype=dtype)
-        blur.padding = _blur_pads(variant.blur_filter, k, s, to_pair(pad, 'padding'), ceil, is_max_pool, where)
+        blur.padding = _blur_pads(variant.blur_filter, k, s, pad, ceil, is_max_pool, where)
         if not is_max_pool:
             return blur
         # antialiased-cnns' MaxBlurPool: the max at stride 1, then the blur downsamples; in ceil mode the max runs
         # over stride - 1 more positions after the map (-inf), so that the blur gives the pool's ceil-mode size
-        pad = to_pair(pad, 'padding')
         if ceil and (pad[0] + s[0] > k[0] or pad[1] + s[1] > k[1]):
             raise ConversionError(f"{where}: operator 'blur' cannot replace a ceil-mode max pool whose padding and "
                                   'stride exceed its window; use another operator there, or exclude the site')

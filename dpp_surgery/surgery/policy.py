@@ -24,6 +24,12 @@ BLUR_PADS = ('reflect', 'constant')  # timm's BlurPool2d paddings: reflect (its 
 BLUR_FILTERS = range(2, 8)  # binomial filter sizes
 
 
+def _check_operator(operator: Any) -> None:
+    if operator not in OPERATORS:
+        raise ValueError(f'unknown operator {operator!r}{did_you_mean(str(operator), OPERATORS)}; '
+                         f'valid operators: {", ".join(OPERATORS)}')
+
+
 @dataclass(frozen=True)
 class DPPVariant:
     """What one kind of site gets: the downsampling ``operator`` and its options.
@@ -49,9 +55,7 @@ class DPPVariant:
 
     def __post_init__(self):
         DPP2d(1, guide=self.guide, reward=self.reward, norm=self.norm, init=self.init)  # validates every field
-        if self.operator not in OPERATORS:
-            raise ValueError(f'unknown operator {self.operator!r}{did_you_mean(str(self.operator), OPERATORS)}; '
-                             f'valid operators: {", ".join(OPERATORS)}')
+        _check_operator(self.operator)
         if isinstance(self.blur_filter, bool) or not isinstance(self.blur_filter, int) \
                 or self.blur_filter not in BLUR_FILTERS:
             raise ValueError(f'blur_filter must be an integer from {BLUR_FILTERS[0]} to {BLUR_FILTERS[-1]}, but got '
@@ -146,9 +150,8 @@ class ConversionPolicy:
         if self.placement not in PLACEMENTS:
             raise ValueError(f'unknown placement {self.placement!r}{did_you_mean(str(self.placement), PLACEMENTS)}; '
                              f'valid placements: {", ".join(PLACEMENTS)}')
-        if self.operator is not None and self.operator not in OPERATORS:
-            raise ValueError(f'unknown operator {self.operator!r}{did_you_mean(str(self.operator), OPERATORS)}; '
-                             f'valid operators: {", ".join(OPERATORS)}')
+        if self.operator is not None:
+            _check_operator(self.operator)
         for kind in TARGETS:
             variant = DPPVariant.coerce(getattr(self, kind), kind)
             if self.operator is not None:
