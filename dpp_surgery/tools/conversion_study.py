@@ -117,13 +117,13 @@ def _finetune_config(args, seed: int, output: str, **changes):
                   subset_seed=args.subset_seed, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                   dpp_lr_scale=args.dpp_lr_scale, seed=seed, output=output, overwrite=True,
                   progress=not args.no_progress, threads=args.threads, dpp_trace_every=args.trace_every,
-                  amp=args.amp != 'none', amp_dtype=_AMP_DTYPE_OF.get(args.amp, 'auto'))
+                  amp=args.amp != 'none', amp_dtype=AMP_DTYPE_OF.get(args.amp, 'auto'))
     fields.update(changes)
     return FinetuneConfig(**fields)
 
 
 # a precision request (dpp_surgery.precision) -> timm's --amp-dtype that asks for it
-_AMP_DTYPE_OF = {'auto': 'auto', 'bf16': 'bfloat16', 'fp16': 'float16'}
+AMP_DTYPE_OF = {'auto': 'auto', 'bf16': 'bfloat16', 'fp16': 'float16'}
 
 
 def amp_flags(a: Dict[str, Any]) -> str:
@@ -132,7 +132,7 @@ def amp_flags(a: Dict[str, Any]) -> str:
     mode = a.get('amp') or 'auto'
     if 'amp_dtype' not in a:
         return f'--amp {mode}'
-    return '--no-amp' if mode == 'none' else f'--amp-dtype {_AMP_DTYPE_OF.get(mode, mode)}'
+    return '--no-amp' if mode == 'none' else f'--amp-dtype {AMP_DTYPE_OF.get(mode, mode)}'
 
 
 def _read_trace(folder: str) -> List[dict]:
@@ -305,7 +305,7 @@ def recommendations(record: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def _latency_cells(entry: Dict[str, Any], original_ms: Dict[str, Optional[float]]) -> List[str]:
+def latency_cells(entry: Dict[str, Any], original_ms: Dict[str, Optional[float]]) -> List[str]:
     lat = entry.get('latency')
     if lat is None:  # the original: the medians of its timings interleaved with each converted policy
         return [f'{v:.2f}' if v is not None else 'n/a' for v in original_ms.values()]
@@ -363,7 +363,7 @@ def placement_table(record: Dict[str, Any]) -> str:
         lines.append(
             f"| {name}{neutral} | {entry['gflops_train']:.4f} ({entry['flop_ratio_train']:.2f}x) | "
             f"{entry['gflops_latency']:.3f} ({entry['flop_ratio_latency']:.2f}x) | {entry['params']:,} | "
-            + ' | '.join(_latency_cells(entry, original_ms))
+            + ' | '.join(latency_cells(entry, original_ms))
             + f" | {100 * statistics.mean(accs):.2f} | {'n/a' if std is None else f'{100 * std:.2f}'} | "
             f'{_acc(accs)} | {paired} | {speed:.1f} |')
     n = min(sum(1 for r in runs if r['variant'] == v) for v in policies)
@@ -763,13 +763,15 @@ def _layer_lines(record: Dict[str, Any]) -> List[str]:
 
 # study -> (the stem of its files, the table of its record)
 STUDY_TABLES = {'placement': ('placement', placement_table), 'heal': ('heal', heal_table),
-                'dpp-params': ('dpp_params', dpp_params_table)}
+                'dpp-params': ('dpp_params', dpp_params_table), 'versus': ('versus', None)}
 
 
 def study_table(args) -> Dict[str, Any]:
     """Regenerate a study's Markdown table (and heal's figure) from the JSON record in ``--output``, no training:
     the table is derived from the record, so it is replaced."""
     stem, make = STUDY_TABLES[args.study]
+    if make is None:  # versus: its own module (it imports this one)
+        from .versus_study import versus_table as make
     src = os.path.join(args.output, f'{stem}.json')
     record = read_record(src, args.study, args.output)
     try:
@@ -789,7 +791,7 @@ def study_table(args) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
-def _add_amp(p: argparse.ArgumentParser) -> None:
+def add_amp(p: argparse.ArgumentParser) -> None:
     """timm's ``--amp``/``--no-amp`` and ``--amp-dtype`` (auto or bfloat16: the studies run on CPUs);
     :func:`dpp_surgery.tools.experiments.main` turns them into the precision request ``args.amp`` that the records
     keep."""
@@ -814,7 +816,7 @@ def _add_budget(p: argparse.ArgumentParser, output: Optional[str]) -> None:
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--trace-every', type=int, default=25, help='DPP trace every N steps (0 = off)')
     p.add_argument('--threads', type=int, default=2)
-    _add_amp(p)
+    add_amp(p)
     p.add_argument('--output', default=output, help='results folder' + (f' (default {output})' if output else
                                                                           ' (default: by --model)'))
     p.add_argument('--overwrite', action='store_true', help='replace the results files in --output')
@@ -857,7 +859,7 @@ def add_parsers(sub) -> None:
     p.add_argument('--dpp-lr-scale', type=float, default=10.0)
     p.add_argument('--temperature', type=float, default=2.0)
     p.add_argument('--threads', type=int, default=2)
-    _add_amp(p)
+    add_amp(p)
     p.add_argument('--output', default='results/heal')
     p.add_argument('--overwrite', action='store_true', help='replace heal.md/json/png in --output')
     p.set_defaults(func=heal)

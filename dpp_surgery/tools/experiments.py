@@ -329,7 +329,7 @@ def read_record(src: str, command: str, output: str) -> dict:
             record = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f'{src} is not valid JSON ({e}); {rerun}') from e
-    if not isinstance(record, dict) or not record.get('runs') or 'args' not in record:
+    if not isinstance(record, dict) or not record.get('runs') or not ('args' in record or 'plan' in record):
         raise ValueError(f'{src} is not a record of `experiments {command}` (it holds no runs); {rerun}')
     return record
 
@@ -423,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', default='zoo/paper', help='folder holding paper.json (default zoo/paper)')
     p.set_defaults(func=paper_table_cmd)
     from .conversion_study import add_parsers
+    from .versus_study import add_parser
     add_parsers(sub)
+    add_parser(sub)
     return parser
 
 
