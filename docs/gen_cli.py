@@ -23,7 +23,7 @@ PROGRAMS: Tuple[Tuple[str, str, str], ...] = (
     ('python -m dpp_surgery.experiments', 'dpp_surgery.tools.experiments',
      'The experiments behind the results pages: Fashion-MNIST fine-tuning, the paper\'s comparison, and the '
      'conversion studies (placement, healing, what DPP parameters learn).'),
-    ('python -m dpp_surgery.zoo', 'dpp_surgery.tools.zoo',
+    ('python -m dpp_surgery.zoo', 'dpp_surgery.zoo.runner',
      'The model zoo: list the recipes, run one (fine-tune and measure original against converted), regenerate its '
      'table.'),
     ('python -m dpp_surgery.demo', 'dpp_surgery.tools.demo',

@@ -6,14 +6,18 @@ optimizer parameter groups that keep DPP parameters free of weight decay (:func:
 :func:`convert`, in place), checkpoints (:func:`save`, :func:`load`, :func:`create`), :func:`finetune` and ONNX
 export (:func:`export_onnx`, :func:`onnx_session`).
 
-The package is layered; each layer imports only the ones above it in this list:
+The package is layered; each part imports only parts listed before it (tests/test_architecture.py checks this):
 
-* ``layers/``: the DPP2d module, its functional form, window geometry, the fused CPU kernel (``layers/csrc``);
-* ``surgery/``: conversion policy, FX tracing, the plan of sites and the conversion;
-* ``export/``: the ONNX writer, DPP's ONNX translations and the native onnxruntime kernel (``export/csrc``);
-* ``models/``: the zoo registry (timm models ``<arch>_dpp``), offline weights, the paper's small network;
-* ``training/``: fine-tuning, data sets, checkpoints, precision choice;
-* ``tools/``: the programs that use the library (benchmarks, coverage, demo, experiments, the zoo runner).
+* ``native/``: the C++ sources, their build and loaders, the Triton kernels;
+* ``layers/``: the DPP2d, GlobalDPP2d and S3DPP2d modules, their functional form, window geometry;
+* ``surgery/``: the conversion policy, FX tracing, the plan (sites, analysis, detection, blocks, decisions, FLOPs),
+  the rewrite engine and the conversion;
+* ``export/`` (the ONNX writer, DPP's translations, other runtimes) and ``checkpoint.py`` (the checkpoint format);
+* ``models/``: the offline EfficientNet-Lite0 weights and the paper's small network;
+* ``training/``: fine-tuning, data sets, precision choice;
+* ``timing.py``: timing and the machine description the benchmarks print;
+* ``zoo/``: the zoo's registry (timm models ``<arch>_dpp``) and its runner;
+* ``tools/``: the programs that use the library (benchmarks, coverage, demo, experiments).
 
 ``import dpp_surgery`` registers the zoo's models with timm and imports nothing else: every name below is loaded
 on first use (module-level ``__getattr__``), so neither the training stack nor onnx is imported until asked for.
@@ -24,7 +28,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .version import __version__
-from . import models as _models  # noqa: F401 - registers the zoo recipes as timm models '<arch>_dpp' (builds none)
+from . import zoo as _zoo  # noqa: F401 - registers the zoo recipes as timm models '<arch>_dpp' (builds none)
 
 # public name -> the module that defines it
 _LAZY = {
@@ -35,7 +39,7 @@ _LAZY = {
     **dict.fromkeys(('plan', 'convert', 'Plan', 'Site', 'SiteKind', 'SiteAction', 'SitePlacement', 'ReasonCode',
                      'ConversionPolicy', 'DPPVariant', 'NoEffectWarning', 'ConversionError', 'TraceError', 'dpp_layers',
                      'trace', 'conversion_history', 'is_converted'), 'dpp_surgery.surgery'),
-    **dict.fromkeys(('save', 'load', 'create', 'CheckpointError'), 'dpp_surgery.training.checkpoint'),
+    **dict.fromkeys(('save', 'load', 'create', 'CheckpointError'), 'dpp_surgery.checkpoint'),
     'finetune': 'dpp_surgery.training.finetune',
     **dict.fromkeys(('export_onnx', 'onnx_session'), 'dpp_surgery.export.onnx'),
 }
@@ -67,5 +71,5 @@ if TYPE_CHECKING:  # the real signatures, for type checkers and IDEs
         ConversionError, ConversionPolicy, DPPVariant, NoEffectWarning, Plan, ReasonCode, Site, SiteAction, SiteKind,
         SitePlacement, TraceError, conversion_history, convert, dpp_layers, is_converted, plan, trace,
     )
-    from .training.checkpoint import CheckpointError, create, load, save
+    from .checkpoint import CheckpointError, create, load, save
     from .training.finetune import finetune

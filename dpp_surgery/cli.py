@@ -200,7 +200,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .training import checkpoint as ckpt
+    from . import checkpoint as ckpt
     from .surgery import convert, plan
     from .training.finetune import FinetuneConfig, build_model
 
@@ -236,7 +236,7 @@ def _img_size(path: str, model, args) -> tuple:
     """The image size eval tests at, and where it comes from: --input-size or --img-size; else the size finetune
     recorded in the checkpoint; else the model's pretrained_cfg input size (checkpoints of convert or of versions
     before the size was recorded)."""
-    from .training import checkpoint as ckpt
+    from . import checkpoint as ckpt
 
     if args.input_size:
         c, h, w = args.input_size
@@ -262,7 +262,7 @@ def _cmd_eval(args) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from .training import checkpoint as ckpt
+    from . import checkpoint as ckpt
     from .training.data import BatchTransform, load_datasets
     from .training.finetune import amp_mode, evaluate, subset
     from .training.precision import resolve_amp
@@ -291,7 +291,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .training import checkpoint as ckpt
+    from . import checkpoint as ckpt
     from .export.onnx import export_onnx, verify_onnx
 
     args.checkpoint = _checkpoint_arg(args)
@@ -320,7 +320,7 @@ def _cmd_export(args) -> int:
 def _cmd_ort_library(args) -> int:
     import os
 
-    from .export.ort_kernel import MANIFEST_NAME, build_ort_library
+    from .native.ort_kernel import MANIFEST_NAME, build_ort_library
 
     path = build_ort_library(args.output, overwrite=args.overwrite)
     manifest_path = os.path.join(os.path.dirname(path), MANIFEST_NAME)

@@ -1,9 +1,11 @@
 """The package's layering (docs/internals/index.md, "What lives where"): what ``import dpp_surgery`` loads and costs,
 and which module may import which.
 
-Layers, lowest first: utils, layers, surgery, export; models and training (they use each other, module by module);
-tools (and the command entry points) on top. A module imports only from its own layer and the ones below, and never
-another module's private names.
+Parts, lowest first (:data:`RANK`): version and utils; native; layers; surgery; export and checkpoint; models;
+training; timing; zoo; tools (and the command entry points) on top. A part imports only parts of a lower rank,
+function-level imports included; the modules inside one part import each other one way (no cycle); and no module
+imports or reads another module's private names. A deprecated path (a module that only points to where its code
+moved, ``__moved_to__``) is outside the layering.
 """
 import ast
 import json
@@ -19,9 +21,11 @@ import dpp_surgery
 
 PACKAGE = Path(dpp_surgery.__file__).resolve().parent
 # the command entry points: they run a tool (python -m dpp_surgery.bench, ...) and are part of the top layer
-ENTRY_POINTS = {'bench', 'demo', 'experiments', 'zoo', 'zoo.__main__', '__main__', 'cli'}
-RANK = {'version': 0, 'utils': 0, 'native': 0, 'layers': 1, 'surgery': 2, 'export': 3, 'models': 4, 'training': 4,
-        'tools': 5, '__init__': 5}  # the package's facade (lazy names) is for the top layer
+ENTRY_POINTS = {'bench', 'demo', 'experiments', 'zoo.__main__', '__main__', 'cli'}
+RANK = {'version': 0, 'utils': 0, 'native': 1, 'layers': 2, 'surgery': 3, 'export': 4, 'checkpoint': 4, 'models': 5,
+        'training': 6, 'timing': 7, 'zoo': 8,
+        '__init__': 9,  # the package's facade: its lazy names and the zoo's registration
+        'tools': 10}
 
 
 def _run(code: str) -> str:
@@ -35,7 +39,7 @@ def test_import_loads_neither_training_nor_onnx_and_registers_the_zoo():
                           'print(json.dumps({"added": sorted(set(sys.modules) - before), "all": sorted(sys.modules), '
                           '"zoo": timm.is_model("efficientnet_lite0_dpp")}))'))
     # beyond what timm itself loads, only the package's own light modules
-    added = [m for m in out['added'] if not m.startswith(('dpp_surgery.models', 'dpp_surgery.utils',
+    added = [m for m in out['added'] if not m.startswith(('dpp_surgery.zoo', 'dpp_surgery.models', 'dpp_surgery.utils',
                                                           'dpp_surgery.version')) and m != 'dpp_surgery']
     assert added == []
     assert not [m for m in out['all'] if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnxscript')]
@@ -65,9 +69,23 @@ def test_import_time_is_close_to_timms():
 
 
 def _modules():
+    """(dotted name below the package, path) of every module, deprecated paths left out."""
     for path in sorted(PACKAGE.rglob('*.py')):
         rel = path.relative_to(PACKAGE).with_suffix('')
-        yield '.'.join(rel.parts), path
+        if not _deprecated_path(path):
+            yield '.'.join(rel.parts), path
+
+
+def _is_module(dotted: str) -> bool:
+    rel = Path(*dotted.split('.')[1:])
+    return (PACKAGE / rel).with_suffix('.py').is_file() or (PACKAGE / rel / '__init__.py').is_file()
+
+
+def _deprecated_path(path: Path) -> bool:
+    """A module that only points to where its code moved (``__moved_to__ = ...`` at module level)."""
+    tree = ast.parse(path.read_text())
+    return any(isinstance(node, ast.Assign) and any(getattr(t, 'id', None) == '__moved_to__' for t in node.targets)
+               for node in tree.body)
 
 
 def _imports(name: str, path: Path):
@@ -96,21 +114,60 @@ def _layer(module: str, own: str) -> str:
     return top if top in RANK else own
 
 
-def test_layers_import_only_downwards_and_no_private_names():
+def _layering_problems(modules):
+    """What breaks the layering among ``modules`` ((name, path) pairs): an import of a part of the same or a higher
+    rank, or of another module's private name."""
     problems = []
-    for name, path in _modules():
+    for name, path in modules:
         own = _layer('dpp_surgery.' + name, 'tools')
         for module, names in _imports(name, path):
             if not module.startswith('dpp_surgery'):
                 continue
-            target = _layer(module, own)
-            if RANK[target] > RANK[own] and own != '__init__':
-                problems.append(f'{name} ({own}) imports {module} ({target})')
+            # 'from pkg import submodule' imports the submodule
+            for imported in [f'{module}.{n}' for n in names if _is_module(f'{module}.{n}')] or [module]:
+                target = _layer(imported, own)
+                if target != own and RANK[target] >= RANK[own]:
+                    problems.append(f'{name} ({own}) imports {imported} ({target})')
             if module != 'dpp_surgery.' + name.replace('.__init__', ''):
                 private = [n for n in names if n.startswith('_') and not n.startswith('__')]
                 if private:
                     problems.append(f'{name} imports private {private} from {module}')
-    assert problems == []
+    return problems
+
+
+def test_parts_import_only_lower_parts_and_no_private_names():
+    assert _layering_problems(list(_modules())) == []
+
+
+def _module_edges(modules):
+    """module -> the modules of its own part it imports (``from pkg import name`` counts as ``pkg.name`` where that is
+    a module)."""
+    names = {name.replace('.__init__', '') for name, _ in modules}
+    edges = {}
+    for name, path in modules:
+        own, mine = _layer('dpp_surgery.' + name, 'tools'), name.replace('.__init__', '')
+        for module, imported in _imports(name, path):
+            if not module.startswith('dpp_surgery.'):
+                continue
+            base = module[len('dpp_surgery.'):]
+            for target in [f'{base}.{n}' for n in imported if f'{base}.{n}' in names] or [base]:
+                if target in names and target != mine and _layer('dpp_surgery.' + target, 'tools') == own:
+                    edges.setdefault(mine, set()).add(target)
+    return edges
+
+
+def _cycles(edges):
+    """Every module that can reach itself through ``edges``."""
+    def reaches(start, goal, seen):
+        for nxt in edges.get(start, ()):
+            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+                return True
+        return False
+    return sorted(m for m in edges if reaches(m, m, set()))
+
+
+def test_modules_of_one_part_import_each_other_one_way():
+    assert _cycles(_module_edges(list(_modules()))) == []
 
 
 def test_the_layering_check_sees_a_violation(tmp_path):
@@ -119,4 +176,106 @@ def test_the_layering_check_sees_a_violation(tmp_path):
     path.write_text('from ..tools.bench import main\nfrom ..surgery.plan import _secret\n')
     found = list(_imports('layers.bad', path))
     assert ('dpp_surgery.tools.bench', ['main']) in found and ('dpp_surgery.surgery.plan', ['_secret']) in found
-    assert RANK[_layer('dpp_surgery.tools.bench', 'layers')] > RANK['layers']
+    problems = _layering_problems([('layers.bad', path)])
+    assert len(problems) == 3 and 'imports dpp_surgery.tools.bench (tools)' in problems[0] and '_secret' in problems[2]
+    # a part of the same rank is refused too (export and checkpoint share one), and so is a cycle inside a part
+    same = tmp_path / 'same.py'
+    same.write_text('def f():\n    from ..checkpoint import save\n')
+    assert _layering_problems([('export.same', same)]) == ['export.same (export) imports dpp_surgery.checkpoint '
+                                                           '(checkpoint)']
+    a, b = tmp_path / 'a.py', tmp_path / 'b.py'
+    a.write_text('from . import b\n')
+    b.write_text('def g():\n    from .a import x\n')
+    assert _cycles(_module_edges([('tools.a', a), ('tools.b', b)])) == ['tools.a', 'tools.b']
+    # a deprecated path is left out of the layering
+    moved = tmp_path / 'moved.py'
+    moved.write_text("import importlib\n__moved_to__ = 'dpp_surgery.zoo.registry'\n")
+    assert _deprecated_path(moved) and not _deprecated_path(a)
+
+
+def _private_definitions(trees):
+    """private name -> the modules that define it (a def or class, an assignment, an attribute set, a setattr)."""
+    defined = {}
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                found = node.name
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                found = node.attr
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                found = node.id
+            elif isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'setattr' and len(node.args) > 1 \
+                    and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                found = node.args[1].value
+            else:
+                continue
+            if found.startswith('_') and not found.startswith('__'):
+                defined.setdefault(found, set()).add(name)
+    return defined
+
+
+def _private_attribute_reads(trees):
+    """(module, line, name, defining modules) of every ``x._name`` read in a module where ``_name`` is a private name
+    that other modules of the package define and this one does not; torch's own (``_modules``, ``_forward_hooks``,
+    ...) are not the package's."""
+    import torch
+
+    theirs = set(dir(torch.nn.Module())) | set(dir(torch.Tensor))
+    defined = _private_definitions(trees)
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and node.attr in defined \
+                    and name not in defined[node.attr] and node.attr not in theirs:
+                yield name, node.lineno, node.attr, sorted(defined[node.attr])
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    """Beyond imports: no ``module._helper`` or ``obj._field`` that only another module of the package defines."""
+    trees = {name: ast.parse(path.read_text()) for name, path in _modules()}
+    problems = [f'{name}:{line} reads .{attr}, private to {owners}'
+                for name, line, attr, owners in _private_attribute_reads(trees)]
+    assert problems == []
+
+
+def test_the_private_attribute_check_sees_a_violation():
+    trees = {'layers.a': ast.parse('def _helper():\n    pass\n\nclass A:\n    def f(self):\n        self._state = 1\n'),
+             'surgery.b': ast.parse('from ..layers import a\n\ndef g(obj):\n    return a._helper(), obj._state, '
+                                    'obj._modules\n')}
+    found = {(name, attr) for name, _, attr, _ in _private_attribute_reads(trees)}
+    assert found == {('surgery.b', '_helper'), ('surgery.b', '_state')}
+
+
+MOVED = {'dpp_surgery.layers.kernel': 'dpp_surgery.native.kernel',
+         'dpp_surgery.layers.triton_dpp': 'dpp_surgery.native.triton_dpp',
+         'dpp_surgery.layers.triton_aot': 'dpp_surgery.native.triton_aot',
+         'dpp_surgery.export.ort_kernel': 'dpp_surgery.native.ort_kernel',
+         'dpp_surgery.training.checkpoint': 'dpp_surgery.checkpoint',
+         'dpp_surgery.models.registry': 'dpp_surgery.zoo.registry',
+         'dpp_surgery.tools.zoo': 'dpp_surgery.zoo.runner',
+         'dpp_surgery.tools.timing': 'dpp_surgery.timing'}
+
+
+def test_moved_modules_still_import_from_their_old_paths_with_a_deprecation_warning():
+    """Each old path gives the new module itself (its names, private ones too) and warns once; the zoo's names read
+    from dpp_surgery.models warn too. In a fresh process: an imported module does not warn again."""
+    code = ('import importlib, json, warnings\n'
+            'out = {}\n'
+            f'for old, new in {MOVED!r}.items():\n'
+            '    with warnings.catch_warnings(record=True) as w:\n'
+            '        warnings.simplefilter("always")\n'
+            '        mod = importlib.import_module(old)\n'
+            '    out[old] = [mod is importlib.import_module(new), [str(x.message) for x in w '
+            'if x.category is DeprecationWarning]]\n'
+            'import dpp_surgery.models, dpp_surgery.zoo\n'
+            'with warnings.catch_warnings(record=True) as w:\n'
+            '    warnings.simplefilter("always")\n'
+            '    same = dpp_surgery.models.get_recipe is dpp_surgery.zoo.get_recipe\n'
+            'out["models.get_recipe"] = [same, [str(x.message) for x in w]]\n'
+            'print(json.dumps(out))\n')
+    out = json.loads(_run(code))
+    for old, new in MOVED.items():
+        same, messages = out[old]
+        assert same and len(messages) == 1 and f'{old} moved to {new}' in messages[0], (old, messages)
+    same, messages = out['models.get_recipe']
+    assert same and messages == ['dpp_surgery.models.get_recipe moved to dpp_surgery.zoo.get_recipe; import it from '
+                                 'there (the old path goes in the next release)']

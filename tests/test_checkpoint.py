@@ -8,7 +8,7 @@ import torch
 
 import dpp_surgery
 from dpp_surgery import CheckpointError, ConversionPolicy, convert, create, load, save
-from dpp_surgery.training.checkpoint import FORMAT, read_metadata
+from dpp_surgery.checkpoint import FORMAT, read_metadata
 
 
 def _converted(name='resnet18', **policy):

@@ -103,7 +103,7 @@ def _crafted_checkpoint(path, **changes):
     import torch
     from safetensors.torch import save_file
 
-    from dpp_surgery.training.checkpoint import FORMAT
+    from dpp_surgery.checkpoint import FORMAT
     meta = dict({'format': FORMAT, 'model_name': 'resnet18', 'model_kwargs': '{}', 'conversions': '[]'}, **changes)
     save_file({'w': torch.zeros(1)}, str(path), metadata=meta)
     return str(path)

@@ -481,9 +481,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize('study, folder', [('placement', 'placement'), ('heal', 'heal'),
                                            ('dpp-params', 'dpp_params'), ('placement', 'placement_resnet18'),
-                                           ('placement', 'placement_block_10seeds')])
+                                           ('placement', 'placement_block_10seeds'), ('versus', 'versus')])
 def test_committed_tables_are_what_their_records_give(tmp_path, study, folder):
-    stem = cs.STUDY_TABLES[study][0]
+    from dpp_surgery.tools.experiments import STUDY_STEMS
+
+    stem = STUDY_STEMS[study]
     src = os.path.join(REPO, 'results', folder)
     if not os.path.isfile(os.path.join(src, f'{stem}.json')):
         pytest.skip(f'results/{folder} holds no record')
@@ -511,9 +513,9 @@ def test_study_table_refuses_what_is_not_a_record(tmp_path, capsys, content, mes
 
 
 def test_study_table_refuses_an_oversized_record(tmp_path, capsys, monkeypatch):
-    from dpp_surgery.tools import experiments
+    from dpp_surgery.tools import records
 
-    monkeypatch.setattr(experiments, 'MAX_RECORD_BYTES', 1 << 10)
+    monkeypatch.setattr(records, 'MAX_RECORD_BYTES', 1 << 10)
     (tmp_path / 'heal.json').write_text('{"runs": [' + ' ' * 2048 + ']}')
     assert main(['study-table', 'heal', '--output', str(tmp_path)]) == 1
     assert 'larger than any record' in capsys.readouterr().err

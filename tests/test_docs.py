@@ -423,7 +423,7 @@ def test_errors_page_lists_every_error_and_warning():
 
 
 def test_checkpoint_page_matches_the_limits():
-    from dpp_surgery.training import checkpoint
+    from dpp_surgery import checkpoint
 
     text = (DOCS / 'reference' / 'checkpoint.md').read_text(encoding='utf-8')
     for name in checkpoint.MODEL_KWARGS:

@@ -68,7 +68,7 @@ def test_an_unknown_commit_date_matches_any_date(monkeypatch):
 
 
 def test_the_zoo_block_is_what_zoo_table_writes():
-    from dpp_surgery.tools.zoo import README_BEGIN, README_END
+    from dpp_surgery.zoo.runner import README_BEGIN, README_END
     block = render_block('zoo', REPO)
     assert block.startswith(README_BEGIN) and block.endswith(README_END)
 

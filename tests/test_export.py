@@ -262,7 +262,7 @@ def _assert_matches_model(sess, model, shape=(2, 3, 64, 64), seed=3, rtol=1e-4):
 
 
 def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, monkeypatch):
-    from dpp_surgery.export import ort_kernel
+    from dpp_surgery.native import ort_kernel
     model, path = custom_export
     assert 'DPP2d' in _profiled_ops(path, True, tmp_path)  # the kernel ran the DPP2d nodes
     inlined = _profiled_ops(path, False, tmp_path)
@@ -285,7 +285,7 @@ def test_native_kernel_runs_the_nodes_and_falls_back(custom_export, tmp_path, mo
 def _native_and_function_sessions(path):
     """Two sessions for one custom-mode file: the native kernel's and the ONNX functions' (skips if the kernel
     cannot be built here)."""
-    from dpp_surgery.export import ort_kernel
+    from dpp_surgery.native import ort_kernel
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ort_kernel.OrtKernelWarning)
         status = ort_kernel.ort_kernel_status()
@@ -353,7 +353,7 @@ def test_native_kernel_matches_function_in_onnxruntime(custom_export, tmp_path):
 
 
 def test_kernel_build_failure_warns_and_falls_back(custom_export, tmp_path, monkeypatch):
-    from dpp_surgery.export import ort_kernel
+    from dpp_surgery.native import ort_kernel
     model, path = custom_export
     monkeypatch.setenv('ORT_INCLUDE_DIR', str(tmp_path))  # no headers there
     ort_kernel._reset()

@@ -12,7 +12,7 @@ import torch
 import dpp_surgery
 from dpp_surgery.training import data as data_mod
 from dpp_surgery.training import finetune as finetune_module
-from dpp_surgery.training.checkpoint import read_metadata
+from dpp_surgery.checkpoint import read_metadata
 from dpp_surgery.training.finetune import FinetuneConfig, build_model, build_optimizer, finetune
 from groups import check_param_groups
 

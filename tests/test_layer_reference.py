@@ -82,7 +82,7 @@ def test_kernel_equals_torch_path_with_gradients(geometry):
 def _omp_threshold() -> int:
     """The work size (N * C * H * W) above which the fused kernel runs on several OpenMP threads, read from its source."""
     import re
-    from dpp_surgery.layers.kernel import SOURCES
+    from dpp_surgery.native.kernel import SOURCES
     found = set(re.findall(r'if \(work > (\d+)\)', SOURCES[0].read_text()))
     assert len(found) == 1, f'expected one OpenMP threshold in {SOURCES[0]}, found {sorted(found)}'
     return int(found.pop())

@@ -254,7 +254,7 @@ def _session(kind, geometry, guide, reward, folder):
 
 def _native_available() -> bool:
     try:
-        from dpp_surgery.export.ort_kernel import ort_kernel_library
+        from dpp_surgery.native.ort_kernel import ort_kernel_library
         return ort_kernel_library() is not None
     except Exception:
         return False

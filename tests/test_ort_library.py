@@ -20,7 +20,7 @@ import torch
 from dpp_surgery import convert, dpp_layers, export_onnx
 from dpp_surgery.cli import main as cli_main
 from dpp_surgery.export import build_ort_library
-from dpp_surgery.export import ort_kernel
+from dpp_surgery.native import ort_kernel
 from dpp_surgery.native import elf_dependencies, find_compiler, newest_version
 
 X86_64 = platform.machine() in ('x86_64', 'AMD64')

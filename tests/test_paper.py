@@ -167,7 +167,8 @@ def _runs(errors):
 
 
 def test_paired_differences_and_findings():
-    from dpp_surgery.tools.experiments import _findings, paired_differences
+    from dpp_surgery.tools.experiments import _findings
+    from dpp_surgery.tools.records import paired_differences
     runs = _runs({'max': [10.0, 11.0, 12.0], 'avg': [10.5, 11.4, 12.6], 'dpp_lite_asym': [9.0, 10.1, 10.9],
                   'strided_conv': [10.0, 13.0, 11.0]})
     d = paired_differences(runs, 'dpp_lite_asym', 'max')  # differences -1.0, -0.9, -1.1

@@ -125,7 +125,7 @@ def _lines(out):
 def test_finetune_logs_and_records_the_precision(tmp_path, caplog):
     import logging
 
-    from dpp_surgery.training.checkpoint import read_metadata
+    from dpp_surgery.checkpoint import read_metadata
     from dpp_surgery.training.finetune import finetune
 
     out = str(tmp_path / 'run')

@@ -12,7 +12,7 @@ import torch
 
 import dpp_surgery
 from dpp_surgery.training import data as data_mod
-from dpp_surgery.training.checkpoint import CheckpointError
+from dpp_surgery.checkpoint import CheckpointError
 from dpp_surgery.training.finetune import STATE_FILE, finetune
 
 needs_data = pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA),

@@ -237,6 +237,39 @@ def test_targets_include_exclude_and_types():
     assert p.policy.max_pool.guide == 'full'
 
 
+def test_an_excluded_conv_in_a_block_keeps_its_own_reason():
+    """Placement is decided once, for converted sites: an excluded strided conv inside a block says it is excluded
+    (before, the block fallback rewrote its reason to 'block ... holds' itself), and the block's other conv falls
+    back to 'post' naming it."""
+    p = plan(_make('resnet18'), input_size=(3, 64, 64), exclude=['layer2.0.conv1'])
+    sites = {s.name: s for s in p.sites}
+    assert sites['layer2.0.conv1'].action == 'skip' and sites['layer2.0.conv1'].reason_code == 'excluded_name'
+    assert sites['layer2.0.conv1'].reason == "excluded by pattern 'layer2.0.conv1'"
+    assert sites['layer2.0.conv1'].placement == ''
+    down = sites['layer2.0.downsample.0']
+    assert down.placement == 'post' and down.reason_code == 'block_holds_skipped' and 'layer2.0.conv1' in down.reason
+    assert sites['layer3.0.conv1'].placement == 'block' and sites['layer3.0.conv1'].block == 'layer3.0'
+
+
+def test_dpp2d_from_pool_keeps_the_pools_output_size():
+    from timm.layers import create_pool2d
+
+    pools = [nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2), nn.MaxPool2d(3, 2, ceil_mode=True), nn.AvgPool2d(3, 2, 1),
+             create_pool2d('max', 3, 2, padding='same'), create_pool2d('avg', 3, 2, padding='same')]
+    for pool in pools:
+        layer = DPP2d.from_pool(pool, 4, reward='asym', init='max')
+        assert layer.reward == 'asym'
+        for n in (7, 8, 15):
+            x = torch.randn(1, 4, n, n)
+            assert layer(x).shape == pool(x).shape, (pool, n)
+    with pytest.raises(TypeError, match='nn.MaxPool2d or nn.AvgPool2d'):
+        DPP2d.from_pool(nn.Conv2d(4, 4, 3, 2), 4)
+    with pytest.raises(TypeError, match='drop stride'):
+        DPP2d.from_pool(nn.MaxPool2d(2), 4, stride=1)
+    with pytest.raises(ValueError, match='dilation'):
+        DPP2d.from_pool(nn.MaxPool2d(3, 2, dilation=2), 4)
+
+
 def test_variants_per_target_kind():
     model = _make('resnet26d')
     convert(model, input_size=(3, 64, 64), max_pool={'guide': 'full', 'reward': 'asym', 'init': 'max'},

@@ -236,7 +236,7 @@ def _assert_matches_torch_path(layer, x):
 def test_backward_is_deterministic_and_tiling_does_not_matter(monkeypatch):
     """The same call twice gives bitwise equal gradients (no atomics); many small tiles (many partial alpha/lambda
     sums) give the same values as the default tiles."""
-    from dpp_surgery.layers import triton_dpp
+    from dpp_surgery.native import triton_dpp
     layer = DPP2d(5, 3, 2, 1, guide='full', impl='triton').to(DEVICE)
     for fmt in LAYOUTS.values():
         x = torch.randn(2, 5, 11, 10, device=DEVICE).contiguous(memory_format=fmt)
@@ -256,7 +256,7 @@ def test_channel_and_position_tiles_match_the_torch_path(monkeypatch, guide, geo
     """Small tiles: channels_last spread over several channel tiles (the last one partial) and positions over
     several tiles (the last one partial), NCHW over many position tiles; float32 values and gradients equal the
     PyTorch path's."""
-    from dpp_surgery.layers import triton_dpp
+    from dpp_surgery.native import triton_dpp
     monkeypatch.setattr(triton_dpp, 'TILE_LANES', 8)
     monkeypatch.setattr(triton_dpp, 'TILE_CHANNELS', 2)
     layer = DPP2d(5, *geometry, guide=guide, reward='asym', impl='triton').to(DEVICE)
@@ -316,7 +316,7 @@ def test_cpu_tensors_need_the_interpreter():
     code = ('import sys, torch, dpp_surgery\n'
             'x = torch.randn(1, 2, 8, 8)\n'
             'dpp_surgery.DPP2d(2)(x)\n'
-            'print("kernels imported:", "dpp_surgery.layers.triton_dpp" in sys.modules)\n'
+            'print("kernels imported:", "dpp_surgery.native.triton_dpp" in sys.modules)\n'
             'try:\n'
             '    dpp_surgery.DPP2d(2, impl="triton")(x)\n'
             'except RuntimeError as e:\n'

@@ -1,8 +1,8 @@
 """The Triton kernels compiled ahead of time for sm_90 and sm_80 on this machine (no GPU needed): no compile
-error, no register spill, and the theoretical occupancy targets (dpp_surgery.layers.triton_aot)."""
+error, no register spill, and the theoretical occupancy targets (dpp_surgery.native.triton_aot)."""
 import pytest
 
-from dpp_surgery.layers import triton_aot
+from dpp_surgery.native import triton_aot
 
 pytest.importorskip('triton')
 _TOOLS = triton_aot.tools()
@@ -70,8 +70,8 @@ def test_report_and_bench_subcommand(tmp_path, capsys):
 
 
 def test_launch_config_reads_the_norm_code_the_kernels_take():
-    from dpp_surgery.layers import triton_dpp
-    from dpp_surgery.layers.kernel import NORM_CODES
+    from dpp_surgery.native import triton_dpp
+    from dpp_surgery.native.kernel import NORM_CODES
 
     assert {code: triton_dpp._NORM_NAMES[code] for code in NORM_CODES.values()} == {
         code: name for name, code in NORM_CODES.items()}

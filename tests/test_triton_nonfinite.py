@@ -121,13 +121,13 @@ def test_non_finite_in_overlapping_windows(guide):
 @pytest.mark.parametrize('guide', ['lite', 'full'])
 @pytest.mark.parametrize('window', [(2, 2, 0), (3, 2, 1)], ids=['2x2', '3x3s2p1'])
 def test_empty_inputs_launch_nothing(monkeypatch, shape, guide, window):
-    from dpp_surgery.layers import triton_dpp
+    from dpp_surgery.native import triton_dpp
 
     class Refuse:
         def __getitem__(self, grid):
             raise AssertionError(f'a kernel was launched for an empty input (grid {grid})')
 
-    for name in ('_forward_kernel', '_backward_kernel', '_gather_kernel'):
+    for name in ('forward_kernel', 'backward_kernel', 'gather_kernel'):
         monkeypatch.setattr(triton_dpp, name, Refuse())
     c = shape[1]
     kernel, stride, padding = window

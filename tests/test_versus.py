@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dpp_surgery.tools import experiments
-from dpp_surgery.tools.experiments import t95
+from dpp_surgery.tools.records import t95
 from dpp_surgery.tools.versus_study import SETTINGS, holm, robustness, t_test_p, degraded_views, versus_table
 
 

@@ -13,9 +13,9 @@ import dpp_surgery
 from dpp_surgery.models import weights
 from dpp_surgery.training import data as data_mod
 from dpp_surgery.export import SUPPORTED_MODES
-from dpp_surgery.models import RecipeError, RecipeWarning, get_recipe, list_recipes, register_recipes
-from dpp_surgery.models.registry import validate_recipe
-from dpp_surgery.tools.zoo import main, render_table, write_table
+from dpp_surgery.zoo import RecipeError, RecipeWarning, get_recipe, list_recipes, register_recipes
+from dpp_surgery.zoo.registry import validate_recipe
+from dpp_surgery.zoo.runner import main, render_table, write_table
 
 # the zoo runs fine-tune on Fashion-MNIST: they skip without it, the rest run anyway
 needs_data = pytest.mark.skipif(not os.path.isdir(data_mod.DEFAULT_DATA),
@@ -79,7 +79,7 @@ def test_import_builds_nothing_and_skips_onnx():
 def test_import_registers_cheaply_and_validates_when_a_model_is_created(tmp_path):
     """Registration at import reads a recipe's name, architecture and weight source only; a recipe broken elsewhere
     is still a timm model, and creating it (or listing the registered recipes) raises its RecipeError."""
-    from dpp_surgery.models import registry
+    from dpp_surgery.zoo import registry
 
     bad = _tiny_recipe(name='resnet18_dpp', architecture='resnet18')
     bad['policy'] = {'placement': 'sideways'}
@@ -127,7 +127,7 @@ def test_pretrained_tags_say_the_weights_are_converted_not_finetuned():
     assert [n for n in listed if n.split('.')[0] in COMMITTED] == [f'{k}.{v}' for k, v in sorted(tags.items())]
     assert [n for n in timm.list_models('*_dpp') if n in COMMITTED] == sorted(COMMITTED)  # untagged names as before
     for name, tag in tags.items():
-        assert dpp_surgery.models.registry.pretrained_tag(get_recipe(name)) == tag
+        assert dpp_surgery.zoo.registry.pretrained_tag(get_recipe(name)) == tag
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.tag == tag and timm.models.is_model_pretrained(name)
         assert 'converted to DPP' in cfg.notes[0] and 'not fine-tuned with DPP' in cfg.notes[0]
@@ -172,7 +172,7 @@ def test_offline_recipe_from_the_hub_says_so(monkeypatch):
     real = timm.create_model
     monkeypatch.setattr(weights, 'offline_weights_available', lambda: False)
     monkeypatch.setattr(timm, 'create_model', lambda name, pretrained=False, cache_dir=None, **kw: real(name, **kw))
-    model = dpp_surgery.models.create_zoo_model('efficientnet_lite0_dpp', pretrained=True)
+    model = dpp_surgery.zoo.create_zoo_model('efficientnet_lite0_dpp', pretrained=True)
     hub = timm.models.get_pretrained_cfg('efficientnet_lite0')
     cfg = model.pretrained_cfg
     assert cfg['tag'] == f'{hub.tag}_converted' and (cfg['mean'], cfg['std']) == (hub.mean, hub.std)
@@ -375,7 +375,7 @@ def test_crafted_recipe_is_refused(change, fragment):
 def test_recipe_with_the_finetune_names_of_earlier_versions(tmp_path):
     """A recipe written before the fine-tuning settings took timm's train.py names still loads, with today's names,
     and the runner builds the same runs from it."""
-    from dpp_surgery.tools.zoo import _finetune_configs
+    from dpp_surgery.zoo.runner import _finetune_configs
     old = _tiny_recipe(finetune={'pretrained': 'none', 'image_size': 32, 'train_subset': 64, 'test_subset': 64,
                                  'epochs': 1, 'batch_size': 16, 'lr': 0.05, 'ema': False, 'ema_decay': 0.99,
                                  'label_smoothing': 0.2, 'accum_steps': 2, 'num_workers': 0, 'amp': 'none'})
@@ -399,8 +399,8 @@ def test_recipe_with_the_finetune_names_of_earlier_versions(tmp_path):
 def test_crafted_checkpoint_file_of_a_zoo_model_is_refused_before_building(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from dpp_surgery.training.checkpoint import FORMAT
-    from dpp_surgery.models.registry import create_zoo_model
+    from dpp_surgery.checkpoint import FORMAT
+    from dpp_surgery.zoo.registry import create_zoo_model
     base = {'format': FORMAT, 'model_name': 'resnet18', 'model_kwargs': '{}', 'conversions': '[]'}
     cases = [({'format': 'dpp_surgery.checkpoint.v2'}, 'written by a newer dpp_surgery'),
              ({'model_kwargs': json.dumps({'checkpoint_path': str(tmp_path / 'w.pth')})},
@@ -422,11 +422,11 @@ def test_recipe_file_errors(tmp_path):
     bad = tmp_path / 'resnet18_dpp.json'
     bad.write_text('{"name": ')
     with pytest.raises(RecipeError, match='resnet18_dpp.json: not valid JSON'):
-        dpp_surgery.models.load_recipe(str(bad))
+        dpp_surgery.zoo.load_recipe(str(bad))
     misnamed = _write(str(tmp_path), _tiny_recipe())
     os.rename(misnamed, tmp_path / 'other.json')
     with pytest.raises(RecipeError, match='must be named after the recipe: test_resnet_dpp.json'):
-        dpp_surgery.models.load_recipe(str(tmp_path / 'other.json'))
+        dpp_surgery.zoo.load_recipe(str(tmp_path / 'other.json'))
     # at import time a broken recipe is skipped with a warning, never an import error
     with pytest.warns(RecipeWarning) as record:
         assert register_recipes(str(tmp_path)) == []
@@ -511,7 +511,7 @@ def test_run_quick_leaves_the_recipe_alone(tmp_path, capsys):
 
 @needs_data
 def test_run_write_then_table(tmp_path, monkeypatch):
-    from dpp_surgery.tools import zoo as zoo_run
+    from dpp_surgery.zoo import runner as zoo_run
     # latency is measured for real in test_run_quick_leaves_the_recipe_alone; here: writing back and the table
     stub = {'batch_size': 1, 'image_size': 64, 'threads': 1, 'repeat': 3, 'load_average_1min': 0.5,
             'torch_ms': {'unconverted': 1.5, 'converted': 2.5},
@@ -560,8 +560,8 @@ def test_run_write_then_table(tmp_path, monkeypatch):
 def test_table_of_the_committed_zoo_is_current(tmp_path):
     """zoo/README.md and the results block of docs/results/zoo.md are exactly what `python -m dpp_surgery.zoo table`
     generates from the committed recipes and paper.md, and every committed recipe has full (not --quick) results."""
-    from dpp_surgery.tools.zoo import README_BEGIN, README_END, render_readme_block
-    from dpp_surgery.models import load_recipes
+    from dpp_surgery.zoo.runner import README_BEGIN, README_END, render_readme_block
+    from dpp_surgery.zoo import load_recipes
     zoo = os.path.join(REPO, 'zoo')
     generated = write_table(zoo, str(tmp_path / 'README.md'))
     with open(generated) as f, open(os.path.join(zoo, 'README.md')) as g:
@@ -577,7 +577,7 @@ def test_table_of_the_committed_zoo_is_current(tmp_path):
 
 
 def test_table_updates_the_readme_block_only(tmp_path, capsys):
-    from dpp_surgery.tools.zoo import README_BEGIN, README_END
+    from dpp_surgery.zoo.runner import README_BEGIN, README_END
     zoo = tmp_path / 'zoo'
     zoo.mkdir()
     _write(str(zoo), _tiny_recipe(notes='a tiny recipe'))
@@ -611,7 +611,7 @@ def test_render_table_without_results_or_paper():
 
 
 def test_zoo_folder_lookup(tmp_path, monkeypatch):
-    from dpp_surgery.models import registry
+    from dpp_surgery.zoo import registry
     monkeypatch.delenv(registry.ZOO_ENV, raising=False)
     assert registry.default_zoo_dir() == os.path.join(REPO, 'zoo')  # the source checkout
     monkeypatch.setenv(registry.ZOO_ENV, str(tmp_path))
@@ -633,7 +633,7 @@ def test_wheel_carries_the_recipes(tmp_path):
     import glob
     import sysconfig
     import zipfile
-    from dpp_surgery.models import registry
+    from dpp_surgery.zoo import registry
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
                     str(tmp_path), REPO], check=True, capture_output=True, timeout=300)
     (wheel,) = glob.glob(str(tmp_path / 'dpp_surgery-*.whl'))

@@ -1,5 +1,7 @@
-"""ONNX export of converted models: the writer (:mod:`.onnx`), the native onnxruntime kernel (:mod:`.ort_kernel`;
-:func:`build_ort_library` writes it for any onnxruntime host) and exported files in other runtimes (:mod:`.runtimes`).
+"""ONNX export of converted models: the writer (:mod:`.onnx`), DPP's translations (:mod:`.translation`: one custom
+node; :mod:`.decomposition`: standard operators) and exported files in other runtimes (:mod:`.runtimes`). The native
+onnxruntime kernel lives with the other native code (:mod:`dpp_surgery.native.ort_kernel`; :func:`build_ort_library`
+writes it for any onnxruntime host); its names are importable from here too.
 
 Importing this package imports onnx and onnxruntime only when a name is first used.
 """
@@ -13,7 +15,7 @@ _LAZY = {
                      'DECOMPOSED_OPS'),
                     'dpp_surgery.export.onnx'),
     **dict.fromkeys(('ort_kernel_library', 'ort_kernel_status', 'build_ort_library', 'OrtKernelWarning'),
-                    'dpp_surgery.export.ort_kernel'),
+                    'dpp_surgery.native.ort_kernel'),
     **dict.fromkeys(('runtime_session', 'runtime_version', 'RUNTIMES', 'OTHER_RUNTIMES', 'RuntimeUnavailableError'),
                     'dpp_surgery.export.runtimes'),
 }

@@ -12,7 +12,7 @@ spatial sizes, in one of two modes:
   ``pads``, ``auto_pad``, ``ceil_mode``, ``reward``, ``norm``, ``eps``) and ``theta_alpha``, ``theta_lambda`` (and
   the Full guide's ``guide_weight``) as inputs. The file also carries each configuration's decomposition as a
   model-local ONNX function (an overload of ``dpp_surgery.DPP2d``, IR version 10), so any onnxruntime runs it with no
-  extra library; :func:`onnx_session` also registers the native kernel (:mod:`dpp_surgery.export.ort_kernel`), which
+  extra library; :func:`onnx_session` also registers the native kernel (:mod:`dpp_surgery.native.ort_kernel`), which
   onnxruntime then runs instead of the function.
 
 ``verify_onnx`` checks the file with ``onnx.checker`` and compares onnxruntime with PyTorch on random inputs and
@@ -35,9 +35,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..layers.kernel import MAX_WINDOW
+from ..native.kernel import MAX_WINDOW
 from ..utils import atomic_write, first_line, require_extra
-from ..surgery.plan import is_same_padding
+from ..layers.geometry import is_same_padding
 from .translation import (
     DECOMPOSED_OPS, DEFAULT_RTOL, DPP_DOMAIN, DPP_OP, ExportError, attach_functions, dpp_as_custom_nodes, dpp_nodes,
     inline_decompositions, register_onnx_schema, translation_table,
@@ -263,7 +263,7 @@ def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False
     otherwise the spinning threads of the session that ran last take cores from the next one.
 
     ``native``: for files with ``dpp_surgery.DPP2d`` nodes (``mode='custom'``), register the native kernel library
-    (:mod:`dpp_surgery.export.ort_kernel`, built on first use). ``None`` (default): if it can be built, else run the
+    (:mod:`dpp_surgery.native.ort_kernel`, built on first use). ``None`` (default): if it can be built, else run the
     decomposition carried in the file (with one OrtKernelWarning saying why); ``True``: require it (RuntimeError if
     it cannot be built); ``False``: never (the decomposition runs).
     """
@@ -282,7 +282,7 @@ def onnx_session(path: str, threads: Optional[int] = None, profile: bool = False
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f'dpp_surgery_ort_profile_{os.getpid()}')
     if native is not False and _has_dpp_nodes(path):
-        from .ort_kernel import ort_kernel_library, ort_kernel_status
+        from ..native.ort_kernel import ort_kernel_library, ort_kernel_status
         library = ort_kernel_library()
         if library is not None:
             opts.register_custom_ops_library(library)
@@ -324,7 +324,7 @@ def verify_onnx(model: nn.Module, path: str, base_size: Optional[Sequence[int]] 
     sessions = {'onnxruntime': onnx_session(path, native=False)}
     if _has_dpp_nodes(path):
         sessions = {'function': sessions['onnxruntime']}
-        from .ort_kernel import ort_kernel_library
+        from ..native.ort_kernel import ort_kernel_library
         if ort_kernel_library() is not None:
             sessions['kernel'] = onnx_session(path, native=True)
     first = next(iter(sessions.values())).get_inputs()[0]

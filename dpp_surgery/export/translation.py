@@ -78,12 +78,12 @@ def dpp_as_custom_nodes(model: nn.Module, max_window: int) -> Iterator[int]:
     patched = [m for m in model.modules() if isinstance(m, DPP2d) and _custom_node_wanted(m, max_window)]
     for layer in patched:
         # an instance attribute shadows the class's: DPP2d.forward (and S3DPP2d's DPP step) call it
-        layer._forward = types.MethodType(_as_custom_node, layer)
+        layer.compute = types.MethodType(_as_custom_node, layer)
     try:
         yield len(patched)
     finally:
         for layer in patched:
-            del layer._forward
+            del layer.compute
 
 
 def register_onnx_schema() -> None:

@@ -1,5 +1,5 @@
 """DPP layers: the module, its functional form, window geometry and the fused kernel loader."""
-from .kernel import KernelBuildWarning, kernel_status
+from ..native.kernel import KernelBuildWarning, kernel_status
 from .dpp import DPP2d, GlobalDPP2d, INIT_PRESETS, LrScaleWarning, dpp_aa_layer, dpp_parameters, param_groups
 from .functional import (DEFAULT_EPS, GUIDES, NORMS, REWARDS, THETA_ALPHA_MAX, NonFiniteParameterError, dpp2d,
                          full_guide)

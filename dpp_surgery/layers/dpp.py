@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..utils import check_choice
 from .functional import (DEFAULT_EPS, GUIDES, IMPLEMENTATIONS, NORMS, REWARDS, THETA_ALPHA_MAX, dpp2d, exporting,
                          global_dpp2d)
-from .geometry import PaddingArg, PoolGeometry
+from .geometry import PaddingArg, PoolGeometry, is_same_padding, to_pair
 
 __all__ = ['DPP2d', 'GlobalDPP2d', 'INIT_PRESETS', 'param_groups', 'dpp_parameters', 'LrScaleWarning', 'dpp_aa_layer']
 
@@ -174,6 +174,35 @@ class DPP2d(nn.Module):
             self.register_parameter('guide_weight', None)
         self.reset_parameters()
 
+    @classmethod
+    def from_pool(cls, pool: nn.Module, channels: int, **options: Any) -> 'DPP2d':
+        """A DPP2d with the window of ``pool``: its kernel size, stride, padding and ceil mode, so it gives the
+        pool's output size at every input size (timm's ``MaxPool2dSame`` and ``AvgPool2dSame`` keep their dynamic
+        'same' padding). As composer's ``BlurMaxPool2d.from_maxpool2d`` does for its layer.
+
+        Args:
+            pool: an ``nn.MaxPool2d`` or ``nn.AvgPool2d`` (or a subclass, such as timm's ``*Same`` pools).
+            channels: the channels of the pool's input.
+            **options: DPP2d's other arguments (``guide``, ``reward``, ``norm``, ``init``, ``eps``, ``impl``,
+                ``device``, ``dtype``).
+
+        Raises:
+            TypeError: ``pool`` is not a max or average pool, or ``options`` names a window argument.
+            ValueError: a max pool with dilation, which no DPP window has.
+        """
+        if not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
+            raise TypeError(f'from_pool takes an nn.MaxPool2d or nn.AvgPool2d, but got {type(pool).__name__}; for '
+                            'a strided conv give DPP2d(channels, stride=s) after it, or convert the model')
+        given = sorted(set(options) & {'kernel_size', 'stride', 'padding', 'ceil_mode'})
+        if given:
+            raise TypeError(f'from_pool takes the window from the pool; drop {", ".join(given)}')
+        if isinstance(pool, nn.MaxPool2d) and to_pair(pool.dilation, 'dilation') != (1, 1):
+            raise ValueError(f'{type(pool).__name__} with dilation {pool.dilation} has no DPP counterpart (a DPP '
+                             'window is contiguous); leave that pool alone')
+        padding = 'same' if is_same_padding(pool) else pool.padding
+        return cls(channels, kernel_size=pool.kernel_size, stride=pool.stride or pool.kernel_size, padding=padding,
+                   ceil_mode=pool.ceil_mode, **options)
+
     def _check_init(self, init) -> Union[str, Tuple[float, float]]:
         if isinstance(init, str):
             name = init.lower()
@@ -260,11 +289,12 @@ class DPP2d(nn.Module):
         return self._layer(x)
 
     def _layer(self, x: Tensor) -> Tensor:
-        """The whole layer: its DPP computation (:meth:`_forward`, which the ONNX exporter runs as one op), and in
-        subclasses what surrounds it."""
-        return self._forward(x)
+        """The whole layer: its DPP computation (:meth:`compute`), and in subclasses what surrounds it."""
+        return self.compute(x)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def compute(self, x: Tensor) -> Tensor:
+        """The DPP computation of the layer's windows (the part ``export_onnx(mode='custom')`` writes as one
+        ``DPP2d`` node: it replaces this method on the instance while exporting)."""
         return dpp2d(
             x, self.theta_alpha, self.theta_lambda, guide_weight=self.guide_weight, reward=self.reward,
             norm=self.norm, eps=self.eps, impl=self.impl, geometry=self.geometry)
@@ -307,7 +337,7 @@ class GlobalDPP2d(DPP2d):
         super().__init__(channels, kernel_size=1, stride=1, guide='lite', reward=reward, norm=norm, init=init, eps=eps,
                          impl=impl, device=device, dtype=dtype)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def compute(self, x: Tensor) -> Tensor:
         if exporting():  # reductions over the map, nothing tied to its size: the file takes any input size
             return global_dpp2d(x, self.theta_alpha, self.theta_lambda, reward=self.reward, norm=self.norm,
                                 eps=self.eps)

@@ -2,10 +2,10 @@
 
 See :class:`dpp_surgery.DPP2d` for the definition. Three implementations compute the same thing:
 
-* the fused CPU kernel (``layers/csrc/dpp2d.cpp``), registered as the CPU kernel of the custom op
+* the fused CPU kernel (``native/csrc/dpp2d.cpp``), registered as the CPU kernel of the custom op
   ``torch.ops.dpp_surgery.dpp2d`` with its own backward that recomputes from the input (used on CPU when it
   builds: float32/float64 inputs, and float16/bfloat16 ones on a float32 copy);
-* the Triton kernels (``layers/triton_dpp.py``), registered as the CUDA kernel of the same op (used for CUDA
+* the Triton kernels (``native/triton_dpp.py``), registered as the CUDA kernel of the same op (used for CUDA
   tensors of every float dtype, in their own dtype); with ``TRITON_INTERPRET=1`` they also run on CPU tensors
   through Triton's interpreter (``impl='triton'``, how the CPU-only tests run them);
 * a pure-PyTorch composite of unfold and element-wise ops (any device, the fallback, the tested reference
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .kernel import (MAX_WINDOW, NORM_CODES, Dpp2dParams, Kernel, KernelBuildWarning, load_kernel, load_triton,
+from ..native.kernel import (MAX_WINDOW, NORM_CODES, Dpp2dParams, Kernel, KernelBuildWarning, load_kernel, load_triton,
                      triton_status)
 from ..utils import check_choice
 from .geometry import PaddingArg, PoolGeometry, ResolvedGeometry

@@ -11,7 +11,7 @@ from typing import Tuple, Union
 
 import torch
 
-__all__ = ['PoolGeometry', 'ResolvedGeometry', 'to_pair']
+__all__ = ['PoolGeometry', 'ResolvedGeometry', 'to_pair', 'is_same_padding']
 
 IntPair = Tuple[int, int]
 PaddingArg = Union[int, Tuple[int, int], str]
@@ -174,3 +174,11 @@ class PoolGeometry:
         if self.ceil_mode:
             text += ', ceil_mode=True'
         return text
+
+
+def is_same_padding(m: torch.nn.Module) -> bool:
+    """Whether ``m`` pads 'same' dynamically, from its input size at run time: timm's ``*Same`` layers
+    (``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``, by class name) and modules flagged ``same_pad`` or
+    ``dynamic_padding``. (A static ``padding='same'`` of ``nn.Conv2d`` is not dynamic.)"""
+    return type(m).__name__.endswith('Same') or bool(getattr(m, 'same_pad', False)) or \
+        bool(getattr(m, 'dynamic_padding', False))

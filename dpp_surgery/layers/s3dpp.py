@@ -98,7 +98,7 @@ class S3DPP2d(DPP2d):
     ``mode='decomposed'``) and the average pooling, written as another ``Pad`` (edge) and a floor-mode 2x2
     ``AveragePool``: a window that hangs over the edge then averages its valid positions, the same values as
     ``ceil_mode=True``, whose own last-window check torch.export cannot prove for dynamic sizes. The exporter runs
-    each DPP layer's ``_forward`` (its DPP computation) as one op; here that is the DPP step alone, and the padding
+    each DPP layer's ``compute`` (its DPP computation) as one op; here that is the DPP step alone, and the padding
     and pooling around it stay standard operators. Tracing or
     exporting in training mode raises a RuntimeError saying to call ``model.eval()`` (the random draw cannot be
     recorded); :func:`dpp_surgery.export_onnx` puts the model in evaluation mode itself.
@@ -168,7 +168,7 @@ class S3DPP2d(DPP2d):
     def dpp_step(self, xp: Tensor) -> Tensor:
         r"""The DPP with 2x2 windows at stride 1 over an input whose last row and column are already replicated
         (:math:`(H + 1) \times (W + 1)` in, :math:`H \times W` out)."""
-        return self._forward(xp)  # (what the ONNX exporter replaces by its one-op form, as on DPP2d)
+        return self.compute(xp)  # (what the ONNX exporter replaces by its one-op form, as on DPP2d)
 
     def s3pool(self, y: Tensor, indices: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """S3Pool's training step on the intermediate map ``y``: the rows and columns of ``indices`` (a pair of

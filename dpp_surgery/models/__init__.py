@@ -1,20 +1,23 @@
-"""Models: the zoo's recipes registered as timm models (:mod:`.registry`), the offline EfficientNet-Lite0 weights
-(:mod:`.weights`) and the paper's small network (:mod:`.smallnet`).
+"""Models: the offline ImageNet EfficientNet-Lite0 weights (:mod:`.weights`) and the paper's small network
+(:mod:`.smallnet`).
 
-Every recipe ``zoo/<arch>_dpp.json`` is registered with timm as the model ``<arch>_dpp`` when :mod:`dpp_surgery` is
-imported; only its name, architecture and weight source are read then, the rest is checked when a model is created
-from it. ``python -m dpp_surgery.zoo {list,run,table}`` (:mod:`dpp_surgery.tools.zoo`) lists the recipes, runs one
-(fine-tune, accuracy, parameters, GFLOPs, latency in PyTorch and onnxruntime) and regenerates ``zoo/README.md``.
+The zoo's registry moved to :mod:`dpp_surgery.zoo`; its names are still readable from here for one release (with a
+DeprecationWarning).
 """
-from .registry import (
-    Recipe, RecipeError, RecipeWarning, create_zoo_model, default_zoo_dir, get_recipe, list_recipes, load_recipe,
-    load_recipes, register_recipe, register_recipes, registered_recipes,
-)
+import importlib
+import warnings
 
-__all__ = [
-    'Recipe', 'RecipeError', 'RecipeWarning', 'create_zoo_model', 'default_zoo_dir', 'get_recipe', 'list_recipes',
-    'load_recipe', 'load_recipes', 'register_recipe', 'register_recipes', 'registered_recipes',
-]
+# the zoo's names this package exported before the zoo got its own package
+_MOVED = ('Recipe', 'RecipeError', 'RecipeWarning', 'create_zoo_model', 'default_zoo_dir', 'get_recipe',
+          'list_recipes', 'load_recipe', 'load_recipes', 'register_recipe', 'register_recipes', 'registered_recipes')
 
-# timm has no plugin discovery: the zoo's <arch>_dpp models are registered on import (cheaply: see register_recipes)
-register_recipes(validate=False)
+__all__ = []
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f'dpp_surgery.models.{name} moved to dpp_surgery.zoo.{name}; import it from there (the old path '
+                      'goes in the next release)', DeprecationWarning, stacklevel=2)
+        # resolved by name: models sits below the zoo, which it must not import
+        return getattr(importlib.import_module('dpp_surgery.zoo'), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

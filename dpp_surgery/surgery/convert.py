@@ -32,6 +32,7 @@ from .plan import (
 )
 from .plan import plan as make_plan
 from .policy import ConversionPolicy, resolve_policy
+from .rewrite import Undo, add_child, set_attr, set_child, set_class
 from .tracer import trace
 
 __all__ = ['convert', 'NoEffectWarning', 'ConversionError', 'dpp_layers']
@@ -63,7 +64,7 @@ class _DynamicDPP:
 
 class _PostDPP(_DynamicDPP):
     """Mixin: the module's own forward, then its ``dpp`` child."""
-    _dpp_placement = 'post'
+    dpp_placement = 'post'
 
     def forward(self, *args, **kwargs):
         return self.dpp(super().forward(*args, **kwargs))
@@ -71,7 +72,7 @@ class _PostDPP(_DynamicDPP):
 
 class _PreDPP(_DynamicDPP):
     """Mixin: the ``dpp`` child first, then the module's own forward."""
-    _dpp_placement = 'pre'
+    dpp_placement = 'pre'
 
     def forward(self, x, *args, **kwargs):
         return super().forward(self.dpp(x), *args, **kwargs)
@@ -126,7 +127,7 @@ def _dynamic_class(root: type, steps: tuple) -> type:
         if kind == 'functional':
             namespace = _resolve_globals(step[2])
             exec(compile(step[1], f'<dpp_surgery forward of {root.__name__}>', 'exec'), namespace)
-            attrs.update(forward=namespace['forward'], _dpp_placement='functional')
+            attrs.update(forward=namespace['forward'], dpp_placement='functional')
             bases = (cls,) if issubclass(cls, _DynamicDPP) else (_DynamicDPP, cls)
         else:
             bases = (_MIXINS[kind], cls)
@@ -249,32 +250,13 @@ def _downsample_geometry(stride) -> dict:
 _GlobalDPP2d = GlobalDPP2d  # the name of earlier versions, for models pickled with them
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module, undo: list) -> None:
-    """Replace submodule ``name`` by ``new`` (the same attribute, so a container keeps its order and length); the
-    hooks registered on the old module (timm's FeatureHookNet, users' own) move to the new one."""
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    for attr in ('_forward_hooks', '_forward_pre_hooks', '_forward_hooks_with_kwargs', '_forward_pre_hooks_with_kwargs',
-                 '_forward_hooks_always_called'):
-        hooks = getattr(old, attr, None)
-        if hooks:
-            getattr(new, attr).update(hooks)
-    undo.append((parent, child, old))
-    setattr(parent, child, new)
-
-
-def _swap(module: nn.Module, mixin: type, dpp: DPP2d, undo: list) -> None:
-    if hasattr(module, 'dpp'):
-        raise ConversionError(f'{type(module).__name__} already has an attribute named dpp')
-    undo.append((module, '__class__', module.__class__))
-    _add_child(module, 'dpp', dpp, undo)
-    module.__class__ = _derived_class(type(module), (mixin._dpp_placement,))
-
-
-def _add_child(module: nn.Module, name: str, child: nn.Module, undo: list) -> None:
-    module.add_module(name, child)
-    undo.append((module, '_modules_child', name))  # marker: remove the child on undo
+def _swap(module: nn.Module, mixin: type, dpp: DPP2d, undo: Undo, where: str) -> None:
+    """Give ``module`` the placement mixin's forward, with ``dpp`` as its child ``dpp``."""
+    try:
+        add_child(module, 'dpp', dpp, undo, where=where)
+    except ValueError as e:
+        raise ConversionError(f'{where}: {e}') from None
+    set_class(module, _derived_class(type(module), (mixin.dpp_placement,)), undo, where=where)
 
 
 def _site_geometry(site: Site) -> dict:
@@ -296,7 +278,7 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
         node = nodes[site.ordinal]
         child = f'dpp_{node.name}'
         dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype, in_place=True)
-        _add_child(owner, child, dpp, undo)
+        add_child(owner, child, dpp, undo, where=owner_name)
         gm.add_submodule(child, dpp)  # the graph checks call_module targets against its own module
         with graph.inserting_before(node):
             new = graph.call_module(child, (node.args[0],))
@@ -305,8 +287,8 @@ def _rewrite_functional(model: nn.Module, owner_name: str, sites: List[Site], po
     graph.lint()
     code = graph.python_code(root_module='self')
     cls = type(owner)
-    undo.append((owner, '__class__', cls))
-    owner.__class__ = _derived_class(cls, ('functional', code.src, _portable_globals(code.globals)))
+    set_class(owner, _derived_class(cls, ('functional', code.src, _portable_globals(code.globals))), undo,
+              where=owner_name)
 
 
 def _output_shapes(model: nn.Module, input_size) -> Dict[str, Tuple[int, ...]]:
@@ -393,17 +375,17 @@ def _apply_checked(model: nn.Module, p: Plan, todo: List[Site]) -> None:
     size; on any failure restore the model and raise :class:`ConversionError`."""
     before_shapes = _output_shapes(model, p.input_size)
     device, dtype = device_dtype(model)
-    undo: list = []
+    undo = Undo()
     where = {'step': 'applying the plan'}  # what convert was doing, for the error message
     try:
         _apply(model, p, todo, device, dtype, undo, where)
         where['step'] = 'checking the converted model (a forward pass at the plan\'s input size)'
         _check_sizes(before_shapes, _output_shapes(model, p.input_size), todo)
     except ConversionError:
-        _restore(undo)
+        undo.revert()
         raise
     except Exception as e:  # noqa: BLE001 - any failure leaves the model as it was and says where it happened
-        _restore(undo)
+        undo.revert()
         raise ConversionError(f"convert failed while {where['step']}: {type(e).__name__}: {first_line(e)}; the "
                               'model was restored. Leave that site alone with exclude=[...] or choose another '
                               "placement, and see dpp_surgery.plan(model) for what each site gets.") from e
@@ -429,15 +411,7 @@ def _record(model: nn.Module, p: Plan) -> None:
     model.dpp_surgery_plan = p
 
 
-def _restore(undo) -> None:
-    for obj, attr, old in reversed(undo):
-        if attr == '_modules_child':
-            obj._modules.pop(old, None)
-        else:
-            setattr(obj, attr, old)
-
-
-def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: list, where: dict) -> None:
+def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: Undo, where: dict) -> None:
     """Make every replacement of ``todo`` (module sites, then functional owners, then blocks), recording undo
     steps; ``where['step']`` says what it is doing."""
     policy = p.policy
@@ -459,33 +433,37 @@ def _apply(model: nn.Module, p: Plan, todo: List[Site], device, dtype, undo: lis
         _apply_block(model, block_name, site, policy, device, dtype, undo)
 
 
-def _apply_module_site(model: nn.Module, site: Site, policy: ConversionPolicy, device, dtype, undo: list) -> None:
+def _apply_module_site(model: nn.Module, site: Site, policy: ConversionPolicy, device, dtype, undo: Undo) -> None:
     """A module site: a pool replaced by DPP2d ('pool', 'global'), or a conv at stride 1 with DPP after or before
     it ('post', 'pre')."""
     module = model.get_submodule(site.name)
     if site.placement == SitePlacement.POOL:
-        dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype, in_place=True)
-        _set_child(model, site.name, dpp, undo)
+        v = policy.variant(site.kind)
+        if v.operator == 'dpp' and isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+            dpp = DPP2d.from_pool(module, site.in_channels, guide=v.guide, reward=v.reward, norm=v.norm, init=v.init,
+                                  device=device, dtype=dtype)
+        else:
+            dpp = _make_dpp(site, policy, site.in_channels, _site_geometry(site), device, dtype, in_place=True)
+        set_child(model, site.name, dpp, undo)
     elif site.placement == SitePlacement.GLOBAL:
         if policy.avg_pool.operator != 'dpp':
             raise ConversionError(f"{site.name}: a global pool takes operator 'dpp' only (GlobalDPP2d), but the "
                                   f"policy's avg_pool operator is {policy.avg_pool.operator!r}; leave global pools "
                                   'alone (skip_global=True, the default)')
-        _set_child(model, site.name, GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
+        set_child(model, site.name, GlobalDPP2d(site.in_channels, init=policy.avg_pool.init,
                                                  reward=policy.avg_pool.reward, norm=policy.avg_pool.norm,
                                                  device=device, dtype=dtype), undo)
     elif site.placement in (SitePlacement.POST, SitePlacement.PRE):
         channels = site.out_channels if site.placement == SitePlacement.POST else site.in_channels
         dpp = _make_dpp(site, policy, channels, _downsample_geometry(site.stride), device, dtype)
-        undo.append((module, 'stride', module.stride))
-        module.stride = (1, 1)
-        _swap(module, _PostDPP if site.placement == SitePlacement.POST else _PreDPP, dpp, undo)
+        set_attr(module, 'stride', (1, 1), undo, where=site.name)
+        _swap(module, _PostDPP if site.placement == SitePlacement.POST else _PreDPP, dpp, undo, site.name)
     else:
         raise ConversionError(f'unknown placement {str(site.placement)!r} for {site.name}')
 
 
 def _apply_block(model: nn.Module, block_name: str, site: Site, policy: ConversionPolicy, device, dtype,
-                 undo: list) -> None:
+                 undo: Undo) -> None:
     """The 'block' placement: the block's downsampling layers at stride 1, one DPP after its output."""
     block = model.get_submodule(block_name)
     try:
@@ -497,4 +475,4 @@ def _apply_block(model: nn.Module, block_name: str, site: Site, policy: Conversi
     if target is None:
         raise ConversionError(f'block {block_name!r} cannot take a DPP without changing how it iterates its '
                               "children; use placement='post' for its convs")
-    _swap(target, _PostDPP, dpp, undo)
+    _swap(target, _PostDPP, dpp, undo, block_name)

@@ -35,10 +35,10 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..utils import atomic_write, write_text
-from .experiments import add_img_size, read_record, refuse_overwrite
+from .records import add_img_size, refuse_overwrite
 
 __all__ = ['PLACEMENT_POLICIES', 'HEAL_PHOTOS', 'EVAL_PHOTOS', 'placement', 'placement_table', 'recommendations',
-           'heal', 'heal_table', 'dpp_params', 'dpp_params_table', 'study_table', 'PLACEMENT_MODELS', 'add_parsers']
+           'heal', 'heal_table', 'dpp_params', 'dpp_params_table', 'PLACEMENT_MODELS', 'add_parsers']
 
 PLACEMENT_FILES = ('placement.md', 'placement.json')
 HEAL_FILES = ('heal.md', 'heal.json', 'heal.png')
@@ -92,7 +92,7 @@ def _command(args) -> str:
 
 
 def _record(args, **fields) -> Dict[str, Any]:
-    from .timing import machine_description
+    from ..timing import machine_description
 
     return {'command': _command(args), 'machine': machine_description(),
             'args': {k: v for k, v in vars(args).items() if k not in ('func', 'argv')}, **fields}
@@ -167,7 +167,7 @@ def _policy_costs(args) -> Dict[str, Dict[str, Any]]:
     decomposed), each converted policy timed interleaved with the original in one run."""
     import torch
 
-    from .zoo import measure_cost, measure_latency
+    from ..zoo.runner import measure_cost, measure_latency
     from ..models.weights import create_efficientnet_lite0
     from ..surgery import ConversionPolicy, convert
 
@@ -283,7 +283,7 @@ def _std(values: List[float]) -> Optional[float]:
 def recommendations(record: Dict[str, Any]) -> List[str]:
     """Per FLOP budget, the policy with the highest mean test accuracy among those within it, and whether its
     difference from the original is told apart from seed noise (paired by seed)."""
-    from .experiments import paired_differences
+    from .records import paired_differences
 
     runs, policies = record['runs'], record['policies']
     means = {name: statistics.mean(r['test_accuracy'] for r in runs if r['variant'] == name) for name in policies}
@@ -320,7 +320,7 @@ def latency_cells(entry: Dict[str, Any], original_ms: Dict[str, Optional[float]]
 
 def placement_table(record: Dict[str, Any]) -> str:
     """``placement.md`` from a ``placement.json`` record."""
-    from .experiments import paired_differences, t95
+    from .records import paired_differences, t95
 
     a, runs, policies = record['args'], record['runs'], record['policies']
     lat = [p['latency'] for p in policies.values() if p.get('latency')]
@@ -688,7 +688,7 @@ def _grad_ratio(run: Dict[str, Any]) -> Dict[str, float]:
 
 def dpp_params_table(record: Dict[str, Any]) -> str:
     """``dpp_params.md`` from a ``dpp_params.json`` record."""
-    from .experiments import paired_differences
+    from .records import paired_differences
 
     a, runs = record['args'], record['runs']
     base = next((n for n, c in record['remedies'].items() if not c), None)  # the budget unchanged
@@ -756,36 +756,6 @@ def _layer_lines(record: Dict[str, Any]) -> List[str]:
             lines.append(f'| {name} | {layer} | {cell(0, "alpha")} | {cell(-1, "alpha")} | {cell(0, "lambda")} | '
                          f'{cell(-1, "lambda")} |')
     return lines
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tables from the JSON records
-
-# study -> (the stem of its files, the table of its record)
-STUDY_TABLES = {'placement': ('placement', placement_table), 'heal': ('heal', heal_table),
-                'dpp-params': ('dpp_params', dpp_params_table), 'versus': ('versus', None)}
-
-
-def study_table(args) -> Dict[str, Any]:
-    """Regenerate a study's Markdown table (and heal's figure) from the JSON record in ``--output``, no training:
-    the table is derived from the record, so it is replaced."""
-    stem, make = STUDY_TABLES[args.study]
-    if make is None:  # versus: its own module (it imports this one)
-        from .versus_study import versus_table as make
-    src = os.path.join(args.output, f'{stem}.json')
-    record = read_record(src, args.study, args.output)
-    try:
-        table = make(record)
-        figure = heal_figure(record) if args.study == 'heal' else None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
-        raise ValueError(f'{src} is not a record of `experiments {args.study}` ({type(e).__name__}: {e}); rerun '
-                         f'`python -m dpp_surgery.experiments {args.study} --output {args.output}`') from None
-    if figure is not None:
-        atomic_write(os.path.join(args.output, 'heal.png'), lambda tmp: figure.savefig(tmp, dpi=100, format='png'),
-                     overwrite=True)
-    write_text(os.path.join(args.output, f'{stem}.md'), table + '\n', overwrite=True)
-    print(table)
-    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -871,9 +841,3 @@ def add_parsers(sub) -> None:
                         "parameters at N times the learning rate, init-1-3: alpha = 1, lambda = 3 at conversion, "
                         "norm-none: no window normalisation")
     p.set_defaults(func=dpp_params, model='efficientnet_lite0')
-
-    p = sub.add_parser('study-table', help="regenerate a study's Markdown table (heal: and its figure) from its "
-                                           'JSON record, no training')
-    p.add_argument('study', choices=list(STUDY_TABLES))
-    p.add_argument('--output', required=True, help='the folder holding the JSON record (for example results/heal)')
-    p.set_defaults(func=study_table)

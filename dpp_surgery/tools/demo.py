@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timing import interleaved_medians, machine_description
+from ..timing import interleaved_medians, machine_description
 from ..utils import first_line, log_to_stderr
 from ..layers import DPP2d, INIT_PRESETS, THETA_ALPHA_MAX
-from ..layers.kernel import load_kernel
+from ..native.kernel import load_kernel
 from .photos import SAMPLE_PHOTOS, load_photo
 
 __all__ = ['main', 'build_parser', 'pooling_methods', 'pool_photo', 'check_output_dir', 'MARKER']
@@ -381,7 +381,7 @@ class _Job:
 def _pretrained_model(job: _Job) -> None:
     from ..models.weights import create_efficientnet_lite0
     from ..training import data
-    from ..training.checkpoint import record_creation
+    from ..checkpoint import record_creation
 
     torch.manual_seed(job.args.seed)
     model = create_efficientnet_lite0()
@@ -434,7 +434,7 @@ def _convert_and_evaluate(job: _Job) -> None:
 
 
 def _finetune(job: _Job) -> None:
-    from ..training import checkpoint
+    from .. import checkpoint
     from ..training.finetune import FinetuneConfig, evaluate, finetune
 
     args = job.args

@@ -56,7 +56,7 @@ COVERAGE_RUNS: Dict[str, Tuple[str, str, str, str]] = {
 # What runs DPP where: (where, implementation, when it runs, how far it is tested and measured). One row per
 # device x implementation x runtime; `dpp_surgery.layers.functional._choose` is the dispatch this describes.
 WHAT_RUNS_WHERE: List[Tuple[str, str, str, str]] = [
-    ('CPU, PyTorch (eager, autograd)', 'fused C++ kernel (`layers/csrc/dpp2d.cpp`), the CPU kernel of the op '
+    ('CPU, PyTorch (eager, autograd)', 'fused C++ kernel (`native/csrc/dpp2d.cpp`), the CPU kernel of the op '
      '`torch.ops.dpp_surgery.dpp2d`',
      "the default (`impl='auto'`) for CPU tensors: float32 and float64, float16 and bfloat16 (autocast's) on a "
      'float32 copy; windows of up to 64 positions; NCHW and channels_last. Compiled on first use by the system '
@@ -65,7 +65,7 @@ WHAT_RUNS_WHERE: List[Tuple[str, str, str, str]] = [
      "no C++ compiler (one warning), `DPP_SURGERY_NO_EXT=1`, windows of more than 64 positions, `impl='torch'`; "
      'what `torch.export`, ONNX export and `torch.jit.trace` record',
      'tested (it is the reference the kernels are tested against); timed (results/speed)'),
-    ('CUDA, PyTorch (eager, autograd)', 'Triton kernels (`layers/triton_dpp.py`), the CUDA kernel of the same op',
+    ('CUDA, PyTorch (eager, autograd)', 'Triton kernels (`native/triton_dpp.py`), the CUDA kernel of the same op',
      "the default (`impl='auto'`) for CUDA tensors of every float dtype, in their own dtype, when Triton imports (it "
      'ships with the CUDA wheels of PyTorch); windows of up to 64 positions',
      "tested on CPU tensors in Triton's interpreter; `make test-gpu` has not run on a GPU; speed unmeasured"),
@@ -79,7 +79,7 @@ WHAT_RUNS_WHERE: List[Tuple[str, str, str, str]] = [
     ('ONNX, decomposed file', 'standard ONNX operators (`dpp_surgery.export.DECOMPOSED_OPS`)',
      "`export_onnx(..., mode='decomposed')`; runs in onnxruntime, OpenVINO and tract as written, and in any runtime "
      'with those operators', 'tested within 1e-4 of PyTorch in onnxruntime, OpenVINO and tract; timed there'),
-    ('ONNX, custom file, onnxruntime CPU', 'native kernel (`export/csrc/dpp2d_ort.cpp`, the library of '
+    ('ONNX, custom file, onnxruntime CPU', 'native kernel (`native/csrc/dpp2d_ort.cpp`, the library of '
      '`dpp-surgery ort-library`)',
      "`export_onnx(..., mode='custom')`; `onnx_session` registers the library (or "
      '`register_custom_ops_library` in Python or C++); float32, CPU execution provider',
@@ -180,7 +180,7 @@ def _bench(stem: str) -> Callable[[str], str]:
 def _triton_summary(root: str) -> str:
     """``bench triton-report``'s record in short: one line per kernel x window x arch (the record has every
     kernel)."""
-    from ..layers.triton_aot import summary_table
+    from ..native.triton_aot import summary_table
     from .bench.common import checks_text
 
     rel = f'{BENCH_RECORDS}/triton_report.json'
@@ -230,13 +230,13 @@ def _coverage(rel: str) -> Callable[[str], str]:
 
 
 def _zoo_recipes(root: str):
-    from ..models import load_recipes
+    from ..zoo import load_recipes
     return load_recipes(os.path.join(root, 'zoo'))
 
 
 def _zoo(root: str) -> str:
     """The zoo's results block, exactly as ``python -m dpp_surgery.zoo table`` writes it into docs/results/zoo.md."""
-    from .zoo import PAPER_MD, render_readme_block
+    from ..zoo.runner import PAPER_MD, render_readme_block
 
     paper_path = os.path.join(root, 'zoo', PAPER_MD)
     paper = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
@@ -22,7 +21,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from ..utils import write_text
+from ..utils import atomic_write, write_text
+from .records import add_img_size, paired_differences, read_record, refuse_overwrite, t95
 
 __all__ = ['main', 'build_parser', 'paper', 'paper_table', 'paired_differences', 'read_record', 'refuse_overwrite',
            't95']
@@ -37,25 +37,8 @@ _OPT_NAMES = {'sgd': 'SGD (Nesterov momentum 0.9)', 'adamw': 'AdamW'}
 FASHION_FILES = ('fashion_mnist.md', 'fashion_mnist.json')
 
 
-def add_img_size(p: argparse.ArgumentParser, default: int) -> None:
-    """timm's ``--img-size N`` (``dest`` ``image_size``, the key the records keep; ``--image-size`` still read)."""
-    p.add_argument('--img-size', dest='image_size', type=int, default=default, metavar='N',
-                   help=f'input size in pixels (default {default})')
-    p.add_argument('--image-size', dest='image_size', type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-
-def refuse_overwrite(output: str, names, overwrite: bool) -> None:
-    """Stop before any training if ``output`` already holds results and ``overwrite`` was not asked for."""
-    if overwrite:
-        return
-    existing = [f for f in names if os.path.exists(os.path.join(output, f))]
-    if existing:
-        raise FileExistsError(f'{output} already holds results ({", ".join(existing)}); pass --overwrite to replace '
-                              'them or choose another --output')
-
-
 def fashion_mnist(args) -> dict:
-    from .timing import machine_description
+    from ..timing import machine_description
     from ..training.finetune import FinetuneConfig, finetune
 
     refuse_overwrite(args.output, FASHION_FILES, args.overwrite)
@@ -217,32 +200,6 @@ def _spread(values: List[float]) -> str:
 
 # the baselines every other variant is compared with, seed by seed, in the findings
 _BASELINES = ('max', 'avg')
-# two-sided 95% quantiles of Student's t for 1 to 10 degrees of freedom (a paired t-test over seeds); 1.96 beyond 30
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def t95(dof: int) -> float:
-    if dof <= len(_T95):
-        return _T95[dof - 1]
-    return 2.1 if dof <= 20 else 2.05 if dof <= 30 else 1.96  # rounded up: never more lenient than the test
-
-
-def paired_differences(runs: List[dict], variant: str, baseline: str) -> Optional[Dict[str, float]]:
-    """Test-error difference ``variant - baseline`` (points) over the seeds both ran, paired by seed (a seed gives
-    both the same initialisation of the shared layers and the same batch order): mean, standard error, and their
-    ratio ``t``, and whether a two-sided paired t-test at 95% tells it from zero (``resolved``). None with fewer than
-    two common seeds."""
-    err = {(r['variant'], r['seed']): r['test_error'] for r in runs}
-    seeds = sorted(s for (v, s) in err if v == variant and (baseline, s) in err)
-    if len(seeds) < 2:
-        return None
-    diffs = [err[(variant, s)] - err[(baseline, s)] for s in seeds]
-    mean = statistics.mean(diffs)
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5
-    t = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return {'mean': mean, 'se': se, 't': t, 'seeds': len(seeds), 'resolved': abs(t) > t95(len(seeds) - 1)}
-
-
 def _findings(runs: List[dict], variants: List[str]) -> List[str]:
     """Sentences computed from the runs: the ranking and each variant against max and average pooling."""
     means = {v: statistics.mean(r['test_error'] for r in runs if r['variant'] == v) for v in variants}
@@ -312,28 +269,6 @@ def paper_table(record: Dict[str, object]) -> str:
     return '\n'.join(lines)
 
 
-MAX_RECORD_BYTES = 64 << 20  # far above any record an experiment writes
-
-
-def read_record(src: str, command: str, output: str) -> dict:
-    """The JSON record ``src`` that ``python -m dpp_surgery.experiments <command>`` wrote, read as data: missing,
-    oversized, invalid JSON or a record without runs is a ValueError (FileNotFoundError) that says to rerun it."""
-    rerun = f'rerun `python -m dpp_surgery.experiments {command} --output {output}`'
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f'{src} does not exist; {rerun} first')
-    if os.path.getsize(src) > MAX_RECORD_BYTES:
-        raise ValueError(f'{src} is over {MAX_RECORD_BYTES >> 20} MiB, larger than any record of this experiment; '
-                         f'{rerun}')
-    with open(src) as f:
-        try:
-            record = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{src} is not valid JSON ({e}); {rerun}') from e
-    if not isinstance(record, dict) or not record.get('runs') or not ('args' in record or 'plan' in record):
-        raise ValueError(f'{src} is not a record of `experiments {command}` (it holds no runs); {rerun}')
-    return record
-
-
 def paper_table_cmd(args) -> dict:
     """Regenerate ``paper.md`` from the ``paper.json`` next to it (no training)."""
     record = read_record(os.path.join(args.output, 'paper.json'), 'paper', args.output)
@@ -348,7 +283,7 @@ def paper(args) -> dict:
     """Train every variant for every seed with one budget and write ``paper.md`` and ``paper.json``."""
     import torch
 
-    from .timing import machine_description
+    from ..timing import machine_description
 
     _check_paper_args(args)
     torch.set_num_threads(args.threads)
@@ -376,6 +311,42 @@ def paper(args) -> dict:
     write_text(os.path.join(args.output, 'paper.json'), json.dumps(record, indent=1) + '\n',
                  overwrite=args.overwrite)
     write_text(os.path.join(args.output, 'paper.md'), table + '\n', overwrite=args.overwrite)
+    print(table)
+    return record
+
+
+# the studies whose table study-table regenerates -> the stem of their files
+STUDY_STEMS = {'placement': 'placement', 'heal': 'heal', 'dpp-params': 'dpp_params', 'versus': 'versus'}
+
+
+def _study_tables() -> Dict[str, tuple]:
+    """study -> (the stem of its files, the table of its record)."""
+    from .conversion_study import dpp_params_table, heal_table, placement_table
+    from .versus_study import versus_table
+
+    tables = {'placement': placement_table, 'heal': heal_table, 'dpp-params': dpp_params_table,
+              'versus': versus_table}
+    return {study: (STUDY_STEMS[study], tables[study]) for study in STUDY_STEMS}
+
+
+def study_table(args) -> dict:
+    """Regenerate a study's Markdown table (and heal's figure) from the JSON record in ``--output``, no training:
+    the table is derived from the record, so it is replaced."""
+    from .conversion_study import heal_figure
+
+    stem, make = _study_tables()[args.study]
+    src = os.path.join(args.output, f'{stem}.json')
+    record = read_record(src, args.study, args.output)
+    try:
+        table = make(record)
+        figure = heal_figure(record) if args.study == 'heal' else None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise ValueError(f'{src} is not a record of `experiments {args.study}` ({type(e).__name__}: {e}); rerun '
+                         f'`python -m dpp_surgery.experiments {args.study} --output {args.output}`') from None
+    if figure is not None:
+        atomic_write(os.path.join(args.output, 'heal.png'), lambda tmp: figure.savefig(tmp, dpi=100, format='png'),
+                     overwrite=True)
+    write_text(os.path.join(args.output, f'{stem}.md'), table + '\n', overwrite=True)
     print(table)
     return record
 
@@ -426,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .versus_study import add_parser
     add_parsers(sub)
     add_parser(sub)
+    p = sub.add_parser('study-table', help="regenerate a study's Markdown table (heal: and its figure) from its "
+                                           'JSON record, no training')
+    p.add_argument('study', choices=list(STUDY_STEMS))
+    p.add_argument('--output', required=True, help='the folder holding the JSON record (for example results/heal)')
+    p.set_defaults(func=study_table)
     return parser
 
 

@@ -297,7 +297,7 @@ class Check:
         return out
 
     def triton_report(self) -> dict:
-        from dpp_surgery.layers import triton_aot
+        from dpp_surgery.native import triton_aot
         found = triton_aot.tools()
         if found['error']:
             raise Skip(found['error'])

@@ -265,7 +265,7 @@ def _read(path: str) -> Dict[str, Any]:
 def _start(args, plan: Dict[str, Any]) -> Dict[str, Any]:
     """The record to continue (the one in ``--output`` if it measured the same), or a new one; either way with this
     sitting (command, machine, start) added."""
-    from .timing import machine_description
+    from ..timing import machine_description
 
     sitting = {'command': _command(args), 'machine': machine_description(),
                'started': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
@@ -326,7 +326,7 @@ def _finetune_config(args, plan: Dict[str, Any], setting: str, arm: Dict[str, An
 
 def _run(args, plan: Dict[str, Any], setting: str, arm: Dict[str, Any], seed: int, views) -> Dict[str, Any]:
     """One fine-tune, then its final model on the degraded test sets."""
-    from ..training.checkpoint import load
+    from ..checkpoint import load
     from ..training.finetune import LAST_FILE, finetune
 
     folder = os.path.join(args.output, 'runs', setting, f"{arm['name']}_seed{seed}")
@@ -368,7 +368,7 @@ def _cost(plan: Dict[str, Any], setting: str, arm: Dict[str, Any]) -> Dict[str, 
     onnxruntime interleaved with the original in one run."""
     import torch
 
-    from .zoo import measure_cost, measure_latency
+    from ..zoo.runner import measure_cost, measure_latency
     from ..surgery import ConversionPolicy, convert
 
     s, lat = plan['settings'][setting], plan['latency']

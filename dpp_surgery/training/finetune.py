@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .data import BatchTransform, load_datasets
 from ..layers import DPP2d, dpp_parameters, param_groups
 from ..surgery import is_converted

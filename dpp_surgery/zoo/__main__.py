@@ -1,6 +1,6 @@
-"""``python -m dpp_surgery.zoo {list,run,table}``: see :mod:`dpp_surgery.tools.zoo`."""
+"""``python -m dpp_surgery.zoo {list,run,table}``: see :mod:`dpp_surgery.zoo.runner`."""
 import sys
 
-from ..tools.zoo import main
+from .runner import main
 
 sys.exit(main())

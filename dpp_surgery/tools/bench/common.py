@@ -63,7 +63,7 @@ def checks_text(checks: List[Mapping]) -> str:
 
 def note_ort_kernel(column: str) -> None:
     """Say on stderr when the native onnxruntime kernel is unavailable, so that ``column`` times the ONNX functions."""
-    from ...export.ort_kernel import ort_kernel_status
+    from ...native.ort_kernel import ort_kernel_status
 
     status = ort_kernel_status()
     if not status['loaded']:

@@ -7,7 +7,7 @@ import os
 os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop chatter out of the tables
 
 
-from ..timing import machine_description
+from ...timing import machine_description
 
 def bench_coverage(args) -> dict:
     from ..coverage import export_check, run_coverage, summarize

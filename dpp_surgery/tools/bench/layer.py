@@ -10,7 +10,7 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop
 import torch
 
 from ...layers import DPP2d
-from ..timing import device_description, interleaved_medians, peak_bandwidth
+from ...timing import device_description, interleaved_medians, peak_bandwidth
 from .common import check, checks_text
 
 

@@ -17,7 +17,7 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop
 import torch
 
 from ...layers import DPP2d
-from ..timing import interleaved_medians, machine_description
+from ...timing import interleaved_medians, machine_description
 from .common import check, checks_text, note_ort_kernel
 
 ONNX_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
@@ -131,7 +131,7 @@ def _export_three(name: str, size: int, folder: str):
             print(f'  exported {name} {label} in {seconds[label]:.0f} s', file=sys.stderr)
     summary = _file_summary(name, converted, files, seconds)
     from ...surgery import ConversionPolicy
-    from ..zoo import measure_cost
+    from ...zoo.runner import measure_cost
     gflops = measure_cost(original, converted, ConversionPolicy(), (3, size, size))['gflops']
     summary['flop_ratio'] = gflops['converted'] / gflops['unconverted']
     return original, converted, files, summary
@@ -239,7 +239,7 @@ def _portable_vs_native(name: str, path: str, libraries: Dict[str, str], args, r
 def _build_libraries(folder: str) -> Tuple[Dict[str, str], dict]:
     """The portable custom-op library and its ``-march=native`` build under ``folder``, and the portable one's
     manifest."""
-    from ...export.ort_kernel import MANIFEST_NAME, build_ort_library
+    from ...native.ort_kernel import MANIFEST_NAME, build_ort_library
 
     libraries = {kind: build_ort_library(os.path.join(folder, kind), portable=kind == 'portable')
                  for kind in ('portable', 'native')}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ...layers import DPP2d, INIT_PRESETS
-from ..timing import machine_description
+from ...timing import machine_description
 from .common import checks_text
 
 

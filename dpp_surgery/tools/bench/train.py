@@ -10,7 +10,7 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # keep the profiler's start/stop
 import torch
 import torch.nn.functional as F
 
-from ..timing import device_description, interleaved_medians
+from ...timing import device_description, interleaved_medians
 from .common import check, checks_text
 
 TRAIN_MODELS = ('resnet18', 'resnet50', 'efficientnet_lite0')
@@ -52,7 +52,7 @@ def bench_train(args) -> dict:
 
     from ...training.precision import probe_cpu_bf16, resolve_amp
     from ...surgery import ConversionPolicy, convert
-    from ..zoo import measure_cost
+    from ...zoo.runner import measure_cost
 
     from ...training.finetune import AMP_DTYPES
 

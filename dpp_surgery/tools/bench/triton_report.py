@@ -11,13 +11,13 @@ from .common import check, checks_text
 
 def bench_triton_report(args) -> dict:
     """Registers, spills, shared memory and theoretical occupancy of the Triton kernels, compiled for sm_90 and
-    sm_80 on this machine (no GPU needed): see :mod:`dpp_surgery.layers.triton_aot`.
+    sm_80 on this machine (no GPU needed): see :mod:`dpp_surgery.native.triton_aot`.
 
     The record: ``triton`` (its version), ``specializations`` (kernel specializations compiled per arch),
     ``archs``, ``channels``, ``rows`` (one per kernel and arch), ``missed``, ``seconds``, ``machine``, ``checks``;
     or ``{'skipped': reason}`` where Triton's tools (ptxas, cuobjdump) are missing."""
-    from ...layers import triton_aot
-    from ..timing import machine_description
+    from ...native import triton_aot
+    from ...timing import machine_description
 
     found = triton_aot.tools()
     if found['error']:
@@ -53,7 +53,7 @@ def _checks(rows, missed, target: float) -> list:
 def render_triton_report(record: dict) -> str:
     """The Markdown of a ``bench triton-report`` record: the Triton version and what was compiled, the table, the
     missed targets, the checks and the compile time (or one line saying why it was skipped)."""
-    from ...layers.triton_aot import format_table
+    from ...native.triton_aot import format_table
 
     if 'skipped' in record:
         return f"triton-report: skipped: {record['skipped']}"

@@ -1,7 +1,7 @@
-// The fused DPP kernel (dpp_surgery/layers/csrc/dpp2d.cpp) for the portable onnxruntime custom-op library: one
+// The fused DPP kernel (dpp_surgery/native/csrc/dpp2d.cpp) for the portable onnxruntime custom-op library: one
 // translation unit that compiles the kernel once per x86-64 level and picks one at run time for the CPU it runs on.
 //
-// Built by dpp_surgery/export/ort_kernel.py with dpp2d_ort.cpp at the x86-64-v2 baseline (SSE4.2, POPCNT). dpp2d.cpp
+// Built by dpp_surgery/native/ort_kernel.py with dpp2d_ort.cpp at the x86-64-v2 baseline (SSE4.2, POPCNT). dpp2d.cpp
 // is included three times, each time in its own namespace and with its C functions renamed (dpp2d_forward_f32 ->
 // dpp2d_forward_f32_avx2, ...): as it is (the baseline), and under #pragma GCC target for x86-64-v3 (AVX2, FMA) and
 // x86-64-v4 (AVX-512). Only the kernel's own functions get the higher levels: the standard library's templates and

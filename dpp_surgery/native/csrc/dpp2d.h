@@ -1,8 +1,8 @@
 // C ABI of the fused CPU kernel for Detail-Preserving Pooling (DPP2d), implemented in dpp2d.cpp.
 //
-// Used by dpp_surgery/layers/kernel.py (through ctypes, which mirrors Dpp2dParams as a ctypes.Structure and
+// Used by dpp_surgery/native/kernel.py (through ctypes, which mirrors Dpp2dParams as a ctypes.Structure and
 // checks dpp2d_abi_version, dpp2d_params_size and dpp2d_norm_code when it loads the library) and by the
-// onnxruntime custom-op library dpp_surgery/export/csrc/dpp2d_ort.cpp (compiled together with dpp2d.cpp).
+// onnxruntime custom-op library dpp_surgery/native/csrc/dpp2d_ort.cpp (compiled together with dpp2d.cpp).
 //
 // Tensors are NCHW-contiguous or, with channels_last, NHWC-contiguous; out, grad_out, guide, grad_x and
 // grad_guide share the layout of x. Window (oh, ow) covers rows [oh*sh - pt, +kh) and columns

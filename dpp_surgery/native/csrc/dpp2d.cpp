@@ -1,7 +1,7 @@
 // Fused CPU kernel for Detail-Preserving Pooling (DPP2d), forward and backward.
 //
 // Plain C++ with the C ABI declared in dpp2d.h (no torch headers), so it builds in about a second on first
-// use; dpp_surgery/layers/kernel.py loads it with ctypes. The backward pass recomputes every intermediate
+// use; dpp_surgery/native/kernel.py loads it with ctypes. The backward pass recomputes every intermediate
 // from the input, so a training step keeps only the input (and the Full guide) alive. The maths is
 // documented in dpp_surgery/layers/dpp.py and must stay identical to the pure-PyTorch reference in
 // dpp_surgery/layers/functional.py. Layouts and window geometry: see dpp2d.h.

@@ -1,7 +1,7 @@
 // onnxruntime custom-op library: a native kernel for the ONNX node dpp_surgery::DPP2d.
 //
-// Built on first use by dpp_surgery/export/ort_kernel.py, together with the fused kernel
-// dpp_surgery/layers/csrc/dpp2d.cpp (declared in dpp2d.h), against the onnxruntime C API header
+// Built on first use by dpp_surgery/native/ort_kernel.py, together with the fused kernel
+// dpp_surgery/native/csrc/dpp2d.cpp (declared in dpp2d.h), against the onnxruntime C API header
 // (onnxruntime_c_api.h; never shipped with this project) and loaded with
 // SessionOptions.register_custom_ops_library. It needs no libonnxruntime at link time: the runtime hands
 // its API to RegisterCustomOps. It asks for API version 17 (onnxruntime 1.17, which added

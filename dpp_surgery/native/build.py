@@ -11,7 +11,7 @@ to travel (:func:`portable_flags`: the x86-64-v2 baseline on x86-64, no OpenMP r
 points exported); :func:`elf_dependencies` reads what a built library needs from its host (shared libraries and
 symbol versions).
 
-Used by :mod:`dpp_surgery.layers.kernel` (the fused CPU kernel) and :mod:`dpp_surgery.export.ort_kernel` (the
+Used by :mod:`dpp_surgery.native.kernel` (the fused CPU kernel) and :mod:`dpp_surgery.native.ort_kernel` (the
 onnxruntime custom-op library).
 """
 from __future__ import annotations
