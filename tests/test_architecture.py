@@ -245,6 +245,31 @@ def test_the_private_attribute_check_sees_a_violation():
     assert found == {('surgery.b', '_helper'), ('surgery.b', '_state')}
 
 
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(trees):
+    """(module, function, lines) for every function or method longer than MAX_FUNCTION_LINES, docstring included."""
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    yield name, node.name, lines
+
+
+def test_no_function_in_the_library_is_longer_than_80_lines():
+    """A function that does not fit a screen holds more than one idea: split it."""
+    trees = {name: ast.parse(path.read_text()) for name, path in _modules()}
+    assert list(_long_functions(trees)) == []
+
+
+def test_the_function_length_check_sees_a_violation():
+    body = ''.join(f'        x{i} = {i}\n' for i in range(MAX_FUNCTION_LINES))
+    trees = {'layers.a': ast.parse(f'def short():\n    pass\n\nclass A:\n    def long(self):\n{body}')}
+    assert list(_long_functions(trees)) == [('layers.a', 'long', MAX_FUNCTION_LINES + 1)]
+
+
 MOVED = {'dpp_surgery.layers.kernel': 'dpp_surgery.native.kernel',
          'dpp_surgery.layers.triton_dpp': 'dpp_surgery.native.triton_dpp',
          'dpp_surgery.layers.triton_aot': 'dpp_surgery.native.triton_aot',

@@ -1,6 +1,7 @@
 """The written ONNX decomposition of DPP2d (dpp_surgery.export.decomposition) against the PyTorch path, in
 onnxruntime: every variant, norm and geometry, with fixed and dynamic sizes, with the parameters folded into
 constants (decomposed files) or taken as inputs (function bodies); the decomposed layers also in OpenVINO and tract."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from dpp_surgery.export import OTHER_RUNTIMES
-from dpp_surgery.export.decomposition import DECOMPOSED_OPS, FUNCTION_OPS, Emitter, emit_dpp, geometry_of
-from dpp_surgery.layers import dpp2d
+from dpp_surgery.export.decomposition import DECOMPOSED_OPS, FUNCTION_OPS, Emitter, emit_dpp
+from dpp_surgery.export.settings import DPPNodeSettings
+from dpp_surgery.layers import PoolGeometry, dpp2d
 
 C = 3
 GEOMETRIES = [(2, 2, 0, False), (2, 2, 1, True), (2, 2, 'same', False), (3, 2, 1, False), ((3, 2), (2, 1), 0, True),
@@ -22,14 +24,9 @@ MODES = ('fixed', 'dynamic', 'function')
 SIZES = ((16, 16), (17, 13), (9, 11))
 
 
-def _pair(v):
-    return list(v) if isinstance(v, tuple) else [v, v]
-
-
-def _cfg(geometry, reward='sym', norm='mean'):
+def _cfg(geometry, guide='lite', reward='sym', norm='mean'):
     k, s, p, c = geometry
-    return dict(kernel_shape=_pair(k), strides=_pair(s), pads=[0] * 4 if p == 'same' else _pair(p) * 2,
-                auto_pad='SAME' if p == 'same' else 'NOTSET', ceil_mode=int(c), reward=reward, norm=norm, eps=1e-3)
+    return DPPNodeSettings(PoolGeometry.create(k, s, p, c), full=guide == 'full', reward=reward, norm=norm)
 
 
 def _model(cfg, mode, ta, tl, gw, size):
@@ -54,8 +51,8 @@ def _check(geometry, guide, reward, norm, mode, lam_scale=0.5, x_scale=3.0, size
            folder=None, other_runtime=None):
     """The one-layer model against PyTorch in ``runtime`` (another than onnxruntime: saved to ``folder`` and run by
     the ``other_runtime`` fixture); returns the node count per size."""
-    cfg = _cfg(geometry, reward, norm)
-    g = geometry_of(cfg)
+    cfg = _cfg(geometry, guide, reward, norm)
+    g = cfg.geometry
     gen = torch.Generator().manual_seed(0)
     ta = torch.randn(C, generator=gen)
     tl = torch.randn(C, generator=gen) * lam_scale if lam_scale < 10 else torch.full((C,), float(lam_scale)).log()
@@ -82,6 +79,34 @@ def _check(geometry, guide, reward, norm, mode, lam_scale=0.5, x_scale=3.0, size
         ops = {n.op_type for n in model.graph.node} - {'Constant'}
         assert ops <= (FUNCTION_OPS if mode == 'function' else DECOMPOSED_OPS), sorted(ops)
     return counts
+
+
+@pytest.mark.parametrize('geometry', GEOMETRIES)
+@pytest.mark.parametrize('guide,reward,norm', [('lite', 'sym', 'mean'), ('full', 'asym', 'sum')])
+def test_node_settings_round_trip(geometry, guide, reward, norm):
+    """A layer's settings reach the node and come back unchanged: layer -> op arguments -> node attributes -> node."""
+    import inspect
+
+    from dpp_surgery.layers import DPP2d
+    k, s, p, c = geometry
+    layer = DPP2d(C, kernel_size=k, stride=s, padding=p, ceil_mode=c, guide=guide, reward=reward, norm=norm, eps=1e-2)
+    settings = DPPNodeSettings.from_layer(layer)
+    assert (settings.geometry, settings.full, settings.reward, settings.norm, settings.eps) == (
+        layer.geometry, guide == 'full', reward, norm, 1e-2)
+    assert DPPNodeSettings.from_op_args(*settings.op_args(), full=settings.full) == settings
+    assert all(type(v) in (list, bool, str, float) for v in settings.op_args())
+    inputs = ['X', 'ta', 'tl'] + (['gw'] if settings.full else [])
+    node = helper.make_node('DPP2d', inputs, ['Y'], domain='dpp_surgery', **settings.attributes())
+    # (ONNX stores eps as float32)
+    assert DPPNodeSettings.from_node(node) == dataclasses.replace(settings, eps=float(np.float32(settings.eps)))
+    # a node without its optional attributes reads as the layer's defaults
+    bare = helper.make_node('DPP2d', ['X', 'ta', 'tl'], ['Y'], domain='dpp_surgery',
+                            kernel_shape=list(layer.geometry.kernel), strides=list(layer.geometry.stride))
+    defaults = {n: p.default for n, p in inspect.signature(DPP2d).parameters.items()}
+    read = DPPNodeSettings.from_node(bare)
+    assert (read.reward, read.norm, read.eps, read.full) == (defaults['reward'], defaults['norm'], defaults['eps'], False)
+    assert read.geometry.padding == (0, 0) and not read.geometry.ceil_mode
+    assert settings.overload(C if settings.full else None).startswith(f'k{layer.geometry.kernel[0]}x')
 
 
 # a covering set by default (every variant, norm, mode and geometry at least once); the full product is slow

@@ -204,9 +204,9 @@ def test_empty(impl, dtype, shape, guide):
 # ---- onnxruntime: the decomposition, the custom file's function fallback and its native kernel ---------------------
 
 def _cfg(geometry, guide, reward):
+    from dpp_surgery.export.settings import DPPNodeSettings
     k, s, p = geometry
-    return dict(kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, auto_pad='NOTSET', ceil_mode=0, reward=reward,
-                norm='mean', eps=1e-3, full=guide == 'full')
+    return DPPNodeSettings(PoolGeometry.create(k, s, p), full=guide == 'full', reward=reward)
 
 
 def _decomposed_model(cfg, params):
@@ -214,8 +214,7 @@ def _decomposed_model(cfg, params):
     ta, tl, gw = params
     em = Emitter('dpp/', as_function=False)
     inits = [] if gw is None else [numpy_helper.from_array(gw.numpy(), 'gw')]
-    attrs = {k: v for k, v in cfg.items() if k != 'full'}
-    emit_dpp(em, 'X', 'ta', 'tl', 'gw' if gw is not None else None, attrs, C, params=(ta.numpy(), tl.numpy()),
+    emit_dpp(em, 'X', 'ta', 'tl', 'gw' if gw is not None else None, cfg, C, params=(ta.numpy(), tl.numpy()),
              output='Y')
     graph = helper.make_graph(em.nodes, 'dpp', [helper.make_tensor_value_info('X', 1, [None, C, None, None])],
                               [helper.make_tensor_value_info('Y', 1, [None, C, None, None])],
@@ -234,8 +233,7 @@ def _custom_model(cfg, params):
     if gw is not None:
         inits.append(numpy_helper.from_array(gw.numpy(), 'guide_weight'))
         inputs.append('guide_weight')
-    attrs = {k: v for k, v in cfg.items() if k != 'full'}
-    node = helper.make_node(DPP_OP, inputs, ['Y'], domain=DPP_DOMAIN, overload=function.overload, **attrs)
+    node = helper.make_node(DPP_OP, inputs, ['Y'], domain=DPP_DOMAIN, overload=function.overload, **cfg.attributes())
     graph = helper.make_graph([node], 'dpp', [helper.make_tensor_value_info('X', 1, [None, C, None, None])],
                               [helper.make_tensor_value_info('Y', 1, [None, C, None, None])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18), helper.make_opsetid(DPP_DOMAIN, 1)],

@@ -24,12 +24,15 @@ A 2x2 layer without padding is 20 nodes with dynamic sizes; the operators used a
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..layers import PoolGeometry
 from ..layers.functional import THETA_ALPHA_MAX
+
+if TYPE_CHECKING:
+    from .settings import DPPNodeSettings
 
 __all__ = ['Emitter', 'emit_dpp', 'DECOMPOSED_OPS', 'FUNCTION_OPS']
 
@@ -80,13 +83,6 @@ class Emitter:
 
     def ints(self, values: Sequence[int], hint: str = 'ints') -> str:
         return self.const(list(values), np.int64, hint)
-
-
-def geometry_of(cfg: Dict) -> PoolGeometry:
-    """The window geometry of a DPP2d node's attributes (``cfg``: attribute name -> value)."""
-    p = cfg.get('pads', [0, 0, 0, 0])
-    return PoolGeometry.create(tuple(cfg['kernel_shape']), tuple(cfg['strides']),
-                               'same' if cfg.get('auto_pad') == 'SAME' else (p[0], p[1]), bool(cfg.get('ceil_mode', 0)))
 
 
 class _Region:
@@ -312,12 +308,12 @@ def _alpha_term(em: Emitter, w, y: str, axes: str, norm: str, share: Optional[st
     return a, big
 
 
-def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_weight: Optional[str], cfg: Dict,
-             channels: Optional[int], size: Optional[Tuple[int, int]] = None, params=None,
+def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_weight: Optional[str],
+             settings: 'DPPNodeSettings', channels: Optional[int], size: Optional[Tuple[int, int]] = None, params=None,
              output: Optional[str] = None) -> str:
     """Emit one DPP2d node's computation into ``em``; returns the output's name.
 
-    ``cfg``: the node's attributes; ``channels``: C (needed for the Full guide's grouped convolution); ``size``: the
+    ``settings``: the node's window, reward, norm and eps; ``channels``: C (needed for the Full guide's grouped convolution); ``size``: the
     input's (H, W) where fixed (else computed at run time); ``params``: the (theta_alpha, theta_lambda) values to fold
     into constants (else computed from the inputs); ``output``: the name to give the result.
 
@@ -325,10 +321,10 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
     maximum where lambda allows (see :class:`_Weights`): the per-window alpha term is then a constant and the window
     maximum is not needed, a shorter graph with the same output.
     """
-    g = geometry_of(cfg)
+    g = settings.geometry
     (kh, kw), (sh, sw) = g.kernel, g.stride
     k = kh * kw
-    reward, norm, eps = cfg.get('reward', 'sym'), cfg.get('norm', 'mean'), float(cfg.get('eps', 1e-3))
+    reward, norm, eps = settings.reward, settings.norm, settings.eps
     # Edge padding instead of a mask where it leaves DPP unchanged: 2x2 windows (so a window reaching out has exactly
     # one valid row or column, which edge padding repeats: every valid position of the window then counts twice), a
     # guide that is the window mean (Lite) and a norm invariant to repeating every position alike ('mean', 'none')

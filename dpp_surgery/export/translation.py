@@ -15,8 +15,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..layers import DPP2d, GlobalDPP2d, PoolGeometry, dpp2d
-from .decomposition import DECOMPOSED_OPS, Emitter, emit_dpp, geometry_of
+from ..layers import DPP2d, GlobalDPP2d, dpp2d
+from .decomposition import DECOMPOSED_OPS, Emitter, emit_dpp
+from .settings import DPPNodeSettings
 
 __all__ = ['DPP_DOMAIN', 'DPP_OP', 'DECOMPOSED_OPS', 'DEFAULT_RTOL', 'ExportError', 'register_onnx_schema',
            'dpp_as_custom_nodes', 'translation_table', 'dpp_nodes', 'attach_functions', 'inline_decompositions']
@@ -30,35 +31,29 @@ class ExportError(RuntimeError):
     """The model could not be exported (the message names the module and why) or failed verification."""
 
 
-def _geometry_from(kernel: List[int], stride: List[int], padding: List[int], same: bool,
-                   ceil_mode: bool) -> PoolGeometry:
-    return PoolGeometry.create(tuple(kernel), tuple(stride), 'same' if same else tuple(padding[:2]), ceil_mode)
-
-
 @torch.library.custom_op('dpp_surgery::dpp2d_onnx', mutates_args=())
 def _dpp2d_onnx_op(
         x: Tensor, theta_alpha: Tensor, theta_lambda: Tensor, guide_weight: Optional[Tensor], kernel: List[int],
         stride: List[int], padding: List[int], same: bool, ceil_mode: bool, asym: bool, norm: str, eps: float,
 ) -> Tensor:
-    """DPP as one opaque op with the ONNX node's signature (what ``export_onnx(mode='custom')`` traces)."""
-    return dpp2d(x, theta_alpha, theta_lambda, guide_weight=guide_weight, reward='asym' if asym else 'sym', norm=norm,
-                 eps=eps, impl='torch', geometry=_geometry_from(kernel, stride, padding, same, ceil_mode))
+    """DPP as one opaque op with the ONNX node's signature (what ``export_onnx(mode='custom')`` traces; the arguments
+    after the tensors are :meth:`DPPNodeSettings.op_args`)."""
+    s = DPPNodeSettings.from_op_args(kernel, stride, padding, same, ceil_mode, asym, norm, eps, guide_weight is not None)
+    return dpp2d(x, theta_alpha, theta_lambda, guide_weight=guide_weight, reward=s.reward, norm=s.norm, eps=s.eps,
+                 impl='torch', geometry=s.geometry)
 
 
 @_dpp2d_onnx_op.register_fake
 def _(x, theta_alpha, theta_lambda, guide_weight, kernel, stride, padding, same, ceil_mode, asym, norm, eps):
-    r = _geometry_from(kernel, stride, padding, same, ceil_mode).resolve(x.shape[-2], x.shape[-1])
+    s = DPPNodeSettings.from_op_args(kernel, stride, padding, same, ceil_mode, asym, norm, eps, guide_weight is not None)
+    r = s.geometry.resolve(x.shape[-2], x.shape[-1])
     return x.new_empty(x.shape[0], x.shape[1], r.out_size[0], r.out_size[1])
 
 
 def _as_custom_node(layer: DPP2d, x: Tensor) -> Tensor:
     """DPP2d's forward as the one op that becomes a ``DPP2d`` node."""
-    g = layer.geometry
-    pad = (0, 0) if g.is_same else g.padding
-    return torch.ops.dpp_surgery.dpp2d_onnx(
-        x, layer.theta_alpha, layer.theta_lambda, layer.guide_weight, list(g.kernel), list(g.stride),
-        [pad[0], pad[1], pad[0], pad[1]], g.is_same, g.ceil_mode, layer.reward == 'asym', layer.norm,
-        float(layer.eps))
+    return torch.ops.dpp_surgery.dpp2d_onnx(x, layer.theta_alpha, layer.theta_lambda, layer.guide_weight,
+                                            *DPPNodeSettings.from_layer(layer).op_args())
 
 
 def _custom_node_wanted(layer: DPP2d, max_window: int) -> bool:
@@ -129,12 +124,13 @@ def translation_table() -> dict:
     register_onnx_schema()
     opset = onnxscript.values.Opset(DPP_DOMAIN, 1)
 
-    def dpp2d_onnx(x, theta_alpha, theta_lambda, guide_weight=None, kernel=(2, 2), stride=(2, 2), padding=(0,) * 4,
-                   same=False, ceil_mode=False, asym=False, norm='mean', eps=1e-3):
-        inputs = [x, theta_alpha, theta_lambda] + ([guide_weight] if guide_weight is not None else [])
-        return opset.DPP2d(*inputs, kernel_shape=list(kernel), strides=list(stride), pads=list(padding),
-                           auto_pad='SAME' if same else 'NOTSET', ceil_mode=int(ceil_mode),
-                           reward='asym' if asym else 'sym', norm=str(norm), eps=float(eps))
+    # (the exporter matches the arguments by name: the op's signature, spelled out)
+    def dpp2d_onnx(x, theta_alpha, theta_lambda, guide_weight, kernel, stride, padding, same, ceil_mode, asym, norm,
+                   eps):
+        full = guide_weight is not None
+        settings = DPPNodeSettings.from_op_args(kernel, stride, padding, same, ceil_mode, asym, norm, eps, full)
+        inputs = [x, theta_alpha, theta_lambda] + ([guide_weight] if full else [])
+        return opset.DPP2d(*inputs, **settings.attributes())
 
     return {torch.ops.dpp_surgery.dpp2d_onnx.default: dpp2d_onnx}
 
@@ -144,68 +140,48 @@ def dpp_nodes(model) -> list:
     return [n for n in model.graph.node if n.domain == DPP_DOMAIN and n.op_type == DPP_OP]
 
 
-def _node_config(node) -> Dict:
-    import onnx
-
-    cfg = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    cfg = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in cfg.items()}
-    cfg['full'] = len(node.input) > 3 and bool(node.input[3])
-    return cfg
-
-
-def _overload(cfg: Dict, channels: Optional[int]) -> str:
-    """A readable name for one DPP configuration, e.g. ``k2x2_s2x2_p0x0_lite_sym_mean_eps0.001``."""
-    k, s, p = cfg['kernel_shape'], cfg['strides'], cfg.get('pads', [0, 0, 0, 0])
-    pad = 'same' if cfg.get('auto_pad') == 'SAME' else f'p{p[0]}x{p[1]}'
-    name = (f"k{k[0]}x{k[1]}_s{s[0]}x{s[1]}_{pad}{'_ceil' if cfg.get('ceil_mode') else ''}_"
-            f"{'full' if cfg['full'] else 'lite'}_{cfg.get('reward', 'sym')}_{cfg.get('norm', 'mean')}_"
-            f"eps{cfg.get('eps', 1e-3):.6g}")
-    return name if channels is None else f'{name}_c{channels}'
-
-
 class _DPPFunction(nn.Module):
     """One DPP configuration as a module of (X, theta_alpha, theta_lambda[, guide_weight]): the PyTorch reference its
     ONNX decomposition is checked against."""
 
-    def __init__(self, cfg: Dict):
+    def __init__(self, settings: DPPNodeSettings):
         super().__init__()
-        self.geometry = geometry_of(cfg)
-        self.reward, self.norm, self.eps = cfg.get('reward', 'sym'), cfg.get('norm', 'mean'), cfg.get('eps', 1e-3)
+        self.settings = settings
 
     def forward(self, X, theta_alpha, theta_lambda, guide_weight=None):  # noqa: N803 - the ONNX input names
-        return dpp2d(X, theta_alpha, theta_lambda, guide_weight=guide_weight, reward=self.reward, norm=self.norm,
-                     eps=self.eps, impl='torch', geometry=self.geometry)
+        s = self.settings
+        return dpp2d(X, theta_alpha, theta_lambda, guide_weight=guide_weight, reward=s.reward, norm=s.norm, eps=s.eps,
+                     impl='torch', geometry=s.geometry)
 
 
 _FUNCTION_INPUTS = ('X', 'theta_alpha', 'theta_lambda', 'guide_weight')
 
 
-def _dpp_function(cfg: Dict, channels: int, opset: int):
+def _dpp_function(settings: DPPNodeSettings, channels: int, opset: int):
     """The decomposition of one DPP configuration as an ONNX FunctionProto (dynamic N, H, W; C too for Lite),
     checked in onnxruntime against PyTorch."""
     from onnx import helper
 
-    names = list(_FUNCTION_INPUTS[:4 if cfg['full'] else 3])
+    full = settings.full
+    names = list(_FUNCTION_INPUTS[:4 if full else 3])
     em = Emitter('', as_function=True)
-    emit_dpp(em, 'X', 'theta_alpha', 'theta_lambda', 'guide_weight' if cfg['full'] else None, cfg, channels,
-             output='Y')
+    emit_dpp(em, 'X', 'theta_alpha', 'theta_lambda', 'guide_weight' if full else None, settings, channels, output='Y')
     function = helper.make_function(
         DPP_DOMAIN, DPP_OP, names, ['Y'], em.nodes, [helper.make_opsetid('', opset)],
-        attributes=['kernel_shape', 'strides', 'pads', 'auto_pad', 'ceil_mode', 'reward', 'norm', 'eps'],
-        doc_string=f'{DPP_OP} decomposed into standard operators ({"Full" if cfg["full"] else "Lite"} guide)',
-        overload=_overload(cfg, channels if cfg['full'] else None))
-    _check_function(function, cfg, channels, opset)
+        attributes=list(settings.attributes()),
+        doc_string=f'{DPP_OP} decomposed into standard operators ({"Full" if full else "Lite"} guide)',
+        overload=settings.overload(channels if full else None))
+    _check_function(function, settings, channels, opset)
     return function
 
 
-def _check_function(function, cfg: Dict, channels: int, opset: int) -> None:
+def _check_function(function, settings: DPPNodeSettings, channels: int, opset: int) -> None:
     """Run the function in onnxruntime at even and odd sizes against PyTorch (ExportError if they differ)."""
     import onnxruntime as ort
     from onnx import helper
 
-    module = _DPPFunction(cfg).eval()
-    kh, kw = cfg['kernel_shape']
-    sh, sw = cfg['strides']
+    module = _DPPFunction(settings).eval()
+    (kh, kw), (sh, sw) = settings.geometry.kernel, settings.geometry.stride
     lo = max(kh, kw) + 2 * max(sh, sw) + 1  # at least two windows per side
 
     names = list(function.input)
@@ -217,8 +193,8 @@ def _check_function(function, cfg: Dict, channels: int, opset: int) -> None:
     session = ort.InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(channels, generator=gen), torch.randn(channels, generator=gen) * 0.5]
-    if cfg['full']:
-        params.append(torch.randn(channels, 1, *module.geometry.full_guide_kernel(), generator=gen))
+    if settings.full:
+        params.append(torch.randn(channels, 1, *settings.geometry.full_guide_kernel(), generator=gen))
     for h, w in ((lo, lo + 1), (lo + 2, lo + 3), (2 * lo + 1, 3 * lo)):
         x = torch.randn(1, channels, h, w, generator=gen)
         with torch.no_grad():
@@ -243,13 +219,13 @@ def attach_functions(model, opset: int) -> int:
     functions: Dict[str, object] = {}
     nodes = dpp_nodes(model)
     for node in nodes:
-        cfg = _node_config(node)
+        settings = DPPNodeSettings.from_node(node)
         channels = (inits.get(node.input[1]) or shapes.get(node.input[1]) or [None])[0]
         if channels is None:
             raise ExportError(f'cannot tell the channel count of DPP2d node {node.name!r}')
-        node.overload = _overload(cfg, channels if cfg['full'] else None)
+        node.overload = settings.overload(channels if settings.full else None)
         if node.overload not in functions:
-            functions[node.overload] = _dpp_function(cfg, channels, opset)
+            functions[node.overload] = _dpp_function(settings, channels, opset)
     if nodes:
         model.functions.extend(functions.values())
         model.ir_version = max(model.ir_version, 10)  # function overloads
@@ -284,16 +260,16 @@ def inline_decompositions(model) -> int:
         if not (node.domain == DPP_DOMAIN and node.op_type == DPP_OP):
             nodes.append(node)
             continue
-        cfg = _node_config(node)
+        settings = DPPNodeSettings.from_node(node)
         x, ta, tl = node.input[:3]
-        gw = node.input[3] if cfg['full'] else None
+        gw = node.input[3] if settings.full else None
         channels = list(inits[ta].dims)[0] if ta in inits else None
-        if cfg['full'] and channels is None:
+        if settings.full and channels is None:
             raise ExportError(f'cannot tell the channel count of DPP2d node {node.name!r}')
         params = (numpy_helper.to_array(inits[ta]), numpy_helper.to_array(inits[tl])) if (
             ta in inits and tl in inits) else None
         em = Emitter(f'{node.name or f"dpp{replaced}"}/', as_function=False)
-        emit_dpp(em, x, ta, tl, gw, cfg, channels, size=_static_size(model, x), params=params, output=node.output[0])
+        emit_dpp(em, x, ta, tl, gw, settings, channels, size=_static_size(model, x), params=params, output=node.output[0])
         nodes.extend(em.nodes)
         extra.extend(em.initializers)
         replaced += 1
