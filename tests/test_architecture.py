@@ -245,6 +245,33 @@ def test_the_private_attribute_check_sees_a_violation():
     assert found == {('surgery.b', '_helper'), ('surgery.b', '_state')}
 
 
+def _private_timm_imports(trees):
+    """(module, line, imported) for every import of a private timm module (``timm.models._builder`` and the like):
+    the package uses timm through its public names only, so a timm release that moves its internals breaks nothing."""
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                paths = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                paths = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+            else:
+                continue
+            for path in paths:
+                parts = path.split('.')
+                if parts[0] == 'timm' and any(p.startswith('_') for p in parts[1:]):
+                    yield name, node.lineno, path
+                    break
+
+
+def test_timm_is_used_through_its_public_names_only():
+    trees = {name: ast.parse(path.read_text()) for name, path in _modules()}
+    assert list(_private_timm_imports(trees)) == []
+    sample = {'zoo.a': ast.parse('import timm\nfrom timm.models import FeatureListNet\nfrom timm.models import _builder\n'
+                                 'def f():\n    from timm.models._features import FeatureGetterNet\n')}
+    assert [(line, path) for _, line, path in _private_timm_imports(sample)] == [
+        (3, 'timm.models._builder'), (5, 'timm.models._features')]
+
+
 MAX_FUNCTION_LINES = 80
 
 

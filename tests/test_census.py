@@ -296,6 +296,36 @@ def test_zoo_features_carry_the_pretrained_converted_weights():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize('feature_cls', [None, 'dict', 'hook', 'getter', 'fx'])
+def test_zoo_features_are_timms_own_wrapper_around_the_converted_model(feature_cls):
+    """Where timm wraps the architecture's model (resnet: every feature_cls), the extractor is timm's wrapper class
+    itself (no subclass), built around the converted model: with the same seed, its features are the full converted
+    model's intermediates; and timm's public feature classes are left as they were."""
+    import timm.models
+
+    classes = {name: getattr(timm.models, name) for name in ('FeatureListNet', 'FeatureDictNet', 'FeatureHookNet',
+                                                             'FeatureGraphNet')}
+    kwargs = {} if feature_cls is None else {'feature_cls': feature_cls}
+    torch.manual_seed(0)
+    full = timm.create_model('resnet18_dpp').eval()
+    torch.manual_seed(0)
+    features = timm.create_model('resnet18_dpp', features_only=True, out_indices=(1, 3), **kwargs).eval()
+    plain = timm.create_model('resnet18', features_only=True, out_indices=(1, 3), **kwargs)
+    assert type(features) is type(plain)
+    assert {name: getattr(timm.models, name) for name in classes} == classes
+    # (the hook wrapper keeps the whole model, layer4 and its DPP included)
+    assert len(dpp_layers(features)) == (4 if feature_cls == 'hook' else 3)
+    assert 'num_classes' not in features.pretrained_cfg
+    x = torch.randn(1, *SIZE)
+    with torch.no_grad():
+        _, inter = full.forward_intermediates(x, indices=(1, 3))
+        got = features(x)
+    got = list(got.values()) if isinstance(got, dict) else list(got)
+    assert len(got) == 2
+    for a, b in zip(got, inter):
+        torch.testing.assert_close(a, b)
+
+
 def test_functional_pool_in_an_iterating_container_is_left_alone():
     class Stack(nn.ModuleDict):
         def forward(self, x):

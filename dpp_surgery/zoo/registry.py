@@ -27,12 +27,12 @@ elsewhere.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import logging
 import os
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
@@ -566,47 +566,62 @@ def _load_converted_checkpoint(recipe: Recipe, path: str, kwargs: Dict[str, Any]
 
 # timm.create_model's feature-extraction arguments (build_model_with_cfg reads them)
 _FEATURE_KWARGS = ('out_indices', 'feature_cls', 'output_fmt', 'flatten_sequential', 'feature_cfg')
-_FEATURE_CLASSES = ('FeatureListNet', 'FeatureDictNet', 'FeatureHookNet', 'FeatureGetterNet', 'FeatureGraphNet')
-_FEATURES_LOCK = threading.Lock()
+# what timm drops from a model's pretrained_cfg for its features-only version
+_NOT_FOR_FEATURES = ('num_classes', 'classifier', 'global_pool')
+
+
+def _wraps_a_model(cls: type) -> bool:
+    """Whether ``cls`` is one of timm's feature wrappers (FeatureListNet, FeatureGetterNet, ...: constructed as
+    ``cls(model, **feature_cfg)``) rather than an architecture's features class of its own (EfficientNetFeatures)."""
+    import inspect
+
+    params = list(inspect.signature(cls.__init__).parameters)
+    return len(params) > 1 and params[1] == 'model'
+
+
+def _wrapped(architecture: str, model: nn.Module, wrapper: type, build: Dict[str, Any]) -> nn.Module:
+    """timm's ``wrapper`` around ``model``, with the feature configuration timm gives ``architecture``.
+
+    The configuration (return layers, flattening, output format) is the architecture's, known only inside timm's
+    builder; ``create_model``'s public ``feature_cls`` argument takes a class, so a subclass of ``wrapper`` is passed
+    that, when timm constructs it with a fresh model and that configuration, constructs ``wrapper`` through its
+    public constructor around ``model`` instead (and timm then sets the wrapper's input metadata as it would)."""
+    import timm
+
+    built: List[nn.Module] = []
+
+    class Handover(wrapper):
+        def __new__(cls, fresh, *args, **feature_cfg):  # (fresh: timm's throwaway model of the architecture)
+            built.append(wrapper(model, *args, **feature_cfg))
+            return built[-1]  # not a Handover: Python does not call __init__ again
+
+    Handover.__name__ = Handover.__qualname__ = wrapper.__name__  # (timm's class checks see wrapper's subclass)
+    features = timm.create_model(architecture, pretrained=False, **dict(build, feature_cls=Handover))
+    if not built or features is not built[-1]:
+        raise RuntimeError(f'timm did not build {architecture} with features_only=True through its feature_cls '
+                           f'argument ({type(features).__name__}); create the model without features_only and use '
+                           'forward_intermediates')
+    return features
 
 
 def _features_model(recipe: Recipe, model: nn.Module, feature_kwargs: Dict[str, Any],
                     kwargs: Dict[str, Any]) -> nn.Module:
     """The features-only version of the converted ``model``, built the way timm builds the architecture's.
 
-    timm wraps a built model in a feature wrapper (FeatureListNet and the others) inside ``build_model_with_cfg``;
-    while it does so for a throwaway model of the architecture, the wrapper is handed the converted model instead, so
-    the architecture's own feature configuration (return layers, flattening, hooks, getter) applies to it. An
-    architecture with a features class of its own (EfficientNetFeatures) is built by timm, converted with the
-    recipe's policy and given the converted model's weights by name."""
+    timm is asked for the architecture's features-only model first. Where that is one of timm's feature wrappers
+    around the model (FeatureListNet and the others), the same wrapper is built around the converted model, with the
+    architecture's feature configuration (:func:`_wrapped`). Where the architecture has a features class of its own
+    (EfficientNetFeatures), timm's model is converted with the recipe's policy and given the converted model's weights
+    by name."""
     import timm
-    from timm.models import _builder
-    from timm.models._builder import pretrained_cfg_for_features
 
     from ..surgery import NoEffectWarning, conversion_history, convert
 
-    used = []
-
-    def handing_over(cls):
-        class Wrapper(cls):
-            def __new__(klass, _fresh, *args, **cfg):
-                used.append(cls)
-                return cls(model, *args, **cfg)
-        Wrapper.__name__ = Wrapper.__qualname__ = cls.__name__
-        return Wrapper
-
     build = dict(kwargs, features_only=True, **feature_kwargs)
-    with _FEATURES_LOCK:
-        originals = {n: getattr(_builder, n) for n in _FEATURE_CLASSES if hasattr(_builder, n)}
-        try:
-            for n, cls in originals.items():
-                setattr(_builder, n, handing_over(cls))
-            features = timm.create_model(recipe.architecture, pretrained=False, **build)
-        finally:
-            for n, cls in originals.items():
-                setattr(_builder, n, cls)
-    if not used:
-        # timm built a features class of its own: convert it as the recipe says, then take the converted weights
+    features = timm.create_model(recipe.architecture, pretrained=False, **build)
+    if _wraps_a_model(type(features)):
+        features = _wrapped(recipe.architecture, model, type(features), build)
+    else:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', NoEffectWarning)
             for policy, input_size in conversion_history(model):
@@ -620,7 +635,8 @@ def _features_model(recipe: Recipe, model: nn.Module, feature_kwargs: Dict[str, 
                              f'{missing[:3]}; create the model without features_only and use forward_intermediates')
         features.load_state_dict({k: state[k] for k in wanted})
         features.train(model.training)
-    features.pretrained_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    features.pretrained_cfg = {k: v for k, v in copy.deepcopy(model.pretrained_cfg).items()
+                               if k not in _NOT_FOR_FEATURES}
     features.default_cfg = features.pretrained_cfg
     return features
 
