@@ -137,6 +137,8 @@ def test_a_study_runs_is_recorded_at_each_step_and_continues(tmp_path, monkeypat
     table = (tmp_path / 'vs' / 'versus.md').read_text()
     assert table == versus_table(record) + '\n'
     assert '| dpp-pre | pre |' in table and 'Holm-adjusted over the 3 comparisons' in table
+    assert 'Precision per run: original float32 x2; dpp-pre float32 x2; blur-pre float32 x2.' in table
+    assert '1-minute load average after each run: median' in table
 
     # study-table regenerates the same file from the record
     (tmp_path / 'vs' / 'versus.md').write_text('stale')

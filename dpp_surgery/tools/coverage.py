@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..surgery.plan import ReasonCode, SiteAction, SiteKind
-from ..utils import first_line
+from ..utils import first_line, require_extra
 
 __all__ = ['FamilyResult', 'pick_model', 'pick_models', 'check_family', 'check_model', 'run_coverage',
            'export_check', 'site_recall', 'CONVERTIBLE_REASONS', 'EXPORT_TIMEOUT', 'ExportTimeout']
@@ -298,7 +298,13 @@ def _time_limit(seconds: Optional[float]):
         yield
         return
 
+    expired = []
+
     def expire(signum, frame):
+        # Python drops an exception raised where it cannot propagate (a weakref callback, __del__): fire again soon,
+        # and the flag makes the block fail at its end in any case
+        expired.append(True)
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
         raise ExportTimeout(f'export and check took longer than {seconds:g} s')
 
     outer_remaining, outer_interval = signal.getitimer(signal.ITIMER_REAL)
@@ -307,6 +313,8 @@ def _time_limit(seconds: Optional[float]):
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
+        if expired:
+            raise ExportTimeout(f'export and check took longer than {seconds:g} s')
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -329,6 +337,9 @@ def export_check(name: str, model: torch.nn.Module, input_size: Sequence[int],
     from ..export.onnx import SUPPORTED_MODES, export_onnx, verify_onnx
     from .photos import load_photos
 
+    # the onnx packages are imported before the clock starts: the limit is the export's, and an import cut short by
+    # the alarm would leave half a module behind
+    require_extra('onnx', 'the coverage benchmark\'s export check')
     out: Dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in SUPPORTED_MODES:

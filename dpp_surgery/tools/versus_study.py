@@ -458,6 +458,10 @@ def _mean(values: List[float]) -> Optional[float]:
     return statistics.mean(values) if values else None
 
 
+def _median(values: List[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
 def _pct(value: Optional[float], digits: int = 2) -> str:
     return 'n/a' if value is None else f'{100 * value:.{digits}f}'
 
@@ -500,7 +504,7 @@ def _setting_table(record: Dict[str, Any], name: str) -> List[str]:
              f"x{plan['dpp_lr_scale']}), cosine per step, label smoothing 0.1; test on {plan['test_subset'] or 10000} "
              f"test images after the last epoch; seeds {', '.join(map(str, seeds)) or 'none yet'}.", '',
              '| arm | placement | GFLOPs | params | PyTorch ms | onnxruntime custom ms | onnxruntime decomposed ms '
-             '| train img/s | test accuracy % (std) | vs original, points | vs DPP, points | shift consistency % '
+             '| train img/s (median) | test accuracy % (std) | vs original, points | vs DPP, points | shift consistency % '
              '| downscaled accuracy % | noisy accuracy % | seeds |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for arm in s['arms']:
@@ -515,7 +519,7 @@ def _setting_table(record: Dict[str, Any], name: str) -> List[str]:
             f"| {arm['name']} | {arm['placement'] or '-'} | {gflops} | {params} | "
             + ' | '.join(_latency(cost, original_ms) if arm['operator'] else
                          [f'{v:.2f}' if v is not None else 'n/a' for v in original_ms.values()])
-            + f" | {_mean([r['images_per_second'] for r in mine]) or 0:.1f} | {_pct(_mean(accs))}{std} | "
+            + f" | {_median([r['images_per_second'] for r in mine]) or 0:.1f} | {_pct(_mean(accs))}{std} | "
             f"{_diff(found.get((arm['name'], 'original')))} | {_diff(vs_dpp)} | "
             f"{_pct(_mean([r['shift_consistency'] for r in mine]), 1)} | "
             f"{_pct(_mean([r['downscaled_accuracy'] for r in mine]))} | "
@@ -523,7 +527,28 @@ def _setting_table(record: Dict[str, Any], name: str) -> List[str]:
     family = next(iter(found.values()))['family'] if found else 0
     lines += ['', f'Paired by seed: test-accuracy difference in points, mean +/- standard error; p from a two-sided '
                   f"paired t-test, Holm-adjusted over the {family} comparisons of this table; resolved = adjusted "
-                  f'p < {ALPHA}.', ''] + _findings(record, name, found)
+                  f'p < {ALPHA}.', ''] + _conditions(runs, [a['name'] for a in s['arms']], plan.get('amp')) + [
+                  ''] + _findings(record, name, found)
+    return lines
+
+
+def _conditions(runs: List[Dict[str, Any]], arms: List[str], amp: Optional[str]) -> List[str]:
+    """The precision every run trained in, per arm, and how busy the machine was after each run."""
+    from ..training.precision import PRECISION_NAMES
+
+    counts: Dict[str, Dict[str, int]] = {a: {} for a in arms}
+    for r in runs:
+        name = PRECISION_NAMES.get(r.get('amp'), r.get('amp') or 'unknown')
+        counts[r['arm']][name] = counts[r['arm']].get(name, 0) + 1
+    why = (' (`--amp auto` decides per run by timing a probe step in both, so where they are close it can go either '
+           'way)' if amp == 'auto' else '')
+    lines = [f'Precision per run{why}: ' + '; '.join(
+        f"{a} {', '.join(f'{p} x{n}' for p, n in sorted(c.items()))}" for a, c in counts.items() if c) + '.']
+    loads = [r['load_average_1min'] for r in runs if r.get('load_average_1min') is not None]
+    if loads:
+        lines.append(f'1-minute load average after each run: median {statistics.median(loads):.1f}, highest '
+                     f'{max(loads):.1f}; other work on the machine slows a run\'s training img/s, hence its median '
+                     'over seeds.')
     return lines
 
 
