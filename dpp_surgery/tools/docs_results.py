@@ -156,6 +156,11 @@ def _dpp_params(record: dict) -> str:
     return dpp_params_table(record)
 
 
+def _versus(record: dict) -> str:
+    from .versus_study import versus_table
+    return versus_table(record)
+
+
 def _fashion(record: dict) -> str:
     from .experiments import fashion_mnist_table
     return fashion_mnist_table(record)
@@ -260,6 +265,7 @@ BLOCKS: Dict[str, Tuple[Callable[[str], str], bool]] = {
     'placement-resnet18': (_study('placement_resnet18', 'placement', _placement), False),
     'heal': (_study('heal', 'heal', _heal), False),
     'dpp-params': (_study('dpp_params', 'dpp_params', _dpp_params), False),
+    'versus': (_study('versus', 'versus', _versus), False),
     'coverage': (_coverage('results/coverage.csv'), False),
     'coverage-onnx': (_coverage('results/coverage_onnx.csv'), False),
     'zoo': (_zoo, True),
