@@ -266,7 +266,8 @@ def _private_timm_imports(trees):
 def test_timm_is_used_through_its_public_names_only():
     trees = {name: ast.parse(path.read_text()) for name, path in _modules()}
     assert list(_private_timm_imports(trees)) == []
-    sample = {'zoo.a': ast.parse('import timm\nfrom timm.models import FeatureListNet\nfrom timm.models import _builder\n'
+    sample = {'zoo.a': ast.parse('import timm\nfrom timm.models import FeatureListNet\n'
+                                 'from timm.models import _builder\n'
                                  'def f():\n    from timm.models._features import FeatureGetterNet\n')}
     assert [(line, path) for _, line, path in _private_timm_imports(sample)] == [
         (3, 'timm.models._builder'), (5, 'timm.models._features')]

@@ -104,7 +104,8 @@ def test_node_settings_round_trip(geometry, guide, reward, norm):
                             kernel_shape=list(layer.geometry.kernel), strides=list(layer.geometry.stride))
     defaults = {n: p.default for n, p in inspect.signature(DPP2d).parameters.items()}
     read = DPPNodeSettings.from_node(bare)
-    assert (read.reward, read.norm, read.eps, read.full) == (defaults['reward'], defaults['norm'], defaults['eps'], False)
+    assert (read.reward, read.norm, read.eps, read.full) == (
+        defaults['reward'], defaults['norm'], defaults['eps'], False)
     assert read.geometry.padding == (0, 0) and not read.geometry.ceil_mode
     assert settings.overload(C if settings.full else None).startswith(f'k{layer.geometry.kernel[0]}x')
 

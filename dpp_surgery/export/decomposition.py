@@ -313,9 +313,10 @@ def emit_dpp(em: Emitter, x: str, theta_alpha: str, theta_lambda: str, guide_wei
              output: Optional[str] = None) -> str:
     """Emit one DPP2d node's computation into ``em``; returns the output's name.
 
-    ``settings``: the node's window, reward, norm and eps; ``channels``: C (needed for the Full guide's grouped convolution); ``size``: the
-    input's (H, W) where fixed (else computed at run time); ``params``: the (theta_alpha, theta_lambda) values to fold
-    into constants (else computed from the inputs); ``output``: the name to give the result.
+    ``settings``: the node's window, reward, norm and eps; ``channels``: C (needed for the Full guide's grouped
+    convolution); ``size``: the input's (H, W) where fixed (else computed at run time); ``params``: the
+    (theta_alpha, theta_lambda) values to fold into constants (else computed from the inputs); ``output``: the name to
+    give the result.
 
     With the parameters known and the 'mean' norm, the weights are normalised by the window's sum rather than its
     maximum where lambda allows (see :class:`_Weights`): the per-window alpha term is then a constant and the window

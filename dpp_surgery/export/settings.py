@@ -69,14 +69,14 @@ class DPPNodeSettings:
     @classmethod
     def from_attributes(cls, attributes: Mapping[str, object], full: bool) -> 'DPPNodeSettings':
         """Back from a node's attributes (the optional ones absent: the field defaults)."""
-        defaults = cls(PoolGeometry.create(2))
         pads = list(attributes.get('pads', [0, 0, 0, 0]))
         geometry = PoolGeometry.create(
             tuple(attributes['kernel_shape']), tuple(attributes['strides']),
             'same' if attributes.get('auto_pad', 'NOTSET') == 'SAME' else (pads[0], pads[1]),
             bool(attributes.get('ceil_mode', 0)))
-        return cls(geometry, bool(full), str(attributes.get('reward', defaults.reward)),
-                   str(attributes.get('norm', defaults.norm)), float(attributes.get('eps', defaults.eps)))
+        # (a dataclass keeps its fields' defaults as class attributes)
+        return cls(geometry, bool(full), str(attributes.get('reward', cls.reward)),
+                   str(attributes.get('norm', cls.norm)), float(attributes.get('eps', cls.eps)))
 
     @classmethod
     def from_node(cls, node) -> 'DPPNodeSettings':

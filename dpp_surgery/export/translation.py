@@ -38,14 +38,16 @@ def _dpp2d_onnx_op(
 ) -> Tensor:
     """DPP as one opaque op with the ONNX node's signature (what ``export_onnx(mode='custom')`` traces; the arguments
     after the tensors are :meth:`DPPNodeSettings.op_args`)."""
-    s = DPPNodeSettings.from_op_args(kernel, stride, padding, same, ceil_mode, asym, norm, eps, guide_weight is not None)
+    s = DPPNodeSettings.from_op_args(kernel, stride, padding, same, ceil_mode, asym, norm, eps,
+                                     full=guide_weight is not None)
     return dpp2d(x, theta_alpha, theta_lambda, guide_weight=guide_weight, reward=s.reward, norm=s.norm, eps=s.eps,
                  impl='torch', geometry=s.geometry)
 
 
 @_dpp2d_onnx_op.register_fake
 def _(x, theta_alpha, theta_lambda, guide_weight, kernel, stride, padding, same, ceil_mode, asym, norm, eps):
-    s = DPPNodeSettings.from_op_args(kernel, stride, padding, same, ceil_mode, asym, norm, eps, guide_weight is not None)
+    s = DPPNodeSettings.from_op_args(kernel, stride, padding, same, ceil_mode, asym, norm, eps,
+                                     full=guide_weight is not None)
     r = s.geometry.resolve(x.shape[-2], x.shape[-1])
     return x.new_empty(x.shape[0], x.shape[1], r.out_size[0], r.out_size[1])
 
@@ -269,7 +271,8 @@ def inline_decompositions(model) -> int:
         params = (numpy_helper.to_array(inits[ta]), numpy_helper.to_array(inits[tl])) if (
             ta in inits and tl in inits) else None
         em = Emitter(f'{node.name or f"dpp{replaced}"}/', as_function=False)
-        emit_dpp(em, x, ta, tl, gw, settings, channels, size=_static_size(model, x), params=params, output=node.output[0])
+        emit_dpp(em, x, ta, tl, gw, settings, channels, size=_static_size(model, x), params=params,
+                 output=node.output[0])
         nodes.extend(em.nodes)
         extra.extend(em.initializers)
         replaced += 1

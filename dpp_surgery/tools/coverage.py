@@ -298,6 +298,7 @@ def _time_limit(seconds: Optional[float]):
         yield
         return
 
+    message = f'export and check took longer than {seconds:g} s'
     expired = []
 
     def expire(signum, frame):
@@ -305,7 +306,7 @@ def _time_limit(seconds: Optional[float]):
         # and the flag makes the block fail at its end in any case
         expired.append(True)
         signal.setitimer(signal.ITIMER_REAL, 0.1)
-        raise ExportTimeout(f'export and check took longer than {seconds:g} s')
+        raise ExportTimeout(message)
 
     outer_remaining, outer_interval = signal.getitimer(signal.ITIMER_REAL)
     previous = signal.signal(signal.SIGALRM, expire)
@@ -314,7 +315,7 @@ def _time_limit(seconds: Optional[float]):
     try:
         yield
         if expired:
-            raise ExportTimeout(f'export and check took longer than {seconds:g} s')
+            raise ExportTimeout(message)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -504,8 +504,8 @@ def _setting_table(record: Dict[str, Any], name: str) -> List[str]:
              f"x{plan['dpp_lr_scale']}), cosine per step, label smoothing 0.1; test on {plan['test_subset'] or 10000} "
              f"test images after the last epoch; seeds {', '.join(map(str, seeds)) or 'none yet'}.", '',
              '| arm | placement | GFLOPs | params | PyTorch ms | onnxruntime custom ms | onnxruntime decomposed ms '
-             '| train img/s (median) | test accuracy % (std) | vs original, points | vs DPP, points | shift consistency % '
-             '| downscaled accuracy % | noisy accuracy % | seeds |',
+             '| train img/s (median) | test accuracy % (std) | vs original, points | vs DPP, points '
+             '| shift consistency % | downscaled accuracy % | noisy accuracy % | seeds |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for arm in s['arms']:
         mine = [r for r in runs if r['arm'] == arm['name']]
