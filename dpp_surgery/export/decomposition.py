@@ -107,7 +107,7 @@ class _Region:
         if self._ready:
             return
         self._ready = True
-        em, g, (x, size, edge) = self.em, self.g, self._args
+        em, g, (_, size, edge) = self.em, self.g, self._args
         k, s = g.kernel, g.stride
         self.pads = self.ends = None
         self.mode = 'constant'

@@ -368,7 +368,7 @@ def placement_table(record: Dict[str, Any]) -> str:
             f'{_acc(accs)} | {paired} | {speed:.1f} |')
     n = min(sum(1 for r in runs if r['variant'] == v) for v in policies)
     lines += ['', 'Paired: accuracy difference from the original in points, mean +/- standard error over the seeds '
-              f'both ran; resolved = a two-sided paired t-test at 95% tells it from zero'
+              'both ran; resolved = a two-sided paired t-test at 95% tells it from zero'
               + (f' (|t| > {t95(n - 1):.2f} for {n} seeds).' if n > 1 else '.'),
               _precision_note(record, 'variant'),
               '', 'Recommendation, computed from the table:', ''] + recommendations(record)
