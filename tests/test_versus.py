@@ -84,7 +84,8 @@ def test_robustness_tells_a_shift_sensitive_model_from_an_invariant_one(views):
     pixel, mean = robustness(_Pixel(), x, labels), robustness(_Constant(), x, labels)
     assert mean['shift_consistency'] == 1.0
     assert pixel['shift_consistency'] < 0.95
-    no_shift = degraded_views({'img_size': 32}, {'max_shift': 0, 'downscale': 2, 'noise_std': 0.1, 'view_seed': 0}, 60, 0)
+    no_shift = degraded_views({'img_size': 32}, {'max_shift': 0, 'downscale': 2, 'noise_std': 0.1, 'view_seed': 0},
+                              60, 0)
     assert robustness(_Pixel(), *no_shift)['shift_consistency'] == 1.0
     assert mean['clean_accuracy'] == pytest.approx((labels == 0).float().mean().item())
 
@@ -118,6 +119,10 @@ def test_a_study_runs_is_recorded_at_each_step_and_continues(tmp_path, monkeypat
     for r in record['runs']:
         assert r['clean_accuracy'] == pytest.approx(r['test_accuracy'], abs=1e-6)  # the same draw, the final model
         assert 0 <= r['shift_consistency'] <= 1
+        # a recorded run keeps its weights and metrics, not the optimizer state it will never resume from
+        folder = tmp_path / 'vs' / 'runs' / 'resnet18' / f"{r['arm']}_seed0"
+        assert sorted(p.name for p in folder.iterdir()) == ['best.safetensors', 'config.json', 'last.safetensors',
+                                                            'metrics.jsonl']
 
     # a second sitting with a second seed runs only what is missing, and records each run as it finishes
     from dpp_surgery.tools import versus_study

@@ -15,10 +15,11 @@ pixel range). Per arm: GFLOPs, parameters, and latency in PyTorch and onnxruntim
 
 The study can be stopped and continued: ``versus.json`` in ``--output`` is rewritten after each finished run and
 each arm's costs, and running the same command again runs only what is missing (a run that was cut off starts
-over). Another budget in the same folder is refused: continue with the same options, or choose another
-``--output``, or pass ``--overwrite`` to start over. ``versus.md`` (the tables, paired differences with a Holm
-correction, and findings computed from them) is rewritten with the record; ``experiments study-table versus``
-regenerates it.
+over). Each run's folder (``runs/SETTING/ARM_seedN``) keeps its final and best weights and its metrics; the
+optimizer state goes once the run is recorded. Another budget in the same folder is refused: continue with the same
+options, or choose another ``--output``, or pass ``--overwrite`` to start over. ``versus.md`` (the tables, paired
+differences with a Holm correction, and findings computed from them) is rewritten with the record;
+``experiments study-table versus`` regenerates it.
 """
 from __future__ import annotations
 
@@ -324,12 +325,26 @@ def _finetune_config(args, plan: Dict[str, Any], setting: str, arm: Dict[str, An
         amp=plan['amp'] != 'none', amp_dtype=AMP_DTYPE_OF.get(plan['amp'], 'auto'))
 
 
+def _run_folder(args, setting: str, arm: Dict[str, Any], seed: int) -> str:
+    return os.path.join(args.output, 'runs', setting, f"{arm['name']}_seed{seed}")
+
+
+def _drop_train_state(args, setting: str, arm: Dict[str, Any], seed: int) -> None:
+    """A recorded run is never resumed: its optimizer state (twice the model's size) goes, its weights and metrics
+    stay."""
+    from ..training.finetune import STATE_FILE
+
+    path = os.path.join(_run_folder(args, setting, arm, seed), STATE_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def _run(args, plan: Dict[str, Any], setting: str, arm: Dict[str, Any], seed: int, views) -> Dict[str, Any]:
     """One fine-tune, then its final model on the degraded test sets."""
     from ..checkpoint import load
     from ..training.finetune import LAST_FILE, finetune
 
-    folder = os.path.join(args.output, 'runs', setting, f"{arm['name']}_seed{seed}")
+    folder = _run_folder(args, setting, arm, seed)
     cfg = _finetune_config(args, plan, setting, arm, seed, folder)
     print(f"== {setting} {arm['name']} seed {seed}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -441,6 +456,7 @@ def versus(args) -> Dict[str, Any]:
                     views = degraded_views(s['budget'], plan['eval'], plan['test_subset'], plan['subset_seed'])
                 record['runs'].append(_run(args, plan, setting, arm, seed, views))
                 _save(args, record)
+                _drop_train_state(args, setting, arm, seed)
         for arm in s['arms']:  # after the runs: the first runs tell early whether the budget is right
             key = f"{setting}/{arm['name']}"
             if key not in record['costs'] and not args.skip_costs:
