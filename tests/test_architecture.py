@@ -139,6 +139,27 @@ def test_parts_import_only_lower_parts_and_no_private_names():
     assert _layering_problems(list(_modules())) == []
 
 
+def _documented_ranks():
+    """The rank of each part as docs/internals/index.md's "What lives where" table states it."""
+    import re
+
+    text = (PACKAGE.parent / 'docs' / 'internals' / 'index.md').read_text()
+    table = text.split('## What lives where', 1)[1].split('\n\n| rank | part | what |', 1)[1].split('\n\n', 1)[0]
+    ranks = {}
+    for row in table.strip().splitlines()[1:]:
+        rank, part = row.split('|')[1:3]
+        for name in re.findall(r'`([^`]+)`', part):
+            name = name.removeprefix('dpp_surgery/').rstrip('/').removesuffix('.py')
+            ranks[name] = int(rank)
+    return ranks
+
+
+def test_the_documented_layering_is_what_the_check_uses():
+    ranks = _documented_ranks()
+    assert {name: rank for name, rank in ranks.items() if name not in ENTRY_POINTS} == RANK
+    assert all(ranks[name] == RANK['tools'] for name in ENTRY_POINTS & set(ranks))
+
+
 def _module_edges(modules):
     """module -> the modules of its own part it imports (``from pkg import name`` counts as ``pkg.name`` where that is
     a module)."""
