@@ -35,7 +35,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..utils import atomic_write, write_text
-from .records import add_img_size, refuse_overwrite
+from .records import add_img_size, precision_counts, refuse_overwrite
 
 __all__ = ['PLACEMENT_POLICIES', 'HEAL_PHOTOS', 'EVAL_PHOTOS', 'placement', 'placement_table', 'recommendations',
            'heal', 'heal_table', 'dpp_params', 'dpp_params_table', 'PLACEMENT_MODELS', 'add_parsers']
@@ -255,21 +255,12 @@ def _load_note(record: Dict[str, Any]) -> str:
 def _precision_note(record: Dict[str, Any], key: str) -> str:
     """The precision every run trained in, per ``key`` (variant or placement): ``--amp auto`` decides it per run
     by timing a probe step in both, so close timings can go either way."""
-    from ..training.precision import PRECISION_NAMES
-
-    groups: Dict[str, Dict[str, int]] = {}
-    for r in record['runs']:
-        if r.get('amp') is not None:
-            counts = groups.setdefault(r[key], {})
-            name = PRECISION_NAMES.get(r['amp'], r['amp'])
-            counts[name] = counts.get(name, 0) + 1
-    if not groups:
+    counts = precision_counts(record['runs'], key)
+    if not counts:
         return ''
     why = (f' (`{amp_flags(record["args"])}` times a probe step in both per run, so where they are close it can go '
            'either way)' if record['args'].get('amp', 'auto') == 'auto' else '')
-    return (f'Precision per run{why}: '
-            + '; '.join(f"{name} {', '.join(f'{p} x{n}' for p, n in counts.items())}"
-                        for name, counts in groups.items()) + '.')
+    return f'Precision per run{why}: {counts}.'
 
 
 def _acc(values: List[float]) -> str:

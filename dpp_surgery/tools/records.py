@@ -1,5 +1,6 @@
 """What every study shares: its command-line options, refusing to overwrite results, reading a record back as data,
-and the paired statistics over seeds (:func:`paired_differences`, :func:`t95`)."""
+the paired statistics over seeds (:func:`paired_differences`, :func:`t95`), and the precision each run trained in
+(:func:`precision_counts`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,8 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
-__all__ = ['add_img_size', 'refuse_overwrite', 'read_record', 'MAX_RECORD_BYTES', 't95', 'paired_differences']
+__all__ = ['add_img_size', 'refuse_overwrite', 'read_record', 'MAX_RECORD_BYTES', 't95', 'paired_differences',
+           'precision_counts']
 
 
 def add_img_size(p: argparse.ArgumentParser, default: int) -> None:
@@ -53,6 +55,22 @@ def paired_differences(runs: List[dict], variant: str, baseline: str) -> Optiona
     se = statistics.stdev(diffs) / len(diffs) ** 0.5
     t = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0
     return {'mean': mean, 'se': se, 't': t, 'seeds': len(seeds), 'resolved': abs(t) > t95(len(seeds) - 1)}
+
+
+def precision_counts(runs: List[dict], key: str) -> str:
+    """``'GROUP bfloat16 xN, float32 xM; ...'``: how many runs of each ``run[key]`` (groups in the order they first
+    appear) trained in each precision; runs without one (``amp`` None: a diverged run) are left out, and no such run
+    gives ''."""
+    from ..training.precision import PRECISION_NAMES
+
+    groups: Dict[str, Dict[str, int]] = {}
+    for r in runs:
+        if r.get('amp') is not None:
+            counts = groups.setdefault(r[key], {})
+            name = PRECISION_NAMES.get(r['amp'], r['amp'])
+            counts[name] = counts.get(name, 0) + 1
+    return '; '.join(f"{group} {', '.join(f'{p} x{n}' for p, n in sorted(counts.items()))}"
+                     for group, counts in groups.items())
 
 
 MAX_RECORD_BYTES = 64 << 20  # far above any record an experiment writes

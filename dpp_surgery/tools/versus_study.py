@@ -16,7 +16,7 @@ pixel range). Per arm: GFLOPs, parameters, and latency in PyTorch and onnxruntim
 The study can be stopped and continued: ``versus.json`` in ``--output`` is rewritten after each finished run and
 each arm's costs, and running the same command again runs only what is missing (a run that was cut off starts
 over). Each run's folder (``runs/SETTING/ARM_seedN``) keeps its final and best weights and its metrics; the
-optimizer state goes once the run is recorded. Another budget in the same folder is refused: continue with the same
+optimizer state goes when the run ends. Another budget in the same folder is refused: continue with the same
 options, or choose another ``--output``, or pass ``--overwrite`` to start over. ``versus.md`` (the tables, paired
 differences with a Holm correction, and findings computed from them) is rewritten with the record;
 ``experiments study-table versus`` regenerates it.
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..utils import write_text
+from .records import precision_counts
 
 __all__ = ['SETTINGS', 'Arm', 'versus', 'versus_table', 'holm', 't_test_p', 'add_parser']
 
@@ -325,31 +326,19 @@ def _finetune_config(args, plan: Dict[str, Any], setting: str, arm: Dict[str, An
         amp=plan['amp'] != 'none', amp_dtype=AMP_DTYPE_OF.get(plan['amp'], 'auto'))
 
 
-def _run_folder(args, setting: str, arm: Dict[str, Any], seed: int) -> str:
-    return os.path.join(args.output, 'runs', setting, f"{arm['name']}_seed{seed}")
-
-
-def _drop_train_state(args, setting: str, arm: Dict[str, Any], seed: int) -> None:
-    """A recorded run is never resumed: its optimizer state (twice the model's size) goes, its weights and metrics
-    stay."""
-    from ..training.finetune import STATE_FILE
-
-    path = os.path.join(_run_folder(args, setting, arm, seed), STATE_FILE)
-    if os.path.exists(path):
-        os.remove(path)
-
-
 def _run(args, plan: Dict[str, Any], setting: str, arm: Dict[str, Any], seed: int, views) -> Dict[str, Any]:
-    """One fine-tune, then its final model on the degraded test sets."""
+    """One fine-tune, then its final model on the degraded test sets. The run folder keeps the weights and metrics
+    but not the optimizer state (twice the model's size): a run cut off starts over, so the state is never read."""
     from ..checkpoint import load
-    from ..training.finetune import LAST_FILE, finetune
+    from ..training.finetune import LAST_FILE, STATE_FILE, finetune
 
-    folder = _run_folder(args, setting, arm, seed)
+    folder = os.path.join(args.output, 'runs', setting, f"{arm['name']}_seed{seed}")
     cfg = _finetune_config(args, plan, setting, arm, seed, folder)
     print(f"== {setting} {arm['name']} seed {seed}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     metrics = finetune(cfg)
     seconds = time.perf_counter() - t0
+    os.remove(os.path.join(folder, STATE_FILE))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         model = load(os.path.join(folder, LAST_FILE))
@@ -456,7 +445,6 @@ def versus(args) -> Dict[str, Any]:
                     views = degraded_views(s['budget'], plan['eval'], plan['test_subset'], plan['subset_seed'])
                 record['runs'].append(_run(args, plan, setting, arm, seed, views))
                 _save(args, record)
-                _drop_train_state(args, setting, arm, seed)
         for arm in s['arms']:  # after the runs: the first runs tell early whether the budget is right
             key = f"{setting}/{arm['name']}"
             if key not in record['costs'] and not args.skip_costs:
@@ -543,23 +531,16 @@ def _setting_table(record: Dict[str, Any], name: str) -> List[str]:
     family = next(iter(found.values()))['family'] if found else 0
     lines += ['', f'Paired by seed: test-accuracy difference in points, mean +/- standard error; p from a two-sided '
                   f"paired t-test, Holm-adjusted over the {family} comparisons of this table; resolved = adjusted "
-                  f'p < {ALPHA}.', ''] + _conditions(runs, [a['name'] for a in s['arms']], plan.get('amp')) + [
+                  f'p < {ALPHA}.', ''] + _conditions(runs, plan.get('amp')) + [
                   ''] + _findings(record, name, found)
     return lines
 
 
-def _conditions(runs: List[Dict[str, Any]], arms: List[str], amp: Optional[str]) -> List[str]:
+def _conditions(runs: List[Dict[str, Any]], amp: Optional[str]) -> List[str]:
     """The precision every run trained in, per arm, and how busy the machine was after each run."""
-    from ..training.precision import PRECISION_NAMES
-
-    counts: Dict[str, Dict[str, int]] = {a: {} for a in arms}
-    for r in runs:
-        name = PRECISION_NAMES.get(r.get('amp'), r.get('amp') or 'unknown')
-        counts[r['arm']][name] = counts[r['arm']].get(name, 0) + 1
     why = (' (`--amp auto` decides per run by timing a probe step in both, so where they are close it can go either '
            'way)' if amp == 'auto' else '')
-    lines = [f'Precision per run{why}: ' + '; '.join(
-        f"{a} {', '.join(f'{p} x{n}' for p, n in sorted(c.items()))}" for a, c in counts.items() if c) + '.']
+    lines = [f'Precision per run{why}: {precision_counts(runs, "arm")}.']
     loads = [r['load_average_1min'] for r in runs if r.get('load_average_1min') is not None]
     if loads:
         lines.append(f'1-minute load average after each run: median {statistics.median(loads):.1f}, highest '
